@@ -1,0 +1,300 @@
+"""The ATLAS long-term memory: the reference chunk step and the streaming layer around it.
+
+This file is the specification (MODEL.md). The functions in the first half are the chunk step
+(reads, Omega-weighted analytic gradients, momentum, Newton-Schulz, update); Triton kernels mirror
+them. `AtlasMemory` feeds a stream of any length through them, chunk by chunk, carrying the state
+(weights, momentum, Omega tail, pending partial chunk, conv tail) between calls, so that results do
+not depend on how the stream was cut. Everything is differentiable (training backprops through the
+chunk recurrence) and float64-capable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+Weights = tuple[Tensor, ...]  # (W1, W2) for depth 2, (W,) for depth 1; each (B, H, rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk step
+# ---------------------------------------------------------------------------------------------
+
+
+def gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_grad(x: Tensor) -> Tensor:
+    """d/dx of the tanh-form GELU."""
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x.pow(3))
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
+def feature_map(x: Tensor, coeffs: Tensor) -> Tensor:
+    """phi(x) = sum_i a_i x^i, elementwise; x (B, H, N, d), coeffs (H, p)."""
+    out = torch.zeros_like(x)
+    power = torch.ones_like(x)
+    for i in range(coeffs.shape[-1]):
+        power = power * x
+        out = out + coeffs[:, i].to(x.dtype)[None, :, None, None] * power
+    return out
+
+
+def memory_read(weights: Weights, x: Tensor) -> Tensor:
+    """M_W(x) for x (B, H, N, d)."""
+    x = x.to(weights[0].dtype)
+    if len(weights) == 1:
+        return x @ weights[0].mT
+    w1, w2 = weights
+    return x + gelu(x @ w2.mT) @ w1.mT
+
+
+def memory_grads(weights: Weights, x: Tensor, v: Tensor, omega: Tensor) -> Weights:
+    """sum_i omega_i * grad_W 1/2 ||M_W(x_i) - v_i||^2, analytically; omega (B, H, N)."""
+    x, v, omega = (t.to(weights[0].dtype) for t in (x, v, omega))
+    if len(weights) == 1:
+        (w,) = weights
+        err = (x @ w.mT - v) * omega[..., None]
+        return (err.mT @ x,)
+    w1, w2 = weights
+    h = x @ w2.mT
+    u = gelu(h)
+    err = (x + u @ w1.mT - v) * omega[..., None]
+    d_w1 = err.mT @ u
+    d_w2 = ((err @ w1) * gelu_grad(h)).mT @ x
+    return (d_w1, d_w2)
+
+
+def newton_schulz(x: Tensor, steps: int) -> Tensor:
+    """Approximate orthogonalisation of each matrix in x (..., rows, cols), as in Muon."""
+    rows, cols = x.shape[-2:]
+    dtype = torch.promote_types(x.dtype, torch.float32)  # never below fp32
+    x = x.to(dtype)
+    wide = x.mT if rows > cols else x
+    wide = wide / (torch.linalg.matrix_norm(wide, keepdim=True) + 1e-7)
+    n1, n2, n3 = NS_COEFFS
+    for _ in range(steps):
+        a = wide @ wide.mT
+        wide = n1 * wide + (n2 * a + n3 * (a @ a)) @ wide
+    out = wide.mT if rows > cols else wide
+    return out * math.sqrt(max(1.0, rows / cols))
+
+
+def omega_counts(chunk: int, window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """#{t in chunk : i <= t <= i + c - 1} for the c-1 tail tokens and the chunk's b tokens."""
+    tail = [max(0, min(window - m, chunk)) for m in range(window - 1, 0, -1)]
+    body = [min(window, chunk - r) for r in range(chunk)]
+    return torch.tensor(tail + body, dtype=dtype, device=device)
+
+
+def chunk_update(
+    weights: Weights,
+    momentum: Weights,
+    x: Tensor,
+    v: Tensor,
+    omega: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    theta: Tensor,
+    optimizer: str,
+    ns_steps: int,
+) -> tuple[Weights, Weights]:
+    """One optimiser step of the memory on one chunk.
+
+    x, v: (B, H, N, d) keys (after phi) and values of the c-1 tail tokens and the chunk;
+    omega: (B, H, N) Omega weights; eta, alpha, theta: (B, H) chunk gates.
+    Gradients are taken at the chunk-start weights."""
+    grads = memory_grads(weights, x, v, omega)
+    eta, alpha, theta = (g.to(weights[0].dtype)[..., None, None] for g in (eta, alpha, theta))
+    new_w, new_s = [], []
+    for i, (w, g) in enumerate(zip(weights, grads, strict=True)):
+        if optimizer == "gd":
+            step = g
+        else:
+            s = theta * momentum[i] + g
+            new_s.append(s)
+            step = newton_schulz(s, ns_steps).to(w.dtype) if optimizer == "muon" else s
+        new_w.append(alpha * w - eta * step)
+    return tuple(new_w), tuple(new_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _gather_tokens(src: Tensor, idx: Tensor) -> Tensor:
+    """src (B, H, N, ...) gathered at per-session token indices idx (B, L) -> (B, H, L, ...)."""
+    b, h = src.shape[:2]
+    extra = src.shape[3:]
+    index = idx.view(b, 1, -1, *([1] * len(extra))).expand(b, h, idx.shape[1], *extra)
+    return torch.gather(src, 2, index)
+
+
+def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim of x (B, H, T, d) with a per-head weight (H, d)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight[None, :, None, :].to(x.dtype)
+
+
+class AtlasMemory(nn.Module):
+    """One ATLAS memory layer (all heads): projections, gates, reads and the chunk recurrence."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_model, h, d, e = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mem_hidden
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.conv = nn.Parameter(torch.empty(3 * d_model, cfg.conv_kernel))
+        self.gates = nn.Linear(d_model, 4 * h)  # eta, alpha, theta, gamma logits per head
+        self.phi = nn.Parameter(torch.tensor([1 / math.factorial(i) for i in range(1, cfg.poly_degree + 1)])
+                                .repeat(h, 1))
+        if cfg.mem_depth == 2:
+            self.w1_init = nn.Parameter(torch.zeros(h, d, e))  # zero: memory starts as the identity
+            self.w2_init = nn.Parameter(torch.randn(h, e, d) / math.sqrt(d))
+        else:
+            self.w_init = nn.Parameter(torch.zeros(h, d, d))
+        self.norm = nn.Parameter(torch.ones(h, d))
+        self.reset_gates()
+        nn.init.uniform_(self.conv, -1 / math.sqrt(cfg.conv_kernel), 1 / math.sqrt(cfg.conv_kernel))
+
+    def reset_gates(self) -> None:
+        c, h = self.cfg, self.cfg.n_heads
+        nn.init.normal_(self.gates.weight, std=0.02)
+        with torch.no_grad():
+            bias = torch.tensor([c.eta_bias_init, c.alpha_bias_init, c.theta_bias_init, c.gamma_bias_init])
+            self.gates.bias.copy_(bias.repeat_interleave(h))
+
+    # -- state -------------------------------------------------------------------------------
+
+    def init_weights(self) -> Weights:
+        return (self.w1_init, self.w2_init) if self.cfg.mem_depth == 2 else (self.w_init,)
+
+    def init_state(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Fresh state; `dtype` is the activation dtype, W and S are at least fp32."""
+        c = self.cfg
+        h, d, b, tail = c.n_heads, c.head_dim, c.chunk_size, c.omega_window - 1
+        wdtype = torch.promote_types(dtype, torch.float32)
+        dev = self.conv.device
+        st: dict[str, Tensor] = {}
+        names = ("W1", "W2") if c.mem_depth == 2 else ("W",)
+        for name, w0 in zip(names, self.init_weights(), strict=True):
+            st[name] = w0.to(wdtype)[None].expand(batch, *w0.shape)
+            if c.optimizer != "gd":
+                st["S" + name[1:]] = torch.zeros(batch, *w0.shape, dtype=wdtype, device=dev)
+        z = lambda *s: torch.zeros(batch, *s, dtype=dtype, device=dev)
+        st.update(tail_k=z(h, tail, d), tail_v=z(h, tail, d), tail_gamma=z(h, tail),
+                  pend_k=z(h, b, d), pend_v=z(h, b, d), pend_gamma=z(h, b), pend_gates=z(h, b, 3),
+                  conv=z(c.conv_kernel - 1, 3 * c.d_model))
+        return st
+
+    def _weights(self, st: dict[str, Tensor]) -> tuple[Weights, Weights]:
+        if self.cfg.mem_depth == 2:
+            w, s = (st["W1"], st["W2"]), (("S1", "S2"))
+        else:
+            w, s = (st["W"],), ("S",)
+        return w, tuple(st[k] for k in s) if self.cfg.optimizer != "gd" else ()
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def project(self, x: Tensor, conv_tail: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-token features: phi(q), phi(k), v (B, H, T, d), gate logits (B, H, T, 4), new conv tail."""
+        c = self.cfg
+        bsz, t, _ = x.shape
+        z = torch.cat([conv_tail, self.qkv(x)], dim=1)
+        conv = F.conv1d(z.transpose(1, 2), self.conv[:, None, :], groups=z.shape[-1]).transpose(1, 2)
+        new_tail = z[:, z.shape[1] - (c.conv_kernel - 1):]
+        q, k, v = F.silu(conv).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        logits = self.gates(x).view(bsz, t, 4, c.n_heads).permute(0, 3, 1, 2)
+        return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail
+
+    def forward(self, x: Tensor, st: dict[str, Tensor], phase: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """x (B, T, D) normed inputs; phase (B,) = tokens already in each session's pending chunk.
+
+        Returns the per-head-normed reads (B, H, T, d) and the new state. Sessions in a batch may
+        be at different phases; each crosses its own chunk boundaries."""
+        c = self.cfg
+        bsz, t, _ = x.shape
+        h, d, b = c.n_heads, c.head_dim, c.chunk_size
+        fq, fk, v, logits, conv_tail = self.project(x, st["conv"])
+        new = dict(st, conv=conv_tail)
+        if t == 0:
+            return fq, new
+        weights, momentum = self._weights(st)
+        tail = (st["tail_k"], st["tail_v"], st["tail_gamma"])
+
+        # The virtual stream of each session: its pending slots (b of them, `phase` filled), then
+        # the new tokens. Chunk r covers virtual positions [r*b, (r+1)*b).
+        ck = torch.cat([st["pend_k"], fk], dim=2)
+        cv = torch.cat([st["pend_v"], v], dim=2)
+        cg = torch.cat([st["pend_gamma"], torch.sigmoid(logits[..., 3])], dim=2)
+        cl = torch.cat([st["pend_gates"], logits[..., :3]], dim=2)
+        total = phase + t
+        counts = omega_counts(b, c.omega_window, fk.dtype, fk.device)
+        ar = torch.arange(b, device=x.device)
+        fq_pad = torch.cat([fq, fq.new_zeros(bsz, h, 1, d)], dim=2)
+        reads = fq.new_zeros(bsz, h, t + 1, d, dtype=weights[0].dtype)
+
+        def virtual_index(vpos: Tensor) -> Tensor:
+            return torch.where(vpos < phase[:, None], vpos, b + vpos - phase[:, None]).clamp(0, b + t - 1)
+
+        for r in range(-(-int(total.max()) // b)):
+            # Reads: the new tokens of chunk r see the weights as they stood at its start.
+            width = min(b, t)
+            lo = (r * b - phase).clamp(min=0)
+            hi = ((r + 1) * b - phase).clamp(max=t)
+            ti = lo[:, None] + ar[:width]
+            ti = torch.where(ti < hi[:, None], ti, t)  # slot t is a discarded dummy
+            y = memory_read(weights, _gather_tokens(fq_pad, ti))
+            reads = reads.scatter(2, ti.view(bsz, 1, width, 1).expand(bsz, h, width, d), y)
+
+            complete = total >= (r + 1) * b
+            if not bool(complete.any()):
+                continue
+            vi = virtual_index(r * b + ar[None, :])
+            chunk = [_gather_tokens(s, vi) for s in (ck, cv, cg)]
+            keys = torch.cat([tail[0], chunk[0]], dim=2)
+            vals = torch.cat([tail[1], chunk[1]], dim=2)
+            gammas = torch.cat([tail[2], chunk[2]], dim=2)
+            eta, alpha, theta = torch.sigmoid(_gather_tokens(cl, vi).mean(dim=2)).unbind(-1)
+            args = (keys, vals, gammas * counts, eta * c.eta_max, alpha, theta)
+            new_tail = tuple(torch.cat([a, s], dim=2)[:, :, b:] for a, s in zip(tail, chunk, strict=True))
+            if bool(complete.all()):
+                weights, momentum = chunk_update(weights, momentum, *args, c.optimizer, c.ns_steps)
+                tail = new_tail
+            else:
+                idx = complete.nonzero().squeeze(1)
+                sub = lambda ts: tuple(s.index_select(0, idx) for s in ts)
+                w_sub, m_sub = chunk_update(sub(weights), sub(momentum), *sub(args), c.optimizer, c.ns_steps)
+                put = lambda old, upd: tuple(o.index_copy(0, idx, u) for o, u in zip(old, upd, strict=True))
+                weights, momentum = put(weights, w_sub), put(momentum, m_sub)
+                tail = put(tail, sub(new_tail))
+
+        # What is left after the last complete chunk becomes the pending chunk.
+        vpos = (total // b)[:, None] * b + ar[None, :]
+        keep = (vpos < total[:, None])[:, None, :]
+        vi = virtual_index(vpos)
+        pend = [_gather_tokens(s, vi) for s in (ck, cv, cg, cl)]
+        new.update(
+            pend_k=pend[0] * keep[..., None], pend_v=pend[1] * keep[..., None],
+            pend_gamma=pend[2] * keep, pend_gates=pend[3] * keep[..., None],
+            tail_k=tail[0], tail_v=tail[1], tail_gamma=tail[2],
+        )
+        names = ("W1", "W2") if c.mem_depth == 2 else ("W",)
+        new.update(zip(names, weights, strict=True))
+        if c.optimizer != "gd":
+            new.update(zip(["S" + n[1:] for n in names], momentum, strict=True))
+        out = head_rms_norm(reads[:, :, :t].to(x.dtype), self.norm, c.norm_eps)
+        return out, new
