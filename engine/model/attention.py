@@ -10,8 +10,6 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 
-_QUERY_BLOCK = 512
-
 
 def rope_cos_sin(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin for integer positions pos (B, T). Angles are formed in float64 and reduced modulo
@@ -47,26 +45,26 @@ class SlidingWindowAttention(nn.Module):
             "ring_pos": torch.full((batch, c.swa_window), -1, dtype=torch.int64, device=dev),
         }
 
-    def forward(self, x: Tensor, st: dict[str, Tensor], start: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """x (B, T, D); start (B,) absolute position of the first new token. Returns (B, H, T, d)."""
+    def forward(self, x: Tensor, st: dict[str, Tensor], pos: Tensor,
+                commit: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One chunk block: x (B, L, D) at absolute positions pos (B, L). Sessions in `commit` take
+        the block into their ring. Returns (B, H, L, d)."""
         c = self.cfg
         bsz, t, _ = x.shape
         w = c.swa_window
-        pos = start[:, None] + torch.arange(t, device=x.device)
         q, k, v = self.qkv(x).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_base, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys = torch.cat([st["ring_k"], k], dim=2)
         vals = torch.cat([st["ring_v"], v], dim=2)
         kpos = torch.cat([st["ring_pos"], pos], dim=1)
-        outs = []
-        # New token i sits at index w + i of keys; its window is within [i, w + i].
-        for s in range(0, t, _QUERY_BLOCK):
-            e = min(t, s + _QUERY_BLOCK)
-            qp, kp = pos[:, s:e, None], kpos[:, None, s:w + e]
-            mask = (kp <= qp) & (kp > qp - w) & (kp >= 0)
-            outs.append(F.scaled_dot_product_attention(
-                q[:, :, s:e], keys[:, :, s:w + e], vals[:, :, s:w + e], attn_mask=mask[:, None]))
-        new = {"ring_k": keys[:, :, -w:], "ring_v": vals[:, :, -w:], "ring_pos": kpos[:, -w:]}
-        out = torch.cat(outs, dim=2) if outs else q
+        qp, kp = pos[:, :, None], kpos[:, None, :]
+        mask = (kp <= qp) & (kp > qp - w) & (kp >= 0)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
+        if not bool(commit.any()):
+            return out, st
+        m = commit.view(bsz, 1, 1, 1)
+        new = {"ring_k": torch.where(m, keys[:, :, t:], st["ring_k"]),
+               "ring_v": torch.where(m, vals[:, :, t:], st["ring_v"]),
+               "ring_pos": torch.where(commit[:, None], kpos[:, t:], st["ring_pos"])}
         return out, new

@@ -48,17 +48,17 @@ class Mixer(nn.Module):
                 st.update({f"{name}.{k}": v for k, v in part.init_state(batch, dtype).items()})
         return st
 
-    def forward(self, x: Tensor, st: StateDict, pos: Tensor) -> tuple[Tensor, StateDict]:
+    def forward(self, x: Tensor, st: StateDict, pos: Tensor, commit: Tensor) -> tuple[Tensor, StateDict]:
         c = self.cfg
         new: StateDict = {}
         y_mem = y_attn = None
         if self.mem is not None:
             sub = {k[4:]: v for k, v in st.items() if k.startswith("mem.")}
-            y_mem, sub = self.mem(x, sub, pos % c.chunk_size)
+            y_mem, sub = self.mem(x, sub, commit)
             new.update({f"mem.{k}": v for k, v in sub.items()})
         if self.attn is not None:
             sub = {k[5:]: v for k, v in st.items() if k.startswith("attn.")}
-            y_attn, sub = self.attn(x, sub, pos)
+            y_attn, sub = self.attn(x, sub, pos, commit)
             new.update({f"attn.{k}": v for k, v in sub.items()})
         if y_mem is None:
             y = y_attn
@@ -79,8 +79,8 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, st: StateDict, pos: Tensor) -> tuple[Tensor, StateDict]:
-        y, st = self.mixer(self.norm1(x), st, pos)
+    def forward(self, x: Tensor, st: StateDict, pos: Tensor, commit: Tensor) -> tuple[Tensor, StateDict]:
+        y, st = self.mixer(self.norm1(x), st, pos, commit)
         x = x + y
         return x + self.mlp(self.norm2(x)), st
 
@@ -113,10 +113,11 @@ class AtlasModel(nn.Module):
 
     def init_state(self, batch: int = 1, position: int = 0) -> StateDict:
         """A fresh state for `batch` sessions whose first token sits at absolute `position`."""
-        dev = self.device
+        dev, b = self.device, self.cfg.chunk_size
         st: StateDict = {
             "pos": torch.full((batch,), position, dtype=torch.int64, device=dev),
             "tokens": torch.zeros(batch, dtype=torch.int64, device=dev),
+            "pending": torch.zeros(batch, b, dtype=torch.int64, device=dev),
             "last_logits": torch.zeros(batch, self.cfg.vocab_size,
                                        dtype=torch.promote_types(self.dtype, torch.float32), device=dev),
         }
@@ -124,23 +125,62 @@ class AtlasModel(nn.Module):
             st.update({f"layers.{i}.{k}": v for k, v in block.mixer.init_state(batch, self.dtype).items()})
         return st
 
-    def forward(self, tokens: Tensor, state: StateDict, all_logits: bool = True) -> tuple[Tensor, StateDict]:
-        """Feed tokens (B, T) into the sessions of `state`. Returns logits (B, T, V) (or (B, 1, V) of
-        the last position when all_logits is False) and the new state; `state` is not modified."""
-        bsz, t = tokens.shape
-        pos = state["pos"]
-        x = self.embed(tokens)
-        new: StateDict = {}
-        for i, block in enumerate(self.blocks):
-            prefix = f"layers.{i}."
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            x, sub = block(x, sub, pos)
-            new.update({prefix + k: v for k, v in sub.items()})
-        if not all_logits:
-            x = x[:, -1:]
+    def _logits(self, x: Tensor) -> Tensor:
         x = self.norm(x)
-        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
-        new["pos"] = pos + t
-        new["tokens"] = state["tokens"] + t
-        new["last_logits"] = logits[:, -1].to(state["last_logits"].dtype) if t else state["last_logits"]
-        return logits, new
+        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+
+    def forward(self, tokens: Tensor, state: StateDict, all_logits: bool = True) -> tuple[Tensor, StateDict]:
+        """Feed tokens (B, T) into the sessions of `state`; `state` is not modified.
+
+        Returns the logits (B, T, V) of every new token (or (B, V) after the last one when
+        all_logits is False) and the new state.
+
+        The stream is computed in blocks on the absolute chunk grid: a session's layer states only
+        ever advance by whole chunks, each computed as one block of exactly chunk_size rows, and
+        the tokens of its unfinished chunk are kept as ids ("pending") and recomputed with the
+        next tokens. So a chunk's arithmetic is the same however the stream was cut, which the
+        Muon recurrence needs: Newton-Schulz amplifies rounding along small singular directions,
+        and differences that small would otherwise grow over thousands of chunks."""
+        bsz, t = tokens.shape
+        b, v = self.cfg.chunk_size, self.cfg.vocab_size
+        filled = state["tokens"] % b  # ids already pending in each session's current chunk
+        total = filled + t
+        stream = torch.cat([state["pending"], tokens], dim=1)
+        origin = state["pos"] - filled  # absolute position of the current chunk's first token
+        layers = {k: val for k, val in state.items() if k.startswith("layers.")}
+        last = state["last_logits"]
+        out = last.new_zeros(bsz, t + 1, v) if all_logits else None
+        ar = torch.arange(b, device=tokens.device)
+        n_rounds = -(-int(total.max()) // b) if t else 0
+        for r in range(n_rounds):
+            rows = min(b, int(total.max()) - r * b)
+            vpos = r * b + ar[:rows]  # positions in the virtual stream: pending ids, then new tokens
+            idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
+            x = self.embed(torch.gather(stream, 1, idx))
+            commit = total >= (r + 1) * b
+            pos = origin[:, None] + vpos
+            new_layers: StateDict = {}
+            for i, block in enumerate(self.blocks):
+                prefix = f"layers.{i}."
+                sub = {k[len(prefix):]: val for k, val in layers.items() if k.startswith(prefix)}
+                x, sub = block(x, sub, pos, commit)
+                new_layers.update({prefix + k: val for k, val in sub.items()})
+            layers = new_layers
+            # The last token of a session in this block sets its last logits.
+            row = total - 1 - r * b
+            has = (row >= 0) & (row < rows)
+            if all_logits:
+                logits = self._logits(x).to(last.dtype)
+                tok = vpos[None, :] - filled[:, None]
+                tok = torch.where((tok >= 0) & (tok < t), tok, t)  # slot t is a discarded dummy
+                out = out.scatter(1, tok[..., None].expand(bsz, rows, v), logits)
+                row_logits = logits[torch.arange(bsz), row.clamp(0, rows - 1)]
+            else:
+                row_logits = self._logits(x[torch.arange(bsz), row.clamp(0, rows - 1)]).to(last.dtype)
+            last = torch.where(has[:, None], row_logits, last)
+        keep_from = total // b * b
+        vpos = keep_from[:, None] + ar[None, :]
+        idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
+        pending = torch.where(vpos < total[:, None], torch.gather(stream, 1, idx), 0)
+        new = dict(layers, pos=state["pos"] + t, tokens=state["tokens"] + t, pending=pending, last_logits=last)
+        return (out[:, :t] if all_logits else last), new

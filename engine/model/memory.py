@@ -2,10 +2,9 @@
 
 This file is the specification (MODEL.md). The functions in the first half are the chunk step
 (reads, Omega-weighted analytic gradients, momentum, Newton-Schulz, update); Triton kernels mirror
-them. `AtlasMemory` feeds a stream of any length through them, chunk by chunk, carrying the state
-(weights, momentum, Omega tail, pending partial chunk, conv tail) between calls, so that results do
-not depend on how the stream was cut. Everything is differentiable (training backprops through the
-chunk recurrence) and float64-capable.
+them. `AtlasMemory` runs one chunk block of a stream through them and carries the state (weights,
+momentum, Omega tail, conv tail) from chunk to chunk; the LM drives it on the absolute chunk grid.
+Everything is differentiable (training backprops through the chunk recurrence) and float64-capable.
 """
 
 from __future__ import annotations
@@ -133,14 +132,6 @@ def chunk_update(
 # ---------------------------------------------------------------------------------------------
 
 
-def _gather_tokens(src: Tensor, idx: Tensor) -> Tensor:
-    """src (B, H, N, ...) gathered at per-session token indices idx (B, L) -> (B, H, L, ...)."""
-    b, h = src.shape[:2]
-    extra = src.shape[3:]
-    index = idx.view(b, 1, -1, *([1] * len(extra))).expand(b, h, idx.shape[1], *extra)
-    return torch.gather(src, 2, index)
-
-
 def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim of x (B, H, T, d) with a per-head weight (H, d)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -184,27 +175,22 @@ class AtlasMemory(nn.Module):
     def init_state(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
         """Fresh state; `dtype` is the activation dtype, W and S are at least fp32."""
         c = self.cfg
-        h, d, b, tail = c.n_heads, c.head_dim, c.chunk_size, c.omega_window - 1
+        h, d, tail = c.n_heads, c.head_dim, c.omega_window - 1
         wdtype = torch.promote_types(dtype, torch.float32)
         dev = self.conv.device
         st: dict[str, Tensor] = {}
-        names = ("W1", "W2") if c.mem_depth == 2 else ("W",)
-        for name, w0 in zip(names, self.init_weights(), strict=True):
+        for name, w0 in zip(self._names, self.init_weights(), strict=True):
             st[name] = w0.to(wdtype)[None].expand(batch, *w0.shape)
             if c.optimizer != "gd":
                 st["S" + name[1:]] = torch.zeros(batch, *w0.shape, dtype=wdtype, device=dev)
         z = lambda *s: torch.zeros(batch, *s, dtype=dtype, device=dev)
         st.update(tail_k=z(h, tail, d), tail_v=z(h, tail, d), tail_gamma=z(h, tail),
-                  pend_k=z(h, b, d), pend_v=z(h, b, d), pend_gamma=z(h, b), pend_gates=z(h, b, 3),
                   conv=z(c.conv_kernel - 1, 3 * c.d_model))
         return st
 
-    def _weights(self, st: dict[str, Tensor]) -> tuple[Weights, Weights]:
-        if self.cfg.mem_depth == 2:
-            w, s = (st["W1"], st["W2"]), (("S1", "S2"))
-        else:
-            w, s = (st["W"],), ("S",)
-        return w, tuple(st[k] for k in s) if self.cfg.optimizer != "gd" else ()
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return ("W1", "W2") if self.cfg.mem_depth == 2 else ("W",)
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -220,81 +206,41 @@ class AtlasMemory(nn.Module):
         logits = self.gates(x).view(bsz, t, 4, c.n_heads).permute(0, 3, 1, 2)
         return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail
 
-    def forward(self, x: Tensor, st: dict[str, Tensor], phase: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """x (B, T, D) normed inputs; phase (B,) = tokens already in each session's pending chunk.
-
-        Returns the per-head-normed reads (B, H, T, d) and the new state. Sessions in a batch may
-        be at different phases; each crosses its own chunk boundaries."""
+    def forward(self, x: Tensor, st: dict[str, Tensor], commit: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One chunk block. x (B, L, D): the normed inputs of each session's current chunk (L <= b
+        rows; rows past a session's stream are padding, harmless since everything is causal).
+        commit (B,): sessions whose chunk is complete (then L == b); only they take the optimiser
+        step and advance their state. Returns the per-head-normed reads (B, H, L, d) and the state."""
         c = self.cfg
-        bsz, t, _ = x.shape
-        h, d, b = c.n_heads, c.head_dim, c.chunk_size
         fq, fk, v, logits, conv_tail = self.project(x, st["conv"])
-        new = dict(st, conv=conv_tail)
-        if t == 0:
-            return fq, new
-        weights, momentum = self._weights(st)
-        tail = (st["tail_k"], st["tail_v"], st["tail_gamma"])
+        names = self._names
+        weights = tuple(st[n] for n in names)
+        # Every token of a chunk reads the memory as it stood at the chunk's start.
+        out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
+        if not bool(commit.any()):
+            return out, st
+        if x.shape[1] != c.chunk_size:
+            raise ValueError("a committed chunk must have chunk_size rows")
+        idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
+        sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+        put = (lambda old, upd: upd) if idx is None else (lambda old, upd: old.index_copy(0, idx, upd))
 
-        # The virtual stream of each session: its pending slots (b of them, `phase` filled), then
-        # the new tokens. Chunk r covers virtual positions [r*b, (r+1)*b).
-        ck = torch.cat([st["pend_k"], fk], dim=2)
-        cv = torch.cat([st["pend_v"], v], dim=2)
-        cg = torch.cat([st["pend_gamma"], torch.sigmoid(logits[..., 3])], dim=2)
-        cl = torch.cat([st["pend_gates"], logits[..., :3]], dim=2)
-        total = phase + t
-        counts = omega_counts(b, c.omega_window, fk.dtype, fk.device)
-        ar = torch.arange(b, device=x.device)
-        fq_pad = torch.cat([fq, fq.new_zeros(bsz, h, 1, d)], dim=2)
-        reads = fq.new_zeros(bsz, h, t + 1, d, dtype=weights[0].dtype)
-
-        def virtual_index(vpos: Tensor) -> Tensor:
-            return torch.where(vpos < phase[:, None], vpos, b + vpos - phase[:, None]).clamp(0, b + t - 1)
-
-        for r in range(-(-int(total.max()) // b)):
-            # Reads: the new tokens of chunk r see the weights as they stood at its start.
-            width = min(b, t)
-            lo = (r * b - phase).clamp(min=0)
-            hi = ((r + 1) * b - phase).clamp(max=t)
-            ti = lo[:, None] + ar[:width]
-            ti = torch.where(ti < hi[:, None], ti, t)  # slot t is a discarded dummy
-            y = memory_read(weights, _gather_tokens(fq_pad, ti))
-            reads = reads.scatter(2, ti.view(bsz, 1, width, 1).expand(bsz, h, width, d), y)
-
-            complete = total >= (r + 1) * b
-            if not bool(complete.any()):
-                continue
-            vi = virtual_index(r * b + ar[None, :])
-            chunk = [_gather_tokens(s, vi) for s in (ck, cv, cg)]
-            keys = torch.cat([tail[0], chunk[0]], dim=2)
-            vals = torch.cat([tail[1], chunk[1]], dim=2)
-            gammas = torch.cat([tail[2], chunk[2]], dim=2)
-            eta, alpha, theta = torch.sigmoid(_gather_tokens(cl, vi).mean(dim=2)).unbind(-1)
-            args = (keys, vals, gammas * counts, eta * c.eta_max, alpha, theta)
-            new_tail = tuple(torch.cat([a, s], dim=2)[:, :, b:] for a, s in zip(tail, chunk, strict=True))
-            if bool(complete.all()):
-                weights, momentum = chunk_update(weights, momentum, *args, c.optimizer, c.ns_steps)
-                tail = new_tail
-            else:
-                idx = complete.nonzero().squeeze(1)
-                sub = lambda ts: tuple(s.index_select(0, idx) for s in ts)
-                w_sub, m_sub = chunk_update(sub(weights), sub(momentum), *sub(args), c.optimizer, c.ns_steps)
-                put = lambda old, upd: tuple(o.index_copy(0, idx, u) for o, u in zip(old, upd, strict=True))
-                weights, momentum = put(weights, w_sub), put(momentum, m_sub)
-                tail = put(tail, sub(new_tail))
-
-        # What is left after the last complete chunk becomes the pending chunk.
-        vpos = (total // b)[:, None] * b + ar[None, :]
-        keep = (vpos < total[:, None])[:, None, :]
-        vi = virtual_index(vpos)
-        pend = [_gather_tokens(s, vi) for s in (ck, cv, cg, cl)]
-        new.update(
-            pend_k=pend[0] * keep[..., None], pend_v=pend[1] * keep[..., None],
-            pend_gamma=pend[2] * keep, pend_gates=pend[3] * keep[..., None],
-            tail_k=tail[0], tail_v=tail[1], tail_gamma=tail[2],
-        )
-        names = ("W1", "W2") if c.mem_depth == 2 else ("W",)
-        new.update(zip(names, weights, strict=True))
-        if c.optimizer != "gd":
-            new.update(zip(["S" + n[1:] for n in names], momentum, strict=True))
-        out = head_rms_norm(reads[:, :, :t].to(x.dtype), self.norm, c.norm_eps)
+        counts = omega_counts(c.chunk_size, c.omega_window, fk.dtype, fk.device)
+        keys = torch.cat([sel(st["tail_k"]), sel(fk)], dim=2)
+        vals = torch.cat([sel(st["tail_v"]), sel(v)], dim=2)
+        gammas = torch.cat([sel(st["tail_gamma"]), torch.sigmoid(sel(logits[..., 3]))], dim=2)
+        eta, alpha, theta = torch.sigmoid(sel(logits[..., :3]).mean(dim=2)).unbind(-1)
+        momentum = tuple(sel(st["S" + n[1:]]) for n in names) if c.optimizer != "gd" else ()
+        new_w, new_s = chunk_update(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
+                                    eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps)
+        new = dict(st)
+        tail = c.omega_window - 1
+        new["tail_k"] = put(st["tail_k"], keys[:, :, keys.shape[2] - tail:])
+        new["tail_v"] = put(st["tail_v"], vals[:, :, vals.shape[2] - tail:])
+        new["tail_gamma"] = put(st["tail_gamma"], gammas[:, :, gammas.shape[2] - tail:])
+        new["conv"] = put(st["conv"], sel(conv_tail))
+        for n, w, s in zip(names, new_w, new_s or [None] * len(names), strict=True):
+            new[n] = put(st[n], w)
+            if s is not None:
+                new["S" + n[1:]] = put(st["S" + n[1:]], s)
         return out, new

@@ -1,0 +1,170 @@
+"""The Python API: a loaded model over session states.
+
+    atlas = Atlas.load()                       # bundled model (or a checkpoint directory)
+    state = atlas.new_state()
+    state, logits = atlas.feed(state, atlas.encode("a long document ..."))
+    gen = atlas.generate(state.fork(), "Question?", SamplingParams(max_tokens=32))
+    for tok in gen: print(tok.text, end="")
+    data = atlas.save_state(state); state = atlas.load_state(data)
+
+States are immutable values: feed and generate return new ones, so a state can be kept,
+forked and reused freely.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoint import fingerprint, load_checkpoint
+from .config import ModelConfig
+from .model import AtlasModel
+from .sampling import SamplingParams, StopMatcher, sample
+from .state import SessionState
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CHECKPOINT = Path(__file__).parent / "assets" / "demo-model"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class GeneratedToken:
+    id: int
+    text: str  # new text this token completes (stop strings removed; may be empty)
+
+
+@dataclass
+class Generation:
+    """An iterator of generated tokens. When it ends, `state` holds the session after the prompt and
+    every generated token, and `finish_reason` is "stop" or "length"."""
+
+    atlas: Atlas
+    state: SessionState
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[GeneratedToken]:
+        p = self.params
+        gen = p.generator(self.state.device)
+        decoder = self.atlas.tokenizer.stream_decoder()
+        stops = StopMatcher(p.stop)
+        logits = self.state.last_logits[0]
+        for i in range(p.max_tokens):
+            tok = sample(logits, p, gen)
+            self.token_ids.append(tok)
+            piece = stops.push(decoder.push(tok))
+            if i == p.max_tokens - 1 or stops.stopped:
+                piece += stops.flush()
+            self.text += piece
+            yield GeneratedToken(tok, piece)
+            self.state, out = self.atlas.feed(self.state, [tok])
+            logits = out[0]
+            if stops.stopped:
+                self.finish_reason = "stop"
+                return
+        self.finish_reason = "length"
+
+
+class Atlas:
+    """A model on a device with its tokenizer and fingerprint."""
+
+    def __init__(self, model: AtlasModel, tokenizer: Tokenizer | None = None, max_piece: int = 4096):
+        self.model = model.eval()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        if self.tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError("tokenizer vocabulary is larger than the model's")
+        self.fingerprint = fingerprint(model)
+        self.max_piece = max_piece  # tokens per forward call; bounds activation memory
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "auto",
+             dtype: torch.dtype = torch.float32) -> Atlas:
+        """A checkpoint directory; None means the bundled demo model."""
+        if path is None:
+            if not (BUNDLED_CHECKPOINT / "config.json").exists():
+                log.warning("no bundled checkpoint found; using a randomly initialised default model")
+                return cls.from_config(ModelConfig(), seed=0, device=device, dtype=dtype)
+            path = BUNDLED_CHECKPOINT
+        model = load_checkpoint(path, device=resolve_device(device), dtype=dtype)
+        return cls(model, load_tokenizer(Path(path)))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, device: str | torch.device = "auto",
+                    dtype: torch.dtype = torch.float32) -> Atlas:
+        torch.manual_seed(seed)
+        return cls(AtlasModel(cfg).to(device=resolve_device(device), dtype=dtype))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # -- states ------------------------------------------------------------------------------------
+
+    def new_state(self, batch: int = 1, position: int = 0) -> SessionState:
+        return SessionState(self.model.init_state(batch, position), self.fingerprint)
+
+    def save_state(self, state: SessionState) -> bytes:
+        return state.to_bytes()
+
+    def load_state(self, data: bytes) -> SessionState:
+        """Parse state bytes made by this model; refuses another model's states."""
+        return SessionState.from_bytes(data, expected_fingerprint=self.fingerprint, device=self.device)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def feed(self, state: SessionState, tokens: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+             all_logits: bool = False) -> tuple[SessionState, Tensor]:
+        """Read tokens into every session of `state` (the same count each). Returns the new state
+        and the logits: (B, T, V) with all_logits, else those after the last token (B, V)."""
+        if state.fingerprint != self.fingerprint:
+            raise ValueError("state belongs to another model")
+        toks = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if toks.dim() == 1:
+            toks = toks[None].expand(state.batch_size, -1)
+        if toks.shape[0] != state.batch_size:
+            raise ValueError(f"{toks.shape[0]} token rows for {state.batch_size} sessions")
+        if int(toks.numel()) and (int(toks.min()) < 0 or int(toks.max()) >= self.config.vocab_size):
+            raise ValueError("token id out of the vocabulary")
+        tensors, outs = state.tensors, []
+        for s in range(0, toks.shape[1], self.max_piece):
+            logits, tensors = self.model(toks[:, s:s + self.max_piece], tensors, all_logits=all_logits)
+            outs.append(logits)
+        new = SessionState(tensors, self.fingerprint)
+        if all_logits:
+                return new, torch.cat(outs, dim=1) if outs else new.last_logits.new_zeros(toks.shape[0], 0, v)
+        return new, new.last_logits
+
+    def generate(self, state: SessionState, prompt: str | Sequence[int] | None = None,
+                 params: SamplingParams | None = None) -> Generation:
+        """Feed the prompt into (a copy of) one session, then sample. Iterate the result for tokens."""
+        if state.batch_size != 1:
+            raise ValueError("generate takes one session")
+        if prompt:
+            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            state, _ = self.feed(state, ids)
+        return Generation(self, state, params or SamplingParams())

@@ -1,0 +1,57 @@
+"""Checkpoints: a directory with `config.json` and `model.safetensors` (and optionally a
+`tokenizer.json`). The fingerprint of a model is a hash of its config and weights; every state
+carries the fingerprint of the model that made it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import AtlasModel
+
+
+def fingerprint(model: AtlasModel) -> str:
+    h = hashlib.sha256(model.cfg.canonical_json().encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(model: AtlasModel, path: str | Path, dtype: torch.dtype | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write config.json + model.safetensors; `dtype` casts floating weights (e.g. bf16 to ship small)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "head.weight" and model.cfg.tie_embeddings:
+            continue
+        t = t.detach().contiguous().cpu()
+        tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "atlas-model/1"})
+    doc = {"model": model.cfg.model_dump(mode="json"), **(extra or {})}
+    (path / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    doc = json.loads((Path(path) / "config.json").read_text())
+    return ModelConfig(**doc.pop("model")), doc
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> AtlasModel:
+    cfg, _ = read_config(path)
+    model = AtlasModel(cfg)
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or [m for m in missing if m != "head.weight"]:
+        raise ValueError(f"checkpoint does not match its config: missing {missing}, unexpected {unexpected}")
+    return model.to(device=device, dtype=dtype).eval()

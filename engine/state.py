@@ -1,0 +1,142 @@
+"""The recurrent state of one or more sessions, and its byte format.
+
+A state is a flat dict of tensors with the session batch first (the model defines the keys), plus
+the fingerprint of the model that made it. Its size is fixed by the model config, whatever the
+number of tokens read. The model never writes a state tensor in place, so a fork is a shallow copy
+(copy-on-write for free) and a state can be shared between requests safely.
+
+Byte format: safetensors (never pickle). The header metadata holds only fixed-width strings
+(format version, fingerprint), and the counters are tensors, so the byte size of a state is the
+same after 100 tokens as after 10 million.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+FORMAT = "atlas-state/1"
+
+
+class StateError(ValueError):
+    """A state's bytes cannot be used. `code` is stable and reaches API clients."""
+
+    code = "state_invalid"
+
+
+class StateFormatError(StateError):
+    code = "state_corrupt"
+
+
+class ForeignStateError(StateError):
+    code = "foreign_model"
+
+
+@dataclass(frozen=True)
+class SessionState:
+    tensors: dict[str, Tensor]
+    fingerprint: str
+
+    # -- shape -------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tensors["pos"].shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors["pos"].device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the state holds (shared storage counted once per tensor view)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def tokens(self) -> list[int]:
+        """Tokens read by each session."""
+        return self.tensors["tokens"].tolist()
+
+    @property
+    def position(self) -> list[int]:
+        """Absolute position of each session's next token."""
+        return self.tensors["pos"].tolist()
+
+    @property
+    def last_logits(self) -> Tensor:
+        return self.tensors["last_logits"]
+
+    # -- copies and batches --------------------------------------------------------------------
+
+    def fork(self) -> SessionState:
+        """A cheap copy: tensors are shared, and nothing ever writes them in place."""
+        return SessionState(dict(self.tensors), self.fingerprint)
+
+    def __getitem__(self, i: int) -> SessionState:
+        return SessionState({k: v[i:i + 1] for k, v in self.tensors.items()}, self.fingerprint)
+
+    def split(self) -> list[SessionState]:
+        return [self[i] for i in range(self.batch_size)]
+
+    @staticmethod
+    def stack(states: Iterable[SessionState]) -> SessionState:
+        states = list(states)
+        if not states:
+            raise ValueError("nothing to stack")
+        fps = {s.fingerprint for s in states}
+        if len(fps) != 1:
+            raise ForeignStateError("states from different models cannot share a batch")
+        keys = states[0].tensors.keys()
+        return SessionState({k: torch.cat([s.tensors[k] for s in states]) for k in keys}, states[0].fingerprint)
+
+    def to(self, device: torch.device | str) -> SessionState:
+        return SessionState({k: v.to(device) for k, v in self.tensors.items()}, self.fingerprint)
+
+    def equal(self, other: SessionState) -> bool:
+        """Bit-exact equality of every tensor (and the model)."""
+        return self.fingerprint == other.fingerprint and self.tensors.keys() == other.tensors.keys() and all(
+            torch.equal(v.cpu(), other.tensors[k].cpu()) for k, v in self.tensors.items())
+
+    # -- bytes -----------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        # One metadata entry: safetensors writes several in hash order, and state bytes must be
+        # deterministic (equal states are equal bytes).
+        manifest = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint}, sort_keys=True)
+        return st_save(tensors, metadata={"atlas": manifest})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None,
+                   device: torch.device | str = "cpu") -> SessionState:
+        """Parse state bytes; refuses unknown formats and (when given) states of another model."""
+        try:
+            tensors = st_load(bytes(data))
+            meta = _read_metadata(data)
+        except (SafetensorError, ValueError, KeyError) as e:
+            raise StateFormatError(f"state bytes are not a valid {FORMAT} file: {e}") from e
+        if meta.get("format") != FORMAT:
+            raise StateFormatError(f"unknown state format {meta.get('format')!r} (expected {FORMAT})")
+        fp = meta.get("fingerprint", "")
+        if expected_fingerprint is not None and fp != expected_fingerprint:
+            raise ForeignStateError(
+                f"state was made by model {fp[:16]}..., this server runs {expected_fingerprint[:16]}...")
+        if "pos" not in tensors:
+            raise StateFormatError("state bytes lack the position counter")
+        return cls({k: v.to(device) for k, v in tensors.items()}, fp)
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("header longer than the data")
+    meta = json.loads(bytes(data[8:8 + n])).get("__metadata__", {}) or {}
+    return json.loads(meta.get("atlas", "{}"))

@@ -1,0 +1,58 @@
+"""Store settings, read from ``ATLAS_*`` environment variables.
+
+``ATLAS_REDIS_URL`` unset means the embedded store: a Redis server the project starts itself, with
+its data (RDB + append-only file) in ``ATLAS_DATA_DIR`` (default ``./data``, relative to the working
+directory, so a checkout or a container's workdir keeps its sessions next to it; the repository's
+``.gitignore`` already ignores ``/data/``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class StoreSettings(BaseSettings):
+    """Where and how session states are stored. Every field has an ``ATLAS_<NAME>`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="ATLAS_", extra="ignore")
+
+    #: External Redis (``redis://``, ``rediss://`` or ``unix://`` URL). None: embedded server.
+    redis_url: str | None = None
+    #: Treat ``redis_url`` as one seed node of a Redis Cluster.
+    redis_cluster: bool = False
+    #: Directory of the embedded server's data files (and other local files of the project).
+    data_dir: Path = Path("data")
+    #: States are split into parts of at most this many bytes (Redis caps a value at 512 MB).
+    part_bytes: int = Field(32 * MiB, ge=1, le=256 * MiB)
+    #: Default lease time-to-live; a writer renews before it runs out.
+    lease_ttl_ms: int = Field(30_000, ge=10)
+    #: Byte budget of the hot cache of live states (device memory).
+    cache_bytes: int = Field(2 * GiB, ge=0)
+    #: Prefix of every key, so several deployments (or tests) can share one Redis.
+    key_prefix: str = "atlas"
+    #: fsync policy of the embedded server's append-only file. ``everysec``: a crash of the server
+    #: process loses nothing acknowledged (the AOF is written before the reply); a crash of the
+    #: machine loses at most about one second of commits. ``always`` fsyncs every commit.
+    embedded_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    #: Parts of a put that never commits (writer crashed) expire after this many seconds.
+    pending_ttl_s: int = Field(3600, ge=1)
+    #: A deleted session's fencing counter is kept this long, so a stale writer stays fenced off
+    #: even if the same id is created again.
+    fence_retention_s: int = Field(7 * 24 * 3600, ge=1)
+    #: Seconds to wait for Redis on connect and on each command (None: wait forever).
+    socket_timeout_s: float | None = Field(30.0, gt=0)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_braces(cls, v: str) -> str:
+        """Braces would change the Redis Cluster hash tag of every key."""
+        if not v or "{" in v or "}" in v or any(c.isspace() for c in v):
+            raise ValueError("key_prefix must be non-empty, without braces or spaces")
+        return v

@@ -1,0 +1,22 @@
+"""Shared helpers for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from atlas.engine import Atlas, ModelConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """Small enough for exhaustive streaming tests; c > 1 and a chunk that does not divide lengths."""
+    base = dict(vocab_size=256, d_model=32, n_heads=2, n_layers=2, chunk_size=8, omega_window=3,
+                swa_window=12, mem_expansion=2, eta_max=0.9)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_atlas(dtype: torch.dtype = torch.float64, seed: int = 0, **kw) -> Atlas:
+    return Atlas.from_config(tiny_config(**kw), seed=seed, device="cpu", dtype=dtype)

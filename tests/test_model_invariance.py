@@ -1,0 +1,145 @@
+"""Streaming invariance (MODEL.md's contract): however the stream is cut, batched or saved, the
+logits and the final state are the same."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from atlas.engine import Atlas, SessionState
+
+from .helpers import tiny_atlas
+
+# MODEL.md's tolerances, as norm-relative errors: Newton-Schulz amplifies rounding along small
+# singular directions, so single tiny elements may differ more than the whole does.
+TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert actual.shape == expected.shape, what
+    err = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def feed_in_pieces(atlas: Atlas, state: SessionState, tokens: torch.Tensor, cuts: list[int]):
+    outs = []
+    for a, b in zip([0, *cuts], [*cuts, tokens.shape[1]], strict=True):
+        state, logits = atlas.feed(state, tokens[:, a:b], all_logits=True)
+        outs.append(logits)
+    return state, torch.cat(outs, dim=1)
+
+
+def assert_states_close(a: SessionState, b: SessionState, dtype: torch.dtype) -> None:
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        x, y = a.tensors[k], b.tensors[k]
+        if x.is_floating_point():
+            assert_close(x, y, dtype, k)
+        else:
+            assert torch.equal(x, y), k
+
+
+CASES = [
+    # (optimizer, omega window c, memory depth, mixer)
+    ("muon", 3, 2, "mag"),
+    ("momentum", 3, 2, "mag"),
+    ("gd", 3, 2, "mag"),
+    ("muon", 1, 2, "atlas"),
+    ("muon", 11, 1, "atlas"),  # c > b: the Omega tail spans more than one chunk
+    ("momentum", 4, 1, "mag"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "fp32"])
+@pytest.mark.parametrize("optimizer,window,depth,mixer", CASES)
+def test_streaming_invariance_cuts(dtype, optimizer, window, depth, mixer):
+    atlas = tiny_atlas(dtype, optimizer=optimizer, omega_window=window, mem_depth=depth, layers=[mixer])
+    length = 45  # not a multiple of the chunk size (8)
+    tokens = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(1))
+    whole_state, whole = atlas.feed(atlas.new_state(), tokens, all_logits=True)
+
+    rng = random.Random(2)
+    cuts = sorted(rng.sample(range(1, length), 7))
+    cut_state, cut = feed_in_pieces(atlas, atlas.new_state(), tokens, cuts)
+    tbt_state, tbt = feed_in_pieces(atlas, atlas.new_state(), tokens, list(range(1, length)))
+
+    for other, other_state in ((cut, cut_state), (tbt, tbt_state)):
+        assert_close(other, whole, dtype, "logits")
+        assert_states_close(other_state, whole_state, dtype)
+        # Chunks are computed on the absolute grid, so the state is in fact bit-exact.
+        assert other_state.equal(whole_state)
+    assert whole_state.tokens == [length]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "fp32"])
+def test_streaming_invariance_long_pieces(dtype):
+    """Pieces longer than the attention query block and many chunks, with an odd remainder."""
+    atlas = tiny_atlas(dtype, chunk_size=16, swa_window=32)
+    atlas.max_piece = 100
+    tokens = torch.randint(0, 64, (1, 1337), generator=torch.Generator().manual_seed(3))
+    s1, l1 = atlas.feed(atlas.new_state(), tokens, all_logits=True)
+    s2, l2 = feed_in_pieces(atlas, atlas.new_state(), tokens, [1, 17, 600, 601, 1100])
+    assert_close(l2, l1, dtype, "logits")
+    assert_states_close(s2, s1, dtype)
+    assert s2.equal(s1)
+
+
+def test_save_restore_invariance():
+    atlas = tiny_atlas(torch.float32)
+    tokens = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(4))
+    state, _ = atlas.feed(atlas.new_state(), tokens[:, :37])
+    restored = atlas.load_state(atlas.save_state(state))
+    assert restored.equal(state)
+    a_state, a = atlas.feed(state, tokens[:, 37:], all_logits=True)
+    b_state, b = atlas.feed(restored, tokens[:, 37:], all_logits=True)
+    assert torch.equal(a, b)
+    assert a_state.equal(b_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "fp32"])
+def test_batch_invariance_three_sessions(dtype):
+    """Three sessions at different positions within their chunks, fed together, equal each alone."""
+    atlas = tiny_atlas(dtype)
+    gen = torch.Generator().manual_seed(5)
+    singles = []
+    for prefix in (0, 5, 13):
+        st, _ = atlas.feed(atlas.new_state(), torch.randint(0, 64, (1, prefix), generator=gen))
+        singles.append(st)
+    batch = SessionState.stack(singles)
+    for step_len in (11, 1, 1, 20):
+        toks = torch.randint(0, 64, (3, step_len), generator=gen)
+        batch, batch_logits = atlas.feed(batch, toks, all_logits=True)
+        for i in range(3):
+            singles[i], logits = atlas.feed(singles[i], toks[i:i + 1], all_logits=True)
+            assert_close(batch_logits[i:i + 1], logits, dtype, "logits")
+    for i, single in enumerate(singles):
+        assert_states_close(batch[i], single, dtype)
+
+
+def test_fork_does_not_disturb_parent():
+    atlas = tiny_atlas(torch.float32)
+    parent, _ = atlas.feed(atlas.new_state(), list(range(20)))
+    before = atlas.save_state(parent)
+    child = parent.fork()
+    child, _ = atlas.feed(child, list(range(30)))
+    assert atlas.save_state(parent) == before
+    assert child.tokens == [50] and parent.tokens == [20]
+
+
+def test_rope_invariance_at_ten_million():
+    """A sliding-window-only model sees only relative positions, even 10M tokens in."""
+    atlas = tiny_atlas(torch.float32, layers=["swa"])
+    tokens = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(6))
+    _, at_zero = atlas.feed(atlas.new_state(position=0), tokens, all_logits=True)
+    _, far = atlas.feed(atlas.new_state(position=10_000_000), tokens, all_logits=True)
+    assert_close(far, at_zero, torch.float32, "logits")
+
+
+def test_state_size_is_constant():
+    atlas = tiny_atlas(torch.float32, chunk_size=64, swa_window=64, d_model=64)
+    short, _ = atlas.feed(atlas.new_state(), [1] * 100)
+    long, _ = atlas.feed(atlas.new_state(), torch.randint(0, 64, (20_000,)).tolist())
+    assert len(atlas.save_state(short)) == len(atlas.save_state(long))
+    assert short.nbytes == long.nbytes
+    assert long.tokens == [20_000]
