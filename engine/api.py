@@ -156,7 +156,9 @@ class Atlas:
             outs.append(logits)
         new = SessionState(tensors, self.fingerprint)
         if all_logits:
-                return new, torch.cat(outs, dim=1) if outs else new.last_logits.new_zeros(toks.shape[0], 0, v)
+            if not outs:
+                return new, new.last_logits.new_zeros(toks.shape[0], 0, self.config.vocab_size)
+            return new, torch.cat(outs, dim=1)
         return new, new.last_logits
 
     def generate(self, state: SessionState, prompt: str | Sequence[int] | None = None,

@@ -95,7 +95,8 @@ class SessionState:
         if len(fps) != 1:
             raise ForeignStateError("states from different models cannot share a batch")
         keys = states[0].tensors.keys()
-        return SessionState({k: torch.cat([s.tensors[k] for s in states]) for k in keys}, states[0].fingerprint)
+        tensors = {k: torch.cat([s.tensors[k] for s in states]) for k in keys}
+        return SessionState(tensors, states[0].fingerprint)
 
     def to(self, device: torch.device | str) -> SessionState:
         return SessionState({k: v.to(device) for k, v in self.tensors.items()}, self.fingerprint)

@@ -99,9 +99,8 @@ class AtlasModel(nn.Module):
         """nanoGPT-style: N(0, 0.02), residual output projections scaled by depth."""
         for name, p in self.named_parameters():
             if p.dim() == 2 and not name.endswith("gates.weight"):
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("out.weight", "down.weight")) \
-                    else 0.02
-                nn.init.normal_(p, std=std)
+                residual = name.endswith(("out.weight", "down.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,5 +181,6 @@ class AtlasModel(nn.Module):
         vpos = keep_from[:, None] + ar[None, :]
         idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
         pending = torch.where(vpos < total[:, None], torch.gather(stream, 1, idx), 0)
-        new = dict(layers, pos=state["pos"] + t, tokens=state["tokens"] + t, pending=pending, last_logits=last)
+        new = dict(layers, pos=state["pos"] + t, tokens=state["tokens"] + t, pending=pending,
+                   last_logits=last)
         return (out[:, :t] if all_logits else last), new
