@@ -25,7 +25,7 @@ from .checkpoint import fingerprint, load_checkpoint
 from .config import ModelConfig
 from .model import AtlasModel
 from .sampling import SamplingParams, StopMatcher, sample
-from .state import SessionState
+from .state import SessionState, StateFormatError
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class Atlas:
             raise ValueError("tokenizer vocabulary is larger than the model's")
         self.fingerprint = fingerprint(model)
         self.max_piece = max_piece  # tokens per forward call; bounds activation memory
+        self._layout = {k: (v.shape[1:], v.dtype) for k, v in model.init_state(1).items()}
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "auto",
@@ -131,8 +132,14 @@ class Atlas:
         return state.to_bytes()
 
     def load_state(self, data: bytes) -> SessionState:
-        """Parse state bytes made by this model; refuses another model's states."""
-        return SessionState.from_bytes(data, expected_fingerprint=self.fingerprint, device=self.device)
+        """Parse state bytes made by this model; refuses another model's states and states whose
+        tensors do not have this model's layout."""
+        state = SessionState.from_bytes(data, expected_fingerprint=self.fingerprint, device=self.device)
+        got = {k: (v.shape[1:], v.dtype) for k, v in state.tensors.items()}
+        if got != self._layout or len({v.shape[0] for v in state.tensors.values()}) != 1:
+            bad = sorted(k for k in self._layout.keys() | got.keys() if self._layout.get(k) != got.get(k))[:3]
+            raise StateFormatError(f"state tensors do not match the model's state layout: {bad}")
+        return state
 
     # -- running -----------------------------------------------------------------------------------
 

@@ -31,8 +31,6 @@ def save_checkpoint(model: AtlasModel, path: str | Path, dtype: torch.dtype | No
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        if name == "head.weight" and model.cfg.tie_embeddings:
-            continue
         t = t.detach().contiguous().cpu()
         tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "atlas-model/1"})
@@ -49,9 +47,13 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> AtlasModel:
     cfg, _ = read_config(path)
-    model = AtlasModel(cfg)
+    # Built in the target dtype first, so weights are converted once (a float64 checkpoint stays exact).
+    model = AtlasModel(cfg).to(device=device, dtype=dtype)
     tensors = load_file(str(Path(path) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [m for m in missing if m != "head.weight"]:
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise ValueError(f"checkpoint does not match its config: {e}") from e
+    if missing or unexpected:
         raise ValueError(f"checkpoint does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()

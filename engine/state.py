@@ -122,11 +122,14 @@ class SessionState:
         try:
             tensors = st_load(bytes(data))
             meta = _read_metadata(data)
-        except (SafetensorError, ValueError, KeyError) as e:
+        except (SafetensorError, ValueError, KeyError, TypeError, struct.error) as e:
             raise StateFormatError(f"state bytes are not a valid {FORMAT} file: {e}") from e
-        if meta.get("format") != FORMAT:
-            raise StateFormatError(f"unknown state format {meta.get('format')!r} (expected {FORMAT})")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else meta
+            raise StateFormatError(f"unknown state format {got!r} (expected {FORMAT})")
         fp = meta.get("fingerprint", "")
+        if not isinstance(fp, str):
+            raise StateFormatError("state manifest has no valid fingerprint")
         if expected_fingerprint is not None and fp != expected_fingerprint:
             raise ForeignStateError(
                 f"state was made by model {fp[:16]}..., this server runs {expected_fingerprint[:16]}...")

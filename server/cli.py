@@ -33,14 +33,13 @@ def demo(
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
 ) -> None:
     """Stream a document into a session, save and restore its state, and continue it."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
     from atlas.engine import Atlas, SamplingParams
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     atlas = Atlas.load(checkpoint, device=device)
     cfg = atlas.config
-    err.print(f"model {atlas.fingerprint[:12]}  {cfg.n_layers} layers x {cfg.mixers[0]}, d_model {cfg.d_model}, "
-              f"chunk {cfg.chunk_size}, device {atlas.device}")
+    err.print(f"model {atlas.fingerprint[:12]}  {cfg.n_layers} layers x {cfg.mixers[0]}, "
+              f"d_model {cfg.d_model}, chunk {cfg.chunk_size}, device {atlas.device}")
     path = text or (DEFAULT_DEMO_TEXT if DEFAULT_DEMO_TEXT.exists() else None)
     doc = path.read_text(encoding="utf-8", errors="replace") if path else _builtin_text()
     ids = atlas.encode(doc)
@@ -61,7 +60,8 @@ def demo(
     data = atlas.save_state(state)
     restored = atlas.load_state(data)
     err.print(f"read {len(ids):,} tokens in {elapsed:.1f}s ({len(ids) / elapsed:,.0f} tok/s); "
-              f"state {len(data):,} bytes (the same for any length); restored bit-exact: {restored.equal(state)}")
+              f"state {len(data):,} bytes (the same for any length); "
+              f"restored bit-exact: {restored.equal(state)}")
     gen = atlas.generate(restored, question, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=0))
     typer.echo(question, nl=False)
     for tok in gen:

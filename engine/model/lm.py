@@ -168,14 +168,14 @@ class AtlasModel(nn.Module):
             # The last token of a session in this block sets its last logits.
             row = total - 1 - r * b
             has = (row >= 0) & (row < rows)
+            # Logits of the whole block (not of single rows), so that a matrix product of the
+            # same shape makes them whether the session runs alone or in a batch.
+            logits = self._logits(x).to(last.dtype)
             if all_logits:
-                logits = self._logits(x).to(last.dtype)
                 tok = vpos[None, :] - filled[:, None]
                 tok = torch.where((tok >= 0) & (tok < t), tok, t)  # slot t is a discarded dummy
                 out = out.scatter(1, tok[..., None].expand(bsz, rows, v), logits)
-                row_logits = logits[torch.arange(bsz), row.clamp(0, rows - 1)]
-            else:
-                row_logits = self._logits(x[torch.arange(bsz), row.clamp(0, rows - 1)]).to(last.dtype)
+            row_logits = logits[torch.arange(bsz), row.clamp(0, rows - 1)]
             last = torch.where(has[:, None], row_logits, last)
         keep_from = total // b * b
         vpos = keep_from[:, None] + ar[None, :]

@@ -132,6 +132,10 @@ def chunk_update(
 # ---------------------------------------------------------------------------------------------
 
 
+def _sigmoid(x: Tensor) -> Tensor:
+    return torch.sigmoid(x.double()).to(x.dtype)
+
+
 def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim of x (B, H, T, d) with a per-head weight (H, d)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -180,7 +184,9 @@ class AtlasMemory(nn.Module):
         dev = self.conv.device
         st: dict[str, Tensor] = {}
         for name, w0 in zip(self._names, self.init_weights(), strict=True):
-            st[name] = w0.to(wdtype)[None].expand(batch, *w0.shape)
+            # Materialised, not an expanded view: matrix products choose kernels by memory layout,
+            # and a state must compute the same bits whether fresh, stacked or restored.
+            st[name] = w0.to(wdtype)[None].repeat(batch, *([1] * w0.dim()))
             if c.optimizer != "gd":
                 st["S" + name[1:]] = torch.zeros(batch, *w0.shape, dtype=wdtype, device=dev)
         z = lambda *s: torch.zeros(batch, *s, dtype=dtype, device=dev)
@@ -221,6 +227,11 @@ class AtlasMemory(nn.Module):
             return out, st
         if x.shape[1] != c.chunk_size:
             raise ValueError("a committed chunk must have chunk_size rows")
+        # Gates of the whole batch in one layout before any selection, the sigmoids in float64:
+        # elementwise exp rounds differently on vectorised and scalar paths, and the choice
+        # depends on layout and size; this keeps a session's bits independent of its batch.
+        gamma = _sigmoid(logits[..., 3])
+        chunk_gates = _sigmoid(logits[..., :3].mean(dim=2))
         idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
         sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
         put = (lambda old, upd: upd) if idx is None else (lambda old, upd: old.index_copy(0, idx, upd))
@@ -228,8 +239,8 @@ class AtlasMemory(nn.Module):
         counts = omega_counts(c.chunk_size, c.omega_window, fk.dtype, fk.device)
         keys = torch.cat([sel(st["tail_k"]), sel(fk)], dim=2)
         vals = torch.cat([sel(st["tail_v"]), sel(v)], dim=2)
-        gammas = torch.cat([sel(st["tail_gamma"]), torch.sigmoid(sel(logits[..., 3]))], dim=2)
-        eta, alpha, theta = torch.sigmoid(sel(logits[..., :3]).mean(dim=2)).unbind(-1)
+        gammas = torch.cat([sel(st["tail_gamma"]), sel(gamma)], dim=2)
+        eta, alpha, theta = sel(chunk_gates).unbind(-1)
         momentum = tuple(sel(st["S" + n[1:]]) for n in names) if c.optimizer != "gd" else ()
         new_w, new_s = chunk_update(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
                                     eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps)

@@ -1,0 +1,205 @@
+"""The runtime against the plain model API: batching and interleaving change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from atlas.engine import SamplingParams
+from atlas.engine.runtime import (
+    GenerationDone,
+    OffsetGapError,
+    QueueFullError,
+    Runtime,
+    RuntimeSettings,
+)
+from atlas.engine.store import SessionNotFoundError, StoreSettings, open_store
+
+from .helpers import same_session, tiny_atlas
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+@pytest.fixture
+def atlas():
+    return tiny_atlas(torch.float32, chunk_size=16, swa_window=32)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(StoreSettings(data_dir=tmp_path / "store", part_bytes=64 << 10))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def runtime(atlas, store):
+    rt = Runtime(atlas, store, RuntimeSettings(ingest_chunks_per_step=2, checkpoint_tokens=100))
+    yield rt
+    rt.close()
+
+
+async def pieces(data: bytes, size: int, delay: float = 0.0):
+    for i in range(0, len(data), size):
+        if delay:
+            await asyncio.sleep(delay)
+        yield data[i:i + size]
+
+
+def docs(n: int) -> list[bytes]:
+    g = torch.Generator().manual_seed(0)
+    return [bytes(torch.randint(32, 127, (int(torch.randint(200, 700, (1,), generator=g)),),
+                                generator=g).tolist()) for _ in range(n)]
+
+
+async def ingest_all(rt, sid, data, size=97, offset=None, tenant="t"):
+    last = None
+    async for p in rt.ingest(sid, tenant, pieces(data, size), offset=offset):
+        last = p
+    return last
+
+
+async def answer(rt, sid, prompt, params=GREEDY, commit=False, tenant="t"):
+    toks, done = [], None
+    async for ev in rt.generate(sid, tenant, prompt, params, commit=commit):
+        if isinstance(ev, GenerationDone):
+            done = ev
+        else:
+            toks.append(ev.id)
+    return toks, done
+
+
+def reference(atlas, data: bytes, prompt: str):
+    state, _ = atlas.feed(atlas.new_state(), list(data))
+    gen = atlas.generate(state, prompt, GREEDY)
+    return state, [t.id for t in gen]
+
+
+def test_runtime_invariance_many_sessions_interleaved(atlas, runtime, store):
+    """Six sessions ingesting and answering at once equal each session run alone."""
+    texts = docs(6)
+
+    async def one(i: int):
+        meta = await runtime.create_session("t")
+        half = len(texts[i]) // 2
+        await ingest_all(runtime, meta.id, texts[i][:half], size=31 + i)
+        await ingest_all(runtime, meta.id, texts[i][half:], size=50 + 7 * i)
+        toks, done = await answer(runtime, meta.id, "Q?")
+        return meta.id, toks, done
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    results = asyncio.run(main())
+    for i, (sid, toks, done) in enumerate(results):
+        ref_state, ref_toks = reference(atlas, texts[i], "Q?")
+        assert toks == ref_toks
+        assert done.finish_reason == "length" and done.completion_tokens == GREEDY.max_tokens
+        data, meta = store.get(sid)
+        assert meta.bytes_committed == len(texts[i]) and meta.tokens == len(texts[i])
+        assert same_session(atlas.load_state(data), ref_state)
+
+
+def test_runtime_offsets_overlap_is_idempotent_and_gap_refused(atlas, runtime, store):
+    text = docs(1)[0] * 3
+    assert len(text) > 300
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        await ingest_all(runtime, sid, text[:300])
+        await ingest_all(runtime, sid, text[250:], offset=250)  # 50 bytes sent again
+        with pytest.raises(OffsetGapError):
+            await ingest_all(runtime, sid, b"xyz", offset=len(text) + 5)
+        return sid
+
+    sid = asyncio.run(main())
+    data, meta = store.get(sid)
+    assert meta.bytes_committed == len(text)
+    assert same_session(atlas.load_state(data), atlas.feed(atlas.new_state(), list(text))[0])
+
+
+def test_runtime_utf8_split_across_requests(atlas, runtime, store, shared_data):
+    text = (shared_data / "utf8-demo.txt").read_bytes()[:3001]
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        for a, b in [(0, 1001), (1001, 2000), (2000, 3001)]:  # cuts fall inside characters
+            await ingest_all(runtime, sid, text[a:b], offset=a)
+        return sid
+
+    sid = asyncio.run(main())
+    data, meta = store.get(sid)
+    assert meta.bytes_committed == len(text)
+    assert same_session(atlas.load_state(data), atlas.feed(atlas.new_state(), list(text))[0])
+
+
+def test_runtime_cancel_mid_ingest_keeps_exactly_the_committed_bytes(atlas, runtime, store):
+    text = docs(1)[0] * 4
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        seen = 0
+        agen = runtime.ingest(sid, "t", pieces(text, 40, delay=0.01))
+        async for p in agen:
+            seen = p.bytes_committed
+            if seen >= 200:
+                break
+        await agen.aclose()  # the client goes away
+        for _ in range(200):  # the runtime commits what it read, then lets go of the session
+            meta = store.meta(sid)
+            if meta.generation and not runtime.stats.admitted:
+                break
+            await asyncio.sleep(0.02)
+        return sid
+
+    sid = asyncio.run(main())
+    data, meta = store.get(sid)
+    assert 0 < meta.bytes_committed < len(text)
+    expected, _ = atlas.feed(atlas.new_state(), list(text[:meta.bytes_committed]))
+    assert same_session(atlas.load_state(data), expected)
+
+
+def test_runtime_fork_and_generate_leave_parent_alone_commit_appends(atlas, runtime, store):
+    text = docs(1)[0]
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        await ingest_all(runtime, sid, text)
+        before = store.get(sid)[0]
+        child = await runtime.fork(sid, "t")
+        await ingest_all(runtime, child.id, b" more text for the child only")
+        toks, _ = await answer(runtime, sid, "Q?")
+        assert store.get(sid)[0] == before  # neither the fork nor a question changed it
+        toks_c, done = await answer(runtime, sid, "Q?", commit=True)
+        assert toks_c == toks
+        assert done.session.tokens == len(text) + 2 + GREEDY.max_tokens
+        assert done.session.bytes_committed == len(text)
+        return sid, child.id
+
+    sid, child = asyncio.run(main())
+    assert store.meta(child).bytes_committed == len(text) + len(b" more text for the child only")
+
+
+def test_runtime_tenants_and_full_queue(atlas, store):
+    rt = Runtime(atlas, store, RuntimeSettings(max_requests=1))
+    try:
+        async def main():
+            sid = (await rt.create_session("a")).id
+            with pytest.raises(SessionNotFoundError):
+                await rt.get_session(sid, "b")
+            slow = rt.ingest(sid, "a", pieces(b"x" * 400, 10, delay=0.05))
+            await slow.__anext__()  # one request admitted and running
+            with pytest.raises(QueueFullError):
+                await answer(rt, None, "hi", tenant="a")
+            await slow.aclose()
+
+        asyncio.run(main())
+    finally:
+        rt.close()
+
+
+def test_runtime_sessionless_completion(atlas, runtime):
+    toks, done = asyncio.run(answer(runtime, None, "hello"))
+    gen = atlas.generate(atlas.new_state(), "hello", GREEDY)
+    assert toks == [t.id for t in gen] and done.prompt_tokens == 5
