@@ -25,7 +25,7 @@ from .checkpoint import fingerprint, load_checkpoint
 from .config import ModelConfig
 from .model import AtlasModel
 from .sampling import SamplingParams, StopMatcher, sample
-from .state import SessionState, StateFormatError
+from .state import SessionState, StateFormatError, is_cache_key
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class Atlas:
             raise ValueError("tokenizer vocabulary is larger than the model's")
         self.fingerprint = fingerprint(model)
         self.max_piece = max_piece  # tokens per forward call; bounds activation memory
-        self._layout = {k: (v.shape[1:], v.dtype) for k, v in model.init_state(1).items()}
+        self._layout = {k: (v.shape[1:], v.dtype) for k, v in model.init_state(1).items()
+                        if not is_cache_key(k)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "auto",
@@ -135,11 +136,15 @@ class Atlas:
         """Parse state bytes made by this model; refuses another model's states and states whose
         tensors do not have this model's layout."""
         state = SessionState.from_bytes(data, expected_fingerprint=self.fingerprint, device=self.device)
-        got = {k: (v.shape[1:], v.dtype) for k, v in state.tensors.items()}
-        if got != self._layout or len({v.shape[0] for v in state.tensors.values()}) != 1:
+        tensors = {k: v for k, v in state.tensors.items() if not is_cache_key(k)}
+        got = {k: (v.shape[1:], v.dtype) for k, v in tensors.items()}
+        if got != self._layout or len({v.shape[0] for v in tensors.values()}) != 1:
             bad = sorted(k for k in self._layout.keys() | got.keys() if self._layout.get(k) != got.get(k))[:3]
             raise StateFormatError(f"state tensors do not match the model's state layout: {bad}")
-        return state
+        # Decode caches are not stored: start empty (cache_len 0), rebuilt by the next feed.
+        fresh = self.model.init_state(state.batch_size)
+        caches = {k: v for k, v in fresh.items() if is_cache_key(k)}
+        return SessionState(dict(tensors, **caches), state.fingerprint)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -167,6 +172,19 @@ class Atlas:
                 return new, new.last_logits.new_zeros(toks.shape[0], 0, self.config.vocab_size)
             return new, torch.cat(outs, dim=1)
         return new, new.last_logits
+
+    @torch.no_grad()
+    def decode_step(self, state: SessionState, tokens: Sequence[int]) -> tuple[SessionState, Tensor]:
+        """One token per session through the decode cache only (no chunk is committed, even for a
+        session whose chunk this token completes: the caller commits it with `feed`). Big state
+        tensors are shared with `state`, not copied. Falls back to `feed` when a cache is stale."""
+        b = self.config.chunk_size
+        t = state.tensors
+        toks = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
+        if not bool((t["cache_len"] == t["tokens"] % b).all()):
+            return self.feed(state, toks)
+        logits, new = self.model._decode(toks, t, t["tokens"] % b, all_logits=False)
+        return SessionState(new, self.fingerprint), logits
 
     def generate(self, state: SessionState, prompt: str | Sequence[int] | None = None,
                  params: SamplingParams | None = None) -> Generation:

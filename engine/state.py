@@ -26,6 +26,11 @@ from torch import Tensor
 FORMAT = "atlas-state/1"
 
 
+def is_cache_key(key: str) -> bool:
+    """Decode-cache tensors: derivable from the rest, kept in memory, never serialised or compared."""
+    return key.rsplit(".", 1)[-1].startswith("cache")
+
+
 class StateError(ValueError):
     """A state's bytes cannot be used. `code` is stable and reaches API clients."""
 
@@ -83,6 +88,17 @@ class SessionState:
     def __getitem__(self, i: int) -> SessionState:
         return SessionState({k: v[i:i + 1] for k, v in self.tensors.items()}, self.fingerprint)
 
+    def select(self, index: Tensor) -> SessionState:
+        """The sessions at `index` (a new copy, not views)."""
+        return SessionState({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.fingerprint)
+
+    @property
+    def cache_valid(self) -> bool:
+        """Whether the decode cache holds every session's unfinished chunk."""
+        t = self.tensors
+        b = t["pending"].shape[1]
+        return bool((t["cache_len"] == t["tokens"] % b).all())
+
     def split(self) -> list[SessionState]:
         return [self[i] for i in range(self.batch_size)]
 
@@ -102,14 +118,16 @@ class SessionState:
         return SessionState({k: v.to(device) for k, v in self.tensors.items()}, self.fingerprint)
 
     def equal(self, other: SessionState) -> bool:
-        """Bit-exact equality of every tensor (and the model)."""
-        return self.fingerprint == other.fingerprint and self.tensors.keys() == other.tensors.keys() and all(
-            torch.equal(v.cpu(), other.tensors[k].cpu()) for k, v in self.tensors.items())
+        """Bit-exact equality of every serialised tensor (and the model); decode caches are ignored."""
+        if self.fingerprint != other.fingerprint or self.tensors.keys() != other.tensors.keys():
+            return False
+        return all(torch.equal(v.cpu(), other.tensors[k].cpu())
+                   for k, v in self.tensors.items() if not is_cache_key(k))
 
     # -- bytes -----------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items() if not is_cache_key(k)}
         # One metadata entry: safetensors writes several in hash order, and state bytes must be
         # deterministic (equal states are equal bytes).
         manifest = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint}, sort_keys=True)

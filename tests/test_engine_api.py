@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .helpers import tiny_atlas
+from .helpers import same_session, tiny_atlas
 
 # No example database: it would leave a .hypothesis folder in the working tree.
 FAST = settings(max_examples=60, deadline=None, database=None)
@@ -327,7 +327,7 @@ def test_generate_length(atlas: Atlas) -> None:
     assert gen.state.tokens == [len(atlas.encode(prompt)) + 7]
     # The state after generation is the prompt and the generated tokens fed in one go.
     direct, _ = atlas.feed(atlas.new_state(), atlas.encode(prompt) + gen.token_ids)
-    assert direct.equal(gen.state)
+    assert same_session(gen.state, direct)  # logits of a decoded token: within rounding
 
     empty = atlas.generate(atlas.new_state(), prompt, SamplingParams(max_tokens=0))
     assert list(empty) == [] and empty.finish_reason == "length"

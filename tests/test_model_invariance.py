@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 from atlas.engine import Atlas, SessionState
+from atlas.engine.state import is_cache_key
 
-from .helpers import tiny_atlas
+from .helpers import same_session, tiny_atlas
 
 # MODEL.md's tolerances, as norm-relative errors: Newton-Schulz amplifies rounding along small
 # singular directions, so single tiny elements may differ more than the whole does.
@@ -33,6 +34,8 @@ def feed_in_pieces(atlas: Atlas, state: SessionState, tokens: torch.Tensor, cuts
 def assert_states_close(a: SessionState, b: SessionState, dtype: torch.dtype) -> None:
     assert a.tensors.keys() == b.tensors.keys()
     for k in a.tensors:
+        if is_cache_key(k):
+            continue
         x, y = a.tensors[k], b.tensors[k]
         if x.is_floating_point():
             assert_close(x, y, dtype, k)
@@ -67,8 +70,8 @@ def test_streaming_invariance_cuts(dtype, optimizer, window, depth, mixer):
     for other, other_state in ((cut, cut_state), (tbt, tbt_state)):
         assert_close(other, whole, dtype, "logits")
         assert_states_close(other_state, whole_state, dtype)
-        # Chunks are computed on the absolute grid, so the state is in fact bit-exact.
-        assert other_state.equal(whole_state)
+        # Chunks are computed on the absolute grid, so the recurrent state is in fact bit-exact.
+        assert same_session(other_state, whole_state)
     assert whole_state.tokens == [length]
 
 
@@ -82,7 +85,7 @@ def test_streaming_invariance_long_pieces(dtype):
     s2, l2 = feed_in_pieces(atlas, atlas.new_state(), tokens, [1, 17, 600, 601, 1100])
     assert_close(l2, l1, dtype, "logits")
     assert_states_close(s2, s1, dtype)
-    assert s2.equal(s1)
+    assert same_session(s2, s1)
 
 
 def test_save_restore_invariance():

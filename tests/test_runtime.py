@@ -179,6 +179,31 @@ def test_runtime_fork_and_generate_leave_parent_alone_commit_appends(atlas, runt
 
     sid, child = asyncio.run(main())
     assert store.meta(child).bytes_committed == len(text) + len(b" more text for the child only")
+    # The committed exchange equals the plain API's generation, bit for bit in the recurrent state.
+    state, _ = atlas.feed(atlas.new_state(), list(text))
+    gen = atlas.generate(state, "Q?", GREEDY)
+    list(gen)
+    assert same_session(atlas.load_state(store.get(sid)[0]), gen.state)
+
+
+def test_runtime_long_generations_cross_chunks_in_a_batch(atlas, runtime):
+    """Eight sessions at different phases decode across several chunk boundaries together."""
+    texts = docs(8)
+    params = SamplingParams(max_tokens=40, temperature=0.7, seed=3)
+
+    async def one(i: int):
+        sid = (await runtime.create_session("t")).id
+        await ingest_all(runtime, sid, texts[i][:100 + 7 * i])
+        return await answer(runtime, sid, "go", params=params, commit=True)
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    for i, (toks, done) in enumerate(asyncio.run(main())):
+        state, _ = atlas.feed(atlas.new_state(), list(texts[i][:100 + 7 * i]))
+        gen = atlas.generate(state, "go", params)
+        assert toks == [t.id for t in gen]
+        assert same_session(done.state, gen.state)
 
 
 def test_runtime_tenants_and_full_queue(atlas, store):

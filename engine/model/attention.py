@@ -43,6 +43,8 @@ class SlidingWindowAttention(nn.Module):
             "ring_k": torch.zeros(batch, c.n_heads, c.swa_window, c.head_dim, dtype=dtype, device=dev),
             "ring_v": torch.zeros(batch, c.n_heads, c.swa_window, c.head_dim, dtype=dtype, device=dev),
             "ring_pos": torch.full((batch, c.swa_window), -1, dtype=torch.int64, device=dev),
+            "cache_k": torch.zeros(batch, c.n_heads, c.chunk_size, c.head_dim, dtype=dtype, device=dev),
+            "cache_v": torch.zeros(batch, c.n_heads, c.chunk_size, c.head_dim, dtype=dtype, device=dev),
         }
 
     def forward(self, x: Tensor, st: dict[str, Tensor], pos: Tensor,
@@ -61,10 +63,34 @@ class SlidingWindowAttention(nn.Module):
         qp, kp = pos[:, :, None], kpos[:, None, :]
         mask = (kp <= qp) & (kp > qp - w) & (kp >= 0)
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
+        pad = (0, 0, 0, c.chunk_size - t)
+        cache = {"cache_k": F.pad(k, pad), "cache_v": F.pad(v, pad)}
         if not bool(commit.any()):
-            return out, st
+            return out, dict(st, **cache)
         m = commit.view(bsz, 1, 1, 1)
         new = {"ring_k": torch.where(m, keys[:, :, t:], st["ring_k"]),
                "ring_v": torch.where(m, vals[:, :, t:], st["ring_v"]),
                "ring_pos": torch.where(commit[:, None], kpos[:, t:], st["ring_pos"])}
-        return out, new
+        return out, dict(new, **cache)
+
+    def decode(self, x: Tensor, st: dict[str, Tensor], pos: Tensor,
+               filled: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One new token per session at positions pos (B,), attending to the ring, the cached keys
+        of its unfinished chunk (`filled` of them) and itself."""
+        c = self.cfg
+        bsz = x.shape[0]
+        q, k, v = self.qkv(x).view(bsz, 1, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rope_cos_sin(pos[:, None], c.head_dim, c.rope_base, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Scores against the ring, the chunk's cached keys and itself, without copying the ring.
+        ar = torch.arange(c.chunk_size, device=x.device)
+        cpos = torch.where(ar[None] < filled[:, None], (pos - filled)[:, None] + ar[None], -1)
+        kp = torch.cat([st["ring_pos"], cpos, pos[:, None]], dim=1)[:, None, None, :]
+        qp = pos[:, None, None, None]
+        mask = (kp <= qp) & (kp > qp - c.swa_window) & (kp >= 0)
+        scores = torch.cat([q @ st["ring_k"].mT, q @ st["cache_k"].mT, (q * k).sum(-1, keepdim=True)], dim=-1)
+        p = torch.softmax((scores / math.sqrt(c.head_dim)).masked_fill(~mask, float("-inf")), dim=-1)
+        w, b = c.swa_window, c.chunk_size
+        out = p[..., :w] @ st["ring_v"] + p[..., w:w + b] @ st["cache_v"] + p[..., w + b:] * v
+        at = filled.view(bsz, 1, 1, 1).expand(-1, c.n_heads, 1, c.head_dim)
+        return out, {"cache_k": st["cache_k"].scatter(2, at, k), "cache_v": st["cache_v"].scatter(2, at, v)}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..state import is_cache_key
 from .attention import SlidingWindowAttention
 from .memory import AtlasMemory, head_rms_norm
 
@@ -48,18 +49,25 @@ class Mixer(nn.Module):
                 st.update({f"{name}.{k}": v for k, v in part.init_state(batch, dtype).items()})
         return st
 
-    def forward(self, x: Tensor, st: StateDict, pos: Tensor, commit: Tensor) -> tuple[Tensor, StateDict]:
+    def forward(self, x: Tensor, st: StateDict, pos: Tensor, commit: Tensor,
+                ends: Tensor) -> tuple[Tensor, StateDict]:
+        """One chunk block (see AtlasModel.forward)."""
+        return self._mix(x, st, lambda m, sub: m(x, sub, commit, ends), lambda a, sub: a(x, sub, pos, commit))
+
+    def decode(self, x: Tensor, st: StateDict, pos: Tensor, filled: Tensor) -> tuple[Tensor, StateDict]:
+        """One token per session inside its unfinished chunk, from the decode cache."""
+        return self._mix(x, st, lambda m, sub: m.decode(x, sub), lambda a, sub: a.decode(x, sub, pos, filled))
+
+    def _mix(self, x: Tensor, st: StateDict, run_mem, run_attn) -> tuple[Tensor, StateDict]:
         c = self.cfg
-        new: StateDict = {}
-        y_mem = y_attn = None
-        if self.mem is not None:
-            sub = {k[4:]: v for k, v in st.items() if k.startswith("mem.")}
-            y_mem, sub = self.mem(x, sub, commit)
-            new.update({f"mem.{k}": v for k, v in sub.items()})
-        if self.attn is not None:
-            sub = {k[5:]: v for k, v in st.items() if k.startswith("attn.")}
-            y_attn, sub = self.attn(x, sub, pos, commit)
-            new.update({f"attn.{k}": v for k, v in sub.items()})
+        new, ys = dict(st), {}
+        for name, part, run in (("mem", self.mem, run_mem), ("attn", self.attn, run_attn)):
+            if part is None:
+                continue
+            sub = {k[len(name) + 1:]: v for k, v in st.items() if k.startswith(name + ".")}
+            ys[name], sub = run(part, sub)
+            new.update({f"{name}.{k}": v for k, v in sub.items()})
+        y_mem, y_attn = ys.get("mem"), ys.get("attn")
         if y_mem is None:
             y = y_attn
         elif y_attn is None:
@@ -79,8 +87,14 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, st: StateDict, pos: Tensor, commit: Tensor) -> tuple[Tensor, StateDict]:
-        y, st = self.mixer(self.norm1(x), st, pos, commit)
+    def forward(self, x: Tensor, st: StateDict, pos: Tensor, commit: Tensor,
+                ends: Tensor) -> tuple[Tensor, StateDict]:
+        y, st = self.mixer(self.norm1(x), st, pos, commit, ends)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), st
+
+    def decode(self, x: Tensor, st: StateDict, pos: Tensor, filled: Tensor) -> tuple[Tensor, StateDict]:
+        y, st = self.mixer.decode(self.norm1(x), st, pos, filled)
         x = x + y
         return x + self.mlp(self.norm2(x)), st
 
@@ -117,6 +131,7 @@ class AtlasModel(nn.Module):
             "pos": torch.full((batch,), position, dtype=torch.int64, device=dev),
             "tokens": torch.zeros(batch, dtype=torch.int64, device=dev),
             "pending": torch.zeros(batch, b, dtype=torch.int64, device=dev),
+            "cache_len": torch.zeros(batch, dtype=torch.int64, device=dev),
             "last_logits": torch.zeros(batch, self.cfg.vocab_size,
                                        dtype=torch.promote_types(self.dtype, torch.float32), device=dev),
         }
@@ -143,6 +158,8 @@ class AtlasModel(nn.Module):
         bsz, t = tokens.shape
         b, v = self.cfg.chunk_size, self.cfg.vocab_size
         filled = state["tokens"] % b  # ids already pending in each session's current chunk
+        if t == 1 and bool(((filled < b - 1) & (state["cache_len"] == filled)).all()):
+            return self._decode(tokens, state, filled, all_logits)
         total = filled + t
         stream = torch.cat([state["pending"], tokens], dim=1)
         origin = state["pos"] - filled  # absolute position of the current chunk's first token
@@ -157,13 +174,20 @@ class AtlasModel(nn.Module):
             idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
             x = self.embed(torch.gather(stream, 1, idx))
             commit = total >= (r + 1) * b
+            ends = (total - 1 - r * b).clamp(-1, rows - 1)
             pos = origin[:, None] + vpos
             new_layers: StateDict = {}
             for i, block in enumerate(self.blocks):
                 prefix = f"layers.{i}."
                 sub = {k[len(prefix):]: val for k, val in layers.items() if k.startswith(prefix)}
-                x, sub = block(x, sub, pos, commit)
+                x, sub = block(x, sub, pos, commit, ends)
                 new_layers.update({prefix + k: val for k, val in sub.items()})
+            # Sessions still reading in this block take its rows as their decode cache.
+            active = total > r * b
+            for k, val in new_layers.items():
+                if is_cache_key(k):
+                    keep = active.view(bsz, *([1] * (val.dim() - 1)))
+                    new_layers[k] = torch.where(keep, val, layers[k])
             layers = new_layers
             # The last token of a session in this block sets its last logits.
             row = total - 1 - r * b
@@ -182,5 +206,25 @@ class AtlasModel(nn.Module):
         idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
         pending = torch.where(vpos < total[:, None], torch.gather(stream, 1, idx), 0)
         new = dict(layers, pos=state["pos"] + t, tokens=state["tokens"] + t, pending=pending,
-                   last_logits=last)
+                   last_logits=last, cache_len=total % b if t else state["cache_len"])
         return (out[:, :t] if all_logits else last), new
+
+    def _decode(self, tokens: Tensor, state: StateDict, filled: Tensor,
+                all_logits: bool) -> tuple[Tensor, StateDict]:
+        """One token per session, none finishing its chunk: only the new row is computed, against
+        the decode cache of the chunk's earlier rows. Layer states do not change (no chunk is
+        committed), so the exact grid arithmetic of `forward` is untouched; the chunk is computed
+        again as a whole block when its last token comes."""
+        x = self.embed(tokens)
+        pos = state["pos"]
+        new = dict(state)
+        for i, block in enumerate(self.blocks):
+            prefix = f"layers.{i}."
+            sub = {k[len(prefix):]: val for k, val in state.items() if k.startswith(prefix)}
+            x, sub = block.decode(x, sub, pos, filled)
+            new.update({prefix + k: val for k, val in sub.items()})
+        logits = self._logits(x)[:, 0].to(state["last_logits"].dtype)
+        new.update(pos=pos + 1, tokens=state["tokens"] + 1, last_logits=logits,
+                   pending=state["pending"].scatter(1, filled[:, None], tokens),
+                   cache_len=state["cache_len"] + 1)
+        return (logits[:, None] if all_logits else logits), new

@@ -191,7 +191,7 @@ class AtlasMemory(nn.Module):
                 st["S" + name[1:]] = torch.zeros(batch, *w0.shape, dtype=wdtype, device=dev)
         z = lambda *s: torch.zeros(batch, *s, dtype=dtype, device=dev)
         st.update(tail_k=z(h, tail, d), tail_v=z(h, tail, d), tail_gamma=z(h, tail),
-                  conv=z(c.conv_kernel - 1, 3 * c.d_model))
+                  conv=z(c.conv_kernel - 1, 3 * c.d_model), cache_conv=z(c.conv_kernel - 1, 3 * c.d_model))
         return st
 
     @property
@@ -200,31 +200,52 @@ class AtlasMemory(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def project(self, x: Tensor, conv_tail: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Per-token features: phi(q), phi(k), v (B, H, T, d), gate logits (B, H, T, 4), new conv tail."""
+    def project(self, x: Tensor, conv_tail: Tensor) -> tuple[Tensor, ...]:
+        """Per-token features: phi(q), phi(k), v (B, H, T, d), gate logits (B, H, T, 4), the new conv
+        tail, and the raw projections (B, T, 3D) (the decode cache keeps them)."""
         c = self.cfg
         bsz, t, _ = x.shape
-        z = torch.cat([conv_tail, self.qkv(x)], dim=1)
+        zx = self.qkv(x)
+        z = torch.cat([conv_tail, zx], dim=1)
         conv = F.conv1d(z.transpose(1, 2), self.conv[:, None, :], groups=z.shape[-1]).transpose(1, 2)
         new_tail = z[:, z.shape[1] - (c.conv_kernel - 1):]
         q, k, v = F.silu(conv).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logits = self.gates(x).view(bsz, t, 4, c.n_heads).permute(0, 3, 1, 2)
-        return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail
+        return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail, zx
 
-    def forward(self, x: Tensor, st: dict[str, Tensor], commit: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def decode(self, x: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One new token per session (x (B, 1, D)) inside an unfinished chunk: reads only, no
+        optimiser step. The decode cache holds the last k-1 raw projections for the convolution."""
+        c = self.cfg
+        bsz = x.shape[0]
+        window = torch.cat([st["cache_conv"], self.qkv(x)], dim=1)  # (B, k, 3D)
+        conv = torch.einsum("bkc,ck->bc", window, self.conv)[:, None]
+        q = F.silu(conv[..., :c.d_model]).view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
+        fq = feature_map(F.normalize(q, dim=-1), self.phi)
+        weights = tuple(st[n] for n in self._names)
+        out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
+        return out, {"cache_conv": window[:, 1:]}
+
+    def forward(self, x: Tensor, st: dict[str, Tensor], commit: Tensor,
+                ends: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One chunk block. x (B, L, D): the normed inputs of each session's current chunk (L <= b
         rows; rows past a session's stream are padding, harmless since everything is causal).
         commit (B,): sessions whose chunk is complete (then L == b); only they take the optimiser
-        step and advance their state. Returns the per-head-normed reads (B, H, L, d) and the state."""
+        step and advance their state. ends (B,): each session's last real row in the block (-1 if
+        none), which sets its decode cache. Returns the per-head-normed reads (B, H, L, d) and the
+        state."""
         c = self.cfg
-        fq, fk, v, logits, conv_tail = self.project(x, st["conv"])
+        fq, fk, v, logits, conv_tail, zx = self.project(x, st["conv"])
         names = self._names
         weights = tuple(st[n] for n in names)
         # Every token of a chunk reads the memory as it stood at the chunk's start.
         out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
+        z = torch.cat([st["conv"], zx], dim=1)
+        rows = ends[:, None] + 1 + torch.arange(c.conv_kernel - 1, device=x.device)
+        cache = {"cache_conv": torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[-1]))}
         if not bool(commit.any()):
-            return out, st
+            return out, dict(st, **cache)
         if x.shape[1] != c.chunk_size:
             raise ValueError("a committed chunk must have chunk_size rows")
         # Gates of the whole batch in one layout before any selection, the sigmoids in float64:
@@ -254,4 +275,4 @@ class AtlasMemory(nn.Module):
             new[n] = put(st[n], w)
             if s is not None:
                 new["S" + n[1:]] = put(st["S" + n[1:]], s)
-        return out, new
+        return out, dict(new, **cache)

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from ..api import Atlas, GeneratedToken
 from ..sampling import SamplingParams, StopMatcher, sample
 from ..state import SessionState
@@ -121,6 +123,7 @@ class Runtime:
         self._stop = False
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._batch = _DecodeBatch()
         self._thread = threading.Thread(target=self._run, name="atlas-runtime", daemon=True)
         self._thread.start()
 
@@ -484,26 +487,81 @@ class Runtime:
             j.tokens += len(ids[i])
 
     def _decode(self, jobs: list[_GenJob]) -> None:
-        # Sessions with a sampled token feed it together; then each samples its next one.
-        feeding = [j for j in jobs if j.last is not None]
-        for s in range(0, len(feeding), self.settings.max_batch):
-            part = feeding[s:s + self.settings.max_batch]
-            self._feed(part, [[j.last] for j in part])
-            self.stats.decode_tokens += len(part)
-        for j in jobs:
-            p = j.params
-            if j.stops.stopped or j.generated >= p.max_tokens:
+        """One token for every generating session. Members of the decode batch stay stacked from
+        step to step (the one-row decode path shares the big state tensors instead of copying
+        them); a member whose token completes its chunk is committed through the block path and
+        written back into its own slot. Sessions join once, after their prompt, and leave by
+        copying their slot out."""
+        b = self.atlas.config.chunk_size
+        batch = self._batch
+        kept = [i for i, j in enumerate(batch.jobs) if not j.finished]
+        if len(kept) != len(batch.jobs):
+            idx = torch.tensor(kept, dtype=torch.long, device=self.atlas.device)
+            batch.state = batch.state.select(idx) if kept else None
+            batch.jobs = [batch.jobs[i] for i in kept]
+        members = {id(j) for j in batch.jobs}
+        newcomers = [j for j in jobs if id(j) not in members and not j.finished]
+        for j in newcomers:
+            if j.last is None:
+                self._sample(j, j.state.last_logits[0])
+        joining = [j for j in newcomers if j.last is not None and not j.finished]
+        stale = [j for j in joining if not j.state.cache_valid]
+        if stale:  # e.g. a stored session decoded without a prompt: recompute its chunk first
+            self._feed(stale, [[j.last] for j in stale])
+            self.stats.decode_tokens += len(stale)
+            self._after_feed(stale, [j.state for j in stale])
+        joining = [j for j in joining if j not in stale]
+        if joining:
+            parts = ([batch.state] if batch.state else []) + [j.state for j in joining]
+            batch.state = SessionState.stack(parts)
+            batch.jobs += joining
+        if not batch.jobs:
+            return
+        st = batch.state
+        tokens = [j.last for j in batch.jobs]
+        new, _ = self.atlas.decode_step(st, tokens)
+        completing = [i for i, j in enumerate(batch.jobs) if j.tokens % b == b - 1]
+        if completing:
+            idx = torch.tensor(completing, dtype=torch.long, device=self.atlas.device)
+            committed, _ = self.atlas.feed(st.select(idx), [[tokens[i]] for i in completing])
+            for k, v in new.tensors.items():
+                v.index_copy_(0, idx, committed.tensors[k])
+        batch.state = new
+        for j in batch.jobs:
+            j.tokens += 1
+        self.stats.decode_tokens += len(batch.jobs)
+        self._after_feed(batch.jobs, [new] * len(batch.jobs), slots=True)
+
+    def _after_feed(self, jobs: list[_GenJob], states: list[SessionState], slots: bool = False) -> None:
+        for i, j in enumerate(jobs):
+            row = i if slots else 0
+            if j.stops.stopped or j.generated >= j.params.max_tokens:
+                if slots:  # its own copy: the slot will be reused
+                    j.state = states[i].select(torch.tensor([row], device=self.atlas.device))
                 self._finish(j, "stop" if j.stops.stopped else "length")
-                continue
-            tok = sample(j.state.last_logits[0], p, j.generator)
-            j.generated += 1
-            text = j.stops.push(j.decoder.push(tok))
-            if j.stops.stopped or j.generated >= p.max_tokens:
-                text += j.stops.flush()
-            with self._cv:
-                j.out.append(GeneratedToken(tok, text))
-            j.last = tok
-            j.wake()
+            else:
+                self._sample(j, states[i].last_logits[row])
+
+    def _sample(self, j: _GenJob, logits: torch.Tensor) -> None:
+        p = j.params
+        if j.generated >= p.max_tokens:
+            self._finish(j, "length")
+            return
+        tok = sample(logits, p, j.generator)
+        j.generated += 1
+        text = j.stops.push(j.decoder.push(tok))
+        if j.stops.stopped or j.generated >= p.max_tokens:
+            text += j.stops.flush()
+        with self._cv:
+            j.out.append(GeneratedToken(tok, text))
+        j.last = tok
+        j.wake()
+
+
+class _DecodeBatch:
+    def __init__(self) -> None:
+        self.jobs: list[_GenJob] = []
+        self.state: SessionState | None = None
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,0 +1,129 @@
+"""Runtime throughput: aggregate decode and ingest tokens/s with N concurrent sessions, against the
+same work run one session after another, and the step latency of the scheduler.
+
+    python bench/runtime.py --sessions 1,8,32,128 --decode-tokens 32 --ingest-bytes 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from atlas.engine import Atlas, ModelConfig, SamplingParams
+from atlas.engine.runtime import GenerationDone, Runtime, RuntimeSettings, percentile
+from atlas.engine.store import StoreSettings, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+async def body(data: bytes, piece: int = 4096):
+    for i in range(0, len(data), piece):
+        yield data[i:i + piece]
+
+
+async def ingest(rt: Runtime, sid: str, data: bytes) -> None:
+    async for _ in rt.ingest(sid, "bench", body(data)):
+        pass
+
+
+async def decode(rt: Runtime, sid: str, n: int) -> int:
+    got = 0
+    params = SamplingParams(max_tokens=n, temperature=0)
+    async for ev in rt.generate(sid, "bench", " ", params):
+        got += 0 if isinstance(ev, GenerationDone) else 1
+    return got
+
+
+async def measure(rt: Runtime, n: int, docs: list[bytes], decode_tokens: int, concurrent: bool) -> dict:
+    sids = [(await rt.create_session("bench")).id for _ in range(n)]
+
+    async def run(jobs):
+        if concurrent:
+            return await asyncio.gather(*jobs)
+        return [await j for j in jobs]
+
+    rt.stats.step_seconds.clear()
+    t = time.perf_counter()
+    await run([ingest(rt, sid, d) for sid, d in zip(sids, docs, strict=True)])
+    ingest_s = time.perf_counter() - t
+    ingest_steps = list(rt.stats.step_seconds)
+    rt.stats.step_seconds.clear()
+    t = time.perf_counter()
+    counts = await run([decode(rt, sid, decode_tokens) for sid in sids])
+    decode_s = time.perf_counter() - t
+    steps = list(rt.stats.step_seconds)
+    for sid in sids:
+        await rt.delete_session(sid, "bench")
+    return {
+        "ingest_tokens_per_s": sum(map(len, docs)) / ingest_s,
+        "decode_tokens_per_s": sum(counts) / decode_s,
+        "decode_step_p50_ms": 1e3 * percentile(steps, 50), "decode_step_p99_ms": 1e3 * percentile(steps, 99),
+        "ingest_step_p50_ms": 1e3 * percentile(ingest_steps, 50),
+        "ingest_step_p99_ms": 1e3 * percentile(ingest_steps, 99),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", default="1,8,32,128")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--ingest-bytes", type=int, default=1024)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    atlas = Atlas.from_config(ModelConfig(), seed=0, device=args.device)
+    text = TEXT.read_bytes() if TEXT.exists() else b"The quick brown fox jumps over the lazy dog. " * 50_000
+    device = str(atlas.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(StoreSettings(data_dir=Path(tmp), cache_bytes=0))
+        rt = Runtime(atlas, store, RuntimeSettings(max_batch=128, max_requests=1024), cache_bytes=4 << 30)
+        try:
+            for n in [int(x) for x in args.sessions.split(",")]:
+                docs = [text[i * args.ingest_bytes:(i + 1) * args.ingest_bytes] for i in range(n)]
+                seq = asyncio.run(measure(rt, n, docs, args.decode_tokens, concurrent=False))
+                con = asyncio.run(measure(rt, n, docs, args.decode_tokens, concurrent=True))
+                row = {"sessions": n, "sequential": seq, "concurrent": con,
+                       "decode_speedup": con["decode_tokens_per_s"] / seq["decode_tokens_per_s"],
+                       "ingest_speedup": con["ingest_tokens_per_s"] / seq["ingest_tokens_per_s"]}
+                rows.append(row)
+                print(f"{n:4d} sessions  decode {seq['decode_tokens_per_s']:8.1f} -> "
+                      f"{con['decode_tokens_per_s']:8.1f} tok/s ({row['decode_speedup']:.2f}x)  "
+                      f"ingest {seq['ingest_tokens_per_s']:8.1f} -> {con['ingest_tokens_per_s']:8.1f} tok/s "
+                      f"({row['ingest_speedup']:.2f}x)  decode step p50/p99 "
+                      f"{con['decode_step_p50_ms']:.1f}/{con['decode_step_p99_ms']:.1f} ms", flush=True)
+        finally:
+            rt.close()
+            store.close()
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    out = args.out or ROOT / "bench" / "results" / f"runtime-{kind}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "runtime", "machine": machine(), "device": device,
+                               "config": ModelConfig().model_dump(), "decode_tokens": args.decode_tokens,
+                               "ingest_bytes": args.ingest_bytes, "results": rows}, indent=2) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
