@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from atlas.engine import Atlas, ModelConfig, SamplingParams, SessionState
-from atlas.engine.api import resolve_device
 from rich.console import Console
 from rich.table import Table
+
+from atlas.engine import Atlas, ModelConfig, SamplingParams, SessionState
+from atlas.engine.api import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from atlas.engine import Atlas, ModelConfig, SamplingParams
 from atlas.engine.runtime import GenerationDone, Runtime, RuntimeSettings, percentile
 from atlas.engine.store import StoreSettings, open_store

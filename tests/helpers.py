@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from atlas.engine import Atlas, ModelConfig
 from atlas.engine.state import is_cache_key
 

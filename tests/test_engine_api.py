@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
 from atlas.engine import (
     Atlas,
     ByteTokenizer,
@@ -28,11 +34,6 @@ from atlas.engine import (
 from atlas.engine.sampling import StopMatcher, sample
 from atlas.engine.state import FORMAT
 from atlas.engine.tokenizer import HFTokenizer
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from pydantic import ValidationError
-from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 from .helpers import same_session, tiny_atlas
 

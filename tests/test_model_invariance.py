@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from atlas.engine import Atlas, SessionState
 from atlas.engine.state import is_cache_key
 

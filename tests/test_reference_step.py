@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from atlas.engine.model.memory import (
     NS_COEFFS,
     chunk_update,
@@ -21,7 +23,6 @@ from atlas.engine.model.memory import (
     newton_schulz,
     omega_counts,
 )
-from torch import Tensor
 
 F64 = torch.float64
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+
 from atlas.engine import SamplingParams
 from atlas.engine.runtime import (
     GenerationDone,
