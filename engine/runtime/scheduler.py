@@ -82,6 +82,12 @@ class _Control:
         self.job: _Job | None = None
         self.cancelled = False
 
+    def attach(self, job: _Job) -> None:
+        """The request's job; cancelled at once if the caller already left."""
+        with self._cv:
+            self.job = job
+            job.cancelled = self.cancelled
+
     def cancel(self) -> None:
         with self._cv:
             self.cancelled = True
@@ -296,7 +302,7 @@ class Runtime:
             return st, base + received if job.finished and not job.cancelled else base
 
         reader = asyncio.create_task(read())
-        control.job = job
+        control.attach(job)
         self._submit(job)
         t0 = time.perf_counter()
         saved_at = start_tokens
@@ -369,7 +375,7 @@ class Runtime:
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         job = _GenJob(state, lambda: loop.call_soon_threadsafe(wake.set), ids, params, self.atlas)
-        control.job = job
+        control.attach(job)
         self._submit(job)
         while True:
             await wake.wait()
