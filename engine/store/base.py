@@ -22,8 +22,9 @@ Buffer = bytes | bytearray | memoryview
 class SessionMeta(BaseModel):
     """What the store knows about a session, apart from the state bytes.
 
-    ``generation`` is 0 until a state is committed, then grows with every commit (not always by
-    one). ``created``/``updated`` are Unix seconds. ``extra`` is free-form JSON for the runtime."""
+    ``generation`` is 0 until a state is committed, then grows by one with every commit (metadata
+    updates leave it alone). ``created``/``updated`` are Unix seconds. ``extra`` is free-form JSON
+    for the runtime. ``ttl_s``: the session expires after that long without a write."""
 
     id: str
     tenant: str

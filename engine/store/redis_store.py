@@ -4,24 +4,24 @@ Key layout (``P`` = key prefix; every key of a session carries the hash tag ``{s
 session lives in one Redis Cluster slot and its Lua scripts are legal there):
 
 =========================  ======  ==========================================================
-``P:{sid}:s``              hash    metadata fields, ``gen`` (committed generation), ``seq``
-                                   (generation allocator), ``manifest`` (JSON, see below)
-``P:{sid}:p:<gen>:<i>``    string  part ``i`` of generation ``gen`` of the state bytes
+``P:{sid}:s``              hash    metadata fields, ``gen`` (committed generation), ``wid`` (write
+                                   id of that generation), ``manifest`` (JSON, see below)
+``P:{sid}:p:<wid>:<i>``    string  part ``i`` of the state bytes written by write ``wid``
 ``P:{sid}:lease``          string  ``"<fence> <nonce> <owner>"``, SET NX PX: the write lease
 ``P:{sid}:fence``          string  fencing counter, INCR on every lease grant
 ``P:tenant:{tenant}``      set     ids of a tenant's sessions (an index; stale ids are pruned)
 =========================  ======  ==========================================================
 
-A put: allocate a generation (script: session exists, writer allowed, ``HINCRBY seq``), write the
-parts under that generation with a pending TTL (pipelined, straight from ``memoryview`` slices,
-hashed in worker threads meanwhile), then one commit script checks the writer again (fence equals
-the counter, or no lease is held when unfenced), checks that the committed generation is still the
-one seen at allocation (no concurrent commit), that every new part exists, makes the parts
-permanent (or gives them the session TTL), swaps ``gen`` + ``manifest`` + metadata in the hash and
-unlinks the old generation's parts. Readers see the old or the new generation, never a mix; a
-crashed writer leaves only pending parts that expire. The manifest holds the format version, the
-generation, the model fingerprint, the total size and per-part ``[length, sha256]``; every load
-checks all of them.
+A put takes two round trips. First, one pipeline reads the committed generation and manifest and
+writes the parts under a fresh random write id with a pending TTL (straight from ``memoryview``
+slices, no copy; parts are hashed in worker threads meanwhile). Then one commit script checks the
+writer (fence equals the counter, or no lease is held when unfenced), checks that the committed
+generation is still the one read before (no concurrent commit: lost-update guard), that every new
+part exists, makes the parts permanent (or gives them the session TTL), bumps ``gen``, swaps
+``wid`` + ``manifest`` + metadata in the hash, and unlinks the previous generation's parts.
+Readers see the old or the new generation, never a mix; a crashed writer leaves only pending parts,
+which expire. The manifest holds the format version, the write id, the model fingerprint, the total
+size, the checksum algorithm and per-part ``[length, checksum]``; every load checks all of them.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -58,16 +59,22 @@ from .errors import (
 from .settings import StoreSettings
 
 FORMAT_VERSION = 1
-#: Checksum of each part. sha256 runs at ~1.5 GB/s with SHA-NI and releases the GIL, so parts are
-#: hashed in worker threads while other parts travel over the socket.
-HASH_NAME = "sha256"
-#: Parts are sent/fetched in pipelined batches of about this many bytes: enough to fill the pipe,
-#: small enough that hashing of one batch overlaps the transfer of the next.
-BATCH_BYTES = 16 << 20
+#: Part checksums a manifest may name. sha256 (the default) runs at ~1.5 GB/s per core with SHA-NI;
+#: crc32 at ~3 GB/s, for hosts short of CPU. Both release the GIL, so parts are hashed in worker
+#: threads while other parts travel over the socket. Loads use the algorithm the manifest names.
+CHECKSUMS: dict[str, Callable[[memoryview | bytes], str]] = {
+    "sha256": lambda b: hashlib.sha256(b).hexdigest(),
+    "crc32": lambda b: f"{zlib.crc32(b):08x}",
+}
+#: Parts are sent in pipelined batches of about this many bytes (their checksums are computed by
+#: worker threads meanwhile) ...
+WRITE_BATCH_BYTES = 16 << 20
+#: ... and fetched in smaller ones, so that checksums of one batch overlap the transfer of the next.
+READ_BATCH_BYTES = 4 << 20
 #: At most this many commands per pipelined batch (many tiny parts).
 BATCH_PARTS = 1024
-#: A load that keeps racing with commits gives up after this many attempts.
-LOAD_ATTEMPTS = 8
+#: A load, update or delete that keeps racing with commits gives up after this many attempts.
+RETRIES = 8
 #: Socket reads of this size: fewer Python-level iterations per large bulk reply.
 SOCKET_READ_BYTES = 1 << 20
 
@@ -105,24 +112,14 @@ if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {'ok'}
 """
 
-# KEYS: hash, fence, lease | ARGV: fence|''
-_ALLOC = _WRITER_CHECK + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-local err = writer_error(KEYS[2], KEYS[3], ARGV[1])
-if err then return err end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local cur = redis.call('HMGET', KEYS[1], 'gen', 'manifest', 'ttl_s')
-return {'ok', tostring(seq), cur[1] or '0', cur[2] or '', cur[3] or ''}
-"""
-
 # KEYS: hash, fence, lease, old parts..., new parts...
-# ARGV: fence|'', expected gen, new gen, n_old, n_new, ttl_ms|'', field, value, ...
+# ARGV: fence|'', expected gen, write id, n_old, n_new, ttl_ms|'', field, value, ...
 _COMMIT = _WRITER_CHECK + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-local cur = redis.call('HGET', KEYS[1], 'gen') or '0'
-if cur == ARGV[3] then return {'ok', redis.call('HGETALL', KEYS[1])} end
+if redis.call('HGET', KEYS[1], 'wid') == ARGV[3] then return {'ok', redis.call('HGETALL', KEYS[1])} end
 local err = writer_error(KEYS[2], KEYS[3], ARGV[1])
 if err then return err end
+local cur = redis.call('HGET', KEYS[1], 'gen') or '0'
 if cur ~= ARGV[2] then
   return {'lease_conflict', 'a concurrent commit moved the session from generation '
           .. ARGV[2] .. ' to ' .. cur}
@@ -135,7 +132,8 @@ end
 for i = first, first + n_new - 1 do
   if ttl ~= '' then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'wid', ARGV[3], unpack(ARGV, 7))
 if ttl ~= '' then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
@@ -205,15 +203,13 @@ if v and string.match(v, '^%d+ (%S+)') == ARGV[1] then return redis.call('DEL', 
 return 0
 """
 
-_SCRIPTS = {"create": _CREATE, "alloc": _ALLOC, "commit": _COMMIT, "update": _UPDATE,
+_SCRIPTS = {"create": _CREATE, "commit": _COMMIT, "update": _UPDATE,
             "delete": _DELETE, "acquire": _ACQUIRE, "renew": _RENEW, "release": _RELEASE}
 
-T = TypeVar("T")
 
-
-def part_digest(part: memoryview | bytes) -> str:
+def part_digest(part: memoryview | bytes, algorithm: str = "sha256") -> str:
     """Checksum of one part, as the manifest records it."""
-    return hashlib.new(HASH_NAME, part).hexdigest()
+    return CHECKSUMS[algorithm](part)
 
 
 def _text(v: bytes | str | None) -> str:
@@ -296,7 +292,6 @@ class RedisStore(StateStore):
         self._pool_lock = threading.Lock()
         self._closed = False
 
-    # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
         """Connect to ``settings.redis_url`` (a cluster seed node if ``redis_cluster``)."""
@@ -304,6 +299,11 @@ class RedisStore(StateStore):
             raise ValueError("redis_url is required; use open_store() for the embedded store")
         return cls(connect(settings.redis_url, cluster=settings.redis_cluster,
                            timeout_s=settings.socket_timeout_s), settings)
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """The underlying redis-py client (for health checks and tools)."""
+        return self._client
 
     # -- keys -----------------------------------------------------------------------------------
     def _base(self, sid: str) -> str:
@@ -318,15 +318,15 @@ class RedisStore(StateStore):
     def _fence_key(self, sid: str) -> str:
         return self._base(sid) + ":fence"
 
-    def _part_key(self, sid: str, gen: int, i: int) -> str:
-        return f"{self._base(sid)}:p:{gen}:{i}"
-
     def _index_key(self, tenant: str) -> str:
         return f"{self._prefix}:tenant:{{{tenant}}}"
 
-    def _part_keys(self, sid: str, gen: int, manifest: dict[str, Any] | None) -> list[str]:
-        n = len(manifest["parts"]) if manifest else 0
-        return [self._part_key(sid, gen, i) for i in range(n)]
+    def _part_keys(self, sid: str, wid: str, n: int) -> list[str]:
+        base = f"{self._base(sid)}:p:{wid}:"
+        return [base + str(i) for i in range(n)]
+
+    def _manifest_keys(self, sid: str, manifest: dict[str, Any] | None) -> list[str]:
+        return self._part_keys(sid, manifest["wid"], len(manifest["parts"])) if manifest else []
 
     @staticmethod
     def _check_id(kind: str, value: str) -> None:
@@ -342,7 +342,7 @@ class RedisStore(StateStore):
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
-                                                thread_name_prefix="atlas-store-hash")
+                                                thread_name_prefix="atlas-store")
             return self._pool
 
     def _meta_from_fields(self, sid: str, fields: dict[str, str]) -> SessionMeta:
@@ -372,20 +372,30 @@ class RedisStore(StateStore):
         return {n: _text(v) for n, v in zip(names, values, strict=True)}
 
     def _parse_manifest(self, sid: str, raw: str, gen: int) -> dict[str, Any] | None:
+        """The manifest of committed generation ``gen`` (None for 0), checked for shape."""
         if gen == 0:
             return None
         try:
             m = json.loads(raw)
-            ok = (isinstance(m, dict) and m.get("v") == FORMAT_VERSION and m.get("gen") == gen
-                  and m.get("hash") == HASH_NAME and isinstance(m.get("parts"), list)
-                  and sum(int(p[0]) for p in m["parts"]) == int(m["size"])
-                  and all(isinstance(p[1], str) for p in m["parts"]))
+            ok = (isinstance(m, dict) and m.get("v") == FORMAT_VERSION and m.get("hash") in CHECKSUMS
+                  and isinstance(m.get("wid"), str) and _ID_RE.fullmatch(m["wid"]) is not None
+                  and isinstance(m.get("fingerprint"), str) and isinstance(m.get("parts"), list)
+                  and all(isinstance(p[1], str) and int(p[0]) >= 0 for p in m["parts"])
+                  and sum(int(p[0]) for p in m["parts"]) == int(m["size"]))
         except (ValueError, TypeError, KeyError, IndexError):
             ok = False
         if not ok:
             self._stats.count("corrupt")
             raise StateCorruptError(f"session {sid}: unreadable manifest of generation {gen}", sid=sid)
         return m
+
+    def _current_parts(self, sid: str, fields: dict[str, str]) -> tuple[int, list[str]]:
+        """Committed generation and its part keys (none if the manifest is unreadable)."""
+        gen = int(fields.get("gen") or 0)
+        try:
+            return gen, self._manifest_keys(sid, self._parse_manifest(sid, fields.get("manifest", ""), gen))
+        except StateCorruptError:
+            return gen, []  # a broken state is replaced or deleted; its parts are left to leak
 
     def _raise_status(self, sid: str, res: Sequence[Any]) -> None:
         status = _text(res[0])
@@ -402,40 +412,32 @@ class RedisStore(StateStore):
                 "or memory eviction)", sid=sid)
         raise StoreError(f"session {sid}: unexpected script reply {res!r}", sid=sid)
 
-    def _write_parts(self, keys: list[str], views: list[memoryview], pending_ms: int) -> None:
-        """SET every part (pipelined in batches), expiring unless a commit makes them permanent."""
+    @staticmethod
+    def _batches(sizes: Sequence[int], limit: int) -> Iterator[range]:
+        """Index ranges of consecutive parts worth about ``limit`` bytes (at least one part each)."""
         i = 0
-        while i < len(keys):
-            pipe = self._client.pipeline(transaction=False)
-            size = 0
-            start = i
-            while i < len(keys) and (i == start or (size + len(views[i]) <= BATCH_BYTES
-                                                    and i - start < BATCH_PARTS)):
-                pipe.set(keys[i], views[i], px=pending_ms)
-                size += len(views[i])
+        while i < len(sizes):
+            start, total = i, 0
+            while i < len(sizes) and (i == start or (total + sizes[i] <= limit
+                                                     and i - start < BATCH_PARTS)):
+                total += sizes[i]
                 i += 1
-            pipe.execute()
+            yield range(start, i)
 
     def _read_parts(self, keys: list[str], sizes: list[int],
-                    on_batch: Callable[[int, list[bytes | None]], None]) -> list[bytes | None]:
-        """GET every part (pipelined in batches), handing each batch to ``on_batch`` on arrival."""
+                    on_part: Callable[[int, bytes | None], None]) -> list[bytes | None]:
+        """GET every part in pipelined batches; ``on_part`` sees each part as its batch arrives."""
         out: list[bytes | None] = []
-        i = 0
-        while i < len(keys):
-            start = i
-            size = 0
-            while i < len(keys) and (i == start or (size + sizes[i] <= BATCH_BYTES
-                                                    and i - start < BATCH_PARTS)):
-                size += sizes[i]
-                i += 1
-            if i - start == 1:
-                batch = [self._client.get(keys[start])]
+        for idx in self._batches(sizes, READ_BATCH_BYTES):
+            if len(idx) == 1:
+                batch = [self._client.get(keys[idx.start])]
             else:
                 pipe = self._client.pipeline(transaction=False)
-                for k in keys[start:i]:
-                    pipe.get(k)
+                for i in idx:
+                    pipe.get(keys[i])
                 batch = pipe.execute()
-            on_batch(start, batch)
+            for i, part in zip(idx, batch, strict=True):
+                on_part(i, part)
             out.extend(batch)
         return out
 
@@ -443,24 +445,26 @@ class RedisStore(StateStore):
     def create(self, tenant: str, *, sid: str | None = None, fingerprint: str = "",
                ttl_s: int | None = None, extra: dict[str, Any] | None = None,
                data: Buffer | None = None) -> SessionMeta:
-        sid = sid or uuid.uuid4().hex
+        sid = uuid.uuid4().hex if sid is None else sid
         self._check_id("session id", sid)
         self._check_id("tenant", tenant)
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
-        now = time.time()
-        fields = {"tenant": tenant, "created": repr(now), "updated": repr(now), "tokens": "0",
+        now = repr(time.time())
+        fields = {"tenant": tenant, "created": now, "updated": now, "tokens": "0",
                   "bytes_committed": "0", "state_bytes": "0", "fingerprint": fingerprint, "gen": "0",
-                  "seq": "0", "ttl_s": "" if ttl_s is None else str(ttl_s),
+                  "wid": "", "ttl_s": "" if ttl_s is None else str(ttl_s),
                   "extra": json.dumps(extra or {}), "manifest": ""}
         args: list[Any] = [uuid.uuid4().hex, "" if ttl_s is None else ttl_s * 1000]
         for k, v in fields.items():
             args += [k, v]
         with _redis_errors(sid):
+            # Index first: a crash in between leaves an index entry list() prunes, never a session
+            # that list() cannot see.
+            self._client.sadd(self._index_key(tenant), sid)
             res = self._run("create", [self._hash_key(sid), self._fence_key(sid)], args)
             if _text(res[0]) != "ok":
                 self._raise_status(sid, res)
-            self._client.sadd(self._index_key(tenant), sid)
         if data is not None:
             return self.put(sid, data, fingerprint=fingerprint)
         return self._meta_from_fields(sid, fields)
@@ -474,37 +478,45 @@ class RedisStore(StateStore):
         n = mv.nbytes
         P = self._part_bytes
         views = [mv[o:o + P] for o in range(0, n, P)]
-        fence_arg = "" if fence is None else str(fence)
+        sizes = [len(v) for v in views]
+        wid = uuid.uuid4().hex
+        new_keys = self._part_keys(sid, wid, len(views))
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
+        fence_arg = "" if fence is None else str(fence)
+        pending_ms = self.settings.pending_ttl_s * 1000
+        algo = self.settings.state_checksum
+        digests: list[Future[str]] = []
         with _redis_errors(sid):
-            res = self._run("alloc", [hk, fk, lk], [fence_arg])
-            if _text(res[0]) != "ok":
-                self._raise_status(sid, res)
-            new_gen, old_gen = int(res[1]), int(res[2])
             try:
-                old_manifest = self._parse_manifest(sid, _text(res[3]), old_gen)
-                old_keys = self._part_keys(sid, old_gen, old_manifest)
-            except StateCorruptError:
-                old_keys = []  # a broken previous state is replaced; its parts may leak
-            new_keys = [self._part_key(sid, new_gen, i) for i in range(len(views))]
-            pool = self._executor()
-            digests: list[Future[str]] = [pool.submit(part_digest, v) for v in views]
-            try:
-                self._write_parts(new_keys, views, self.settings.pending_ttl_s * 1000)
-                manifest = {"v": FORMAT_VERSION, "gen": new_gen, "fingerprint": fingerprint, "size": n,
-                            "hash": HASH_NAME,
-                            "parts": [[len(v), d.result()] for v, d in zip(views, digests, strict=True)]}
-                fields: dict[str, str] = {"gen": str(new_gen), "manifest": json.dumps(manifest),
-                                          "updated": repr(time.time()), "state_bytes": str(n),
-                                          "fingerprint": fingerprint}
+                pool = self._executor()
+                digests = [pool.submit(part_digest, v, algo) for v in views]
+                # Round trip 1: read what is committed now, and send the parts.
+                cur: list[Any] = []
+                for b, idx in enumerate(self._batches(sizes, WRITE_BATCH_BYTES) if views else [range(0)]):
+                    pipe = self._client.pipeline(transaction=False)
+                    if b == 0:
+                        pipe.hmget(hk, ["gen", "manifest", "ttl_s"])
+                    for i in idx:
+                        pipe.set(new_keys[i], views[i], px=pending_ms)
+                    res = pipe.execute()
+                    if b == 0:
+                        cur = res[0]
+                old_gen, old_keys = self._current_parts(
+                    sid, {"gen": _text(cur[0]), "manifest": _text(cur[1])})
+                ttl_ms: int | str = int(_text(cur[2])) * 1000 if _text(cur[2]) else ""
+                # Round trip 2: the atomic switch.
+                manifest = {"v": FORMAT_VERSION, "wid": wid, "fingerprint": fingerprint, "size": n,
+                            "hash": algo,
+                            "parts": [[s, d.result()] for s, d in zip(sizes, digests, strict=True)]}
+                fields: dict[str, str] = {"manifest": json.dumps(manifest), "updated": repr(time.time()),
+                                          "state_bytes": str(n), "fingerprint": fingerprint}
                 if tokens is not None:
                     fields["tokens"] = str(int(tokens))
                 if bytes_committed is not None:
                     fields["bytes_committed"] = str(int(bytes_committed))
                 if extra is not None:
                     fields["extra"] = json.dumps(extra)
-                ttl_ms = int(_text(res[4])) * 1000 if _text(res[4]) else ""
-                args: list[Any] = [fence_arg, old_gen, new_gen, len(old_keys), len(new_keys), ttl_ms]
+                args: list[Any] = [fence_arg, old_gen, wid, len(old_keys), len(new_keys), ttl_ms]
                 for k, v in fields.items():
                     args += [k, v]
                 res = self._run("commit", [hk, fk, lk, *old_keys, *new_keys], args)
@@ -520,7 +532,7 @@ class RedisStore(StateStore):
         return meta
 
     def _discard(self, keys: list[str]) -> None:
-        """Best effort: drop parts of a failed put now (they would expire anyway)."""
+        """Best effort: drop the parts of a failed put now (they expire anyway)."""
         if not keys:
             return
         try:
@@ -542,14 +554,10 @@ class RedisStore(StateStore):
         if extra is not None:
             fields["extra"] = json.dumps(extra)
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
-        for _ in range(LOAD_ATTEMPTS):
+        for _ in range(RETRIES):
             cur = self._read_fields(sid, with_manifest=True)
-            gen = int(cur["gen"] or 0)
+            gen, parts = self._current_parts(sid, cur)
             ttl_ms: int | str = int(cur["ttl_s"]) * 1000 if cur["ttl_s"] else ""
-            try:
-                parts = self._part_keys(sid, gen, self._parse_manifest(sid, cur["manifest"], gen))
-            except StateCorruptError:
-                parts = []
             args: list[Any] = ["" if fence is None else str(fence), gen, ttl_ms]
             for k, v in fields.items():
                 args += [k, v]
@@ -564,7 +572,7 @@ class RedisStore(StateStore):
     def get(self, sid: str, *, expected_fingerprint: str | None = None) -> tuple[bytes, SessionMeta]:
         self._check_id("session id", sid)
         t0 = time.perf_counter()
-        for _ in range(LOAD_ATTEMPTS):
+        for _ in range(RETRIES):
             fields = self._read_fields(sid, with_manifest=True)
             meta = self._meta_from_fields(sid, fields)
             gen = meta.generation
@@ -591,20 +599,19 @@ class RedisStore(StateStore):
     def _load_parts(self, sid: str, gen: int, manifest: dict[str, Any]) -> bytes | None:
         """Fetch and verify one generation's parts; None if it was replaced meanwhile."""
         specs = manifest["parts"]
-        keys = self._part_keys(sid, gen, manifest)
+        keys = self._manifest_keys(sid, manifest)
         sizes = [int(p[0]) for p in specs]
         pool = self._executor()
         digests: dict[int, Future[str]] = {}
 
-        def hash_batch(start: int, batch: list[bytes | None]) -> None:
-            for j, part in enumerate(batch):
-                if part is not None and len(part) == sizes[start + j]:
-                    digests[start + j] = pool.submit(part_digest, part)
+        def hash_part(i: int, part: bytes | None) -> None:
+            if part is not None and len(part) == sizes[i]:
+                digests[i] = pool.submit(part_digest, part, manifest["hash"])
 
         with _redis_errors(sid):
-            parts = self._read_parts(keys, sizes, hash_batch)
-        problem = None
+            parts = self._read_parts(keys, sizes, hash_part)
         for i, part in enumerate(parts):
+            problem = None
             if part is None:
                 with _redis_errors(sid):
                     if self.generation(sid) != gen:
@@ -613,7 +620,7 @@ class RedisStore(StateStore):
             elif len(part) != sizes[i]:
                 problem = f"part {i} of generation {gen} has {len(part)} bytes, expected {sizes[i]}"
             elif digests[i].result() != specs[i][1]:
-                problem = f"part {i} of generation {gen} fails its {HASH_NAME} checksum"
+                problem = f"part {i} of generation {gen} fails its {manifest['hash']} checksum"
             if problem:
                 for d in digests.values():
                     d.cancel()
@@ -638,13 +645,9 @@ class RedisStore(StateStore):
     def delete(self, sid: str, *, fence: int | None = None) -> None:
         self._check_id("session id", sid)
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
-        for _ in range(LOAD_ATTEMPTS):
+        for _ in range(RETRIES):
             cur = self._read_fields(sid, with_manifest=True)
-            gen = int(cur["gen"] or 0)
-            try:
-                parts = self._part_keys(sid, gen, self._parse_manifest(sid, cur["manifest"], gen))
-            except StateCorruptError:
-                parts = []
+            gen, parts = self._current_parts(sid, cur)
             args = ["" if fence is None else str(fence), gen, self.settings.fence_retention_s * 1000]
             with _redis_errors(sid):
                 res = self._run("delete", [hk, fk, lk, *parts], args)
@@ -659,18 +662,19 @@ class RedisStore(StateStore):
         self._check_id("tenant", tenant)
         with _redis_errors():
             sids = sorted(_text(s) for s in self._client.smembers(self._index_key(tenant)))
-            pipe = self._client.pipeline(transaction=False)
-            for sid in sids:
-                pipe.hmget(self._hash_key(sid), list(_META_FIELDS))
-            rows = pipe.execute() if sids else []
+            rows: list[Any] = []
+            if sids:
+                pipe = self._client.pipeline(transaction=False)
+                for sid in sids:
+                    pipe.hmget(self._hash_key(sid), list(_META_FIELDS))
+                rows = pipe.execute()
             out, stale = [], []
             for sid, values in zip(sids, rows, strict=True):
-                if values[0] is None:
-                    stale.append(sid)  # expired by its TTL
+                if values[0] is None or _text(values[0]) != tenant:
+                    stale.append(sid)  # expired by its TTL, or an index write of a failed create
                     continue
-                fields = {n: _text(v) for n, v in zip(_META_FIELDS, values, strict=True)}
-                if fields["tenant"] == tenant:
-                    out.append(self._meta_from_fields(sid, fields))
+                out.append(self._meta_from_fields(sid, dict(zip(_META_FIELDS, map(_text, values),
+                                                                strict=True))))
             if stale:
                 self._client.srem(self._index_key(tenant), *stale)
         return sorted(out, key=lambda m: (m.created, m.id))
@@ -733,8 +737,8 @@ def connect(url: str, *, cluster: bool = False, timeout_s: float | None = 30.0,
     Standalone clients retry a failed command once, at once (a pooled connection may have died
     with a server restart), then fail fast; the store's scripts are idempotent under such a retry.
     Cluster clients keep redis-py's retry policy, which also follows slot moves and fail-overs."""
-    common = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                  socket_read_size=SOCKET_READ_BYTES)
+    common: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                  socket_read_size=SOCKET_READ_BYTES)
     common.update(kwargs)
     if cluster:
         return RedisCluster.from_url(url, **common)

@@ -30,9 +30,15 @@ class StoreSettings(BaseSettings):
     #: Directory of the embedded server's data files (and other local files of the project).
     data_dir: Path = Path("data")
     #: States are split into parts of at most this many bytes (Redis caps a value at 512 MB).
-    part_bytes: int = Field(32 * MiB, ge=1, le=256 * MiB)
+    #: 4 MiB: redis-py parses many mid-sized replies faster than one huge one, and checksums of
+    #: some parts overlap the transfer of others (see bench/store.py); 512 MB is 128 keys.
+    part_bytes: int = Field(4 * MiB, ge=1, le=256 * MiB)
     #: Default lease time-to-live; a writer renews before it runs out.
     lease_ttl_ms: int = Field(30_000, ge=10)
+    #: Checksum of each part. crc32 (default) detects the corruption the store guards against
+    #: (flipped bytes, truncated or mixed-up parts) at half the CPU of sha256, which keeps saves near
+    #: raw SET speed; sha256 also resists deliberate tampering. Each manifest names its algorithm.
+    state_checksum: Literal["sha256", "crc32"] = "crc32"
     #: Byte budget of the hot cache of live states (device memory).
     cache_bytes: int = Field(2 * GiB, ge=0)
     #: Prefix of every key, so several deployments (or tests) can share one Redis.
