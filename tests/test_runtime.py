@@ -15,7 +15,7 @@ from atlas.engine.runtime import (
     Runtime,
     RuntimeSettings,
 )
-from atlas.engine.store import SessionNotFoundError, StoreSettings, open_store
+from atlas.engine.store import LeaseConflictError, SessionNotFoundError, StoreSettings, open_store
 
 from .helpers import same_session, tiny_atlas
 
@@ -229,3 +229,27 @@ def test_runtime_sessionless_completion(atlas, runtime):
     toks, done = asyncio.run(answer(runtime, None, "hello"))
     gen = atlas.generate(atlas.new_state(), "hello", GREEDY)
     assert toks == [t.id for t in gen] and done.prompt_tokens == 5
+
+
+def test_runtime_renews_its_lease_during_long_work(atlas, store):
+    """An ingest that outlasts the lease TTL keeps its lease (renewed in the background): another
+    writer is still refused after several lifetimes, and the ingest commits."""
+    rt = Runtime(atlas, store, RuntimeSettings(lease_ttl_ms=300, checkpoint_tokens=1 << 20))
+    try:
+        text = docs(1)[0]
+
+        async def main():
+            sid = (await rt.create_session("t")).id
+            agen = rt.ingest(sid, "t", pieces(text, 20, delay=0.1))
+            await agen.__anext__()
+            await asyncio.sleep(1.0)  # more than three lease lifetimes
+            with pytest.raises(LeaseConflictError):
+                store.lease(sid, "intruder", 300)
+            async for _ in agen:
+                pass
+            return sid
+
+        sid = asyncio.run(main())
+        assert store.meta(sid).bytes_committed == len(text)
+    finally:
+        rt.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import threading
 import time
 import uuid
@@ -206,6 +207,25 @@ class Runtime:
 
     # -- requests ---------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _write_lease(self, sid: str) -> AsyncIterator[int]:
+        """The session's write lease for the length of an operation, renewed in the background;
+        yields the fencing token that every commit of the operation carries."""
+        ttl = self.settings.lease_ttl_ms
+        lease = await asyncio.to_thread(self.store.lease, sid, self.owner, ttl)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3000)
+                await asyncio.to_thread(lease.renew)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield lease.fence
+        finally:
+            renewer.cancel()
+            await asyncio.to_thread(lease.release)
+
     async def _stream(self, work: Callable[[asyncio.Queue, _Control], object]) -> AsyncIterator:
         """Run `work` as its own task and relay its events. The task is never cancelled from here:
         if the caller goes away, the job is flagged, stops within a step, and the task still
@@ -244,18 +264,14 @@ class Runtime:
         await self.get_session(sid, tenant)
 
         async def work(events: asyncio.Queue, control: _Control) -> None:
-            async with self._lock(sid):
-                lease = await asyncio.to_thread(self.store.lease, sid, self.owner, self.settings.lease_ttl_ms)
-                try:
-                    await self._ingest(sid, body, offset, lease.fence, lease.renew, events, control)
-                finally:
-                    await asyncio.to_thread(lease.release)
+            async with self._lock(sid), self._write_lease(sid) as fence:
+                await self._ingest(sid, body, offset, fence, events, control)
 
         async for ev in self._stream(work):
             yield ev
 
     async def _ingest(self, sid: str, body: AsyncIterator[bytes], offset: int | None, fence: int,
-                      renew: Callable[[], None], events: asyncio.Queue, control: _Control) -> None:
+                      events: asyncio.Queue, control: _Control) -> None:
         state, meta = await self._load(sid)
         base = meta.bytes_committed
         if offset is not None and offset > base:
@@ -323,7 +339,6 @@ class Runtime:
                 rate = (st.tokens[0] - start_tokens) / max(1e-9, time.perf_counter() - t0)
                 if st.tokens[0] - saved_at >= self.settings.checkpoint_tokens and not job.finished:
                     await self._save(sid, st, fence, nbytes)
-                    await asyncio.to_thread(renew)
                     saved_at = st.tokens[0]
                 if not job.finished:
                     events.put_nowait(IngestProgress(sid, nbytes, st.tokens[0], rate))
@@ -356,16 +371,11 @@ class Runtime:
                     state, _ = await self._load(sid)
                 await self._generate(state, ids, params, events, control)
             else:
-                async with self._lock(sid):
-                    lease = await asyncio.to_thread(self.store.lease, sid, self.owner,
-                                                    self.settings.lease_ttl_ms)
-                    try:
-                        state, _ = await self._load(sid)
-                        done = await self._generate(state, ids, params, events, control, hold=True)
-                        done.session = await self._save(sid, done.state, lease.fence, None)
-                        events.put_nowait(done)
-                    finally:
-                        await asyncio.to_thread(lease.release)
+                async with self._lock(sid), self._write_lease(sid) as fence:
+                    state, _ = await self._load(sid)
+                    done = await self._generate(state, ids, params, events, control, hold=True)
+                    done.session = await self._save(sid, done.state, fence, None)
+                    events.put_nowait(done)
 
         async for ev in self._stream(work):
             yield ev
