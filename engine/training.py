@@ -65,6 +65,6 @@ def train(model: AtlasModel, batches: Iterator[tuple[Tensor, Tensor | None]], st
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
