@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="4,64,512", help="state sizes in MB, comma separated")
     p.add_argument("--reps", type=int, default=0, help="repetitions per size (0: 15/7/3 by size)")
     p.add_argument("--part-bytes", type=int, default=StoreSettings.model_fields["part_bytes"].default)
-    p.add_argument("--checksums", default="sha256,crc32", help="checksum settings to measure")
+    p.add_argument("--checksums", default="xxh3,crc32,sha256", help="checksum settings to measure")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "store.json")
     args = p.parse_args(argv)
 

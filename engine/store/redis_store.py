@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import xxhash
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -59,10 +60,12 @@ from .errors import (
 from .settings import StoreSettings
 
 FORMAT_VERSION = 1
-#: Part checksums a manifest may name. sha256 (the default) runs at ~1.5 GB/s per core with SHA-NI;
-#: crc32 at ~3 GB/s, for hosts short of CPU. Both release the GIL, so parts are hashed in worker
-#: threads while other parts travel over the socket. Loads use the algorithm the manifest names.
+#: Part checksums a manifest may name. xxh3 (XXH3-128, the default) runs at ~25 GB/s per core, so
+#: checking costs far less than moving the bytes; crc32 at ~3 GB/s; sha256 at ~1.5 GB/s with SHA-NI,
+#: for deployments that want a cryptographic hash. Parts are hashed in worker threads while other
+#: parts travel over the socket. Loads use the algorithm the manifest names.
 CHECKSUMS: dict[str, Callable[[memoryview | bytes], str]] = {
+    "xxh3": xxhash.xxh3_128_hexdigest,
     "sha256": lambda b: hashlib.sha256(b).hexdigest(),
     "crc32": lambda b: f"{zlib.crc32(b):08x}",
 }

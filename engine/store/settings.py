@@ -35,10 +35,11 @@ class StoreSettings(BaseSettings):
     part_bytes: int = Field(4 * MiB, ge=1, le=256 * MiB)
     #: Default lease time-to-live; a writer renews before it runs out.
     lease_ttl_ms: int = Field(30_000, ge=10)
-    #: Checksum of each part. crc32 (default) detects the corruption the store guards against
-    #: (flipped bytes, truncated or mixed-up parts) at half the CPU of sha256, which keeps saves near
-    #: raw SET speed; sha256 also resists deliberate tampering. Each manifest names its algorithm.
-    state_checksum: Literal["sha256", "crc32"] = "crc32"
+    #: Checksum of each part. xxh3 (XXH3-128, default) detects the corruption the store guards
+    #: against (flipped bytes, truncated or mixed-up parts) at ~25 GB/s, so saves and loads stay near
+    #: raw SET/GET speed; sha256 also resists deliberate tampering; crc32 needs no extra package.
+    #: Each manifest names its algorithm, so changing this never breaks stored states.
+    state_checksum: Literal["xxh3", "sha256", "crc32"] = "xxh3"
     #: Byte budget of the hot cache of live states (device memory).
     cache_bytes: int = Field(2 * GiB, ge=0)
     #: Prefix of every key, so several deployments (or tests) can share one Redis.
