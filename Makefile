@@ -12,7 +12,7 @@ install:
 	@$(PYTHON) -m pip install -q -e ".[dev]"
 
 serve: install
-	atlas demo
+	atlas serve
 
 test: install
 	$(PYTHON) -m ruff check .

@@ -31,7 +31,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below this, logits / temperature overflow: the distribution is the argmax anyway.
+        return self.temperature < 1e-6 or self.top_k == 1
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.seed is None:

@@ -14,7 +14,6 @@ app = typer.Typer(help="ATLAS: streaming long-context inference for recurrent AT
 err = Console(stderr=True)
 
 
-
 @app.callback()
 def main() -> None:
     """ATLAS: streaming long-context inference for recurrent ATLAS models."""
@@ -33,8 +32,9 @@ def demo(
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
 ) -> None:
     """Stream a document into a session, save and restore its state, and continue it."""
-    from atlas.engine import Atlas, SamplingParams
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from atlas.engine import Atlas, SamplingParams
 
     atlas = Atlas.load(checkpoint, device=device)
     cfg = atlas.config
@@ -67,6 +67,55 @@ def demo(
     for tok in gen:
         typer.echo(tok.text, nl=False)
     typer.echo()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (ATLAS_HOST; default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (ATLAS_PORT; default 8000)")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Checkpoint directory (ATLAS_MODEL; default: bundled)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (ATLAS_DEVICE)")] = None,
+    allow_remote: Annotated[bool, typer.Option(
+        "--allow-remote", help="Bind a non-loopback host without API keys (ATLAS_ALLOW_REMOTE)")] = False,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning (ATLAS_LOG_LEVEL)")] = None,
+) -> None:
+    """Start the HTTP server (settings from ATLAS_* variables; options override them)."""
+    import logging
+    import math
+
+    import uvicorn
+
+    from .app import create_app
+    from .settings import ServerSettings, is_loopback
+
+    overrides = {k: v for k, v in dict(host=host, port=port, device=device, log_level=log_level,
+                                       model=str(model) if model else None).items() if v is not None}
+    if allow_remote:
+        overrides["allow_remote"] = True
+    settings = ServerSettings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    log = logging.getLogger("atlas.server")
+    if settings.model and not (Path(settings.model) / "config.json").exists():
+        err.print(f"[red]no checkpoint at {settings.model} (config.json missing)[/red]")
+        raise typer.Exit(2)
+    if not settings.auth_enabled and not settings.allow_remote and not is_loopback(settings.host):
+        log.warning("no API keys configured: binding 127.0.0.1 instead of %s "
+                    "(set ATLAS_API_KEYS, or pass --allow-remote)", settings.host)
+        settings = settings.model_copy(update={"host": "127.0.0.1"})
+    api = create_app(settings)
+
+    class Server(uvicorn.Server):
+        """On SIGTERM/SIGINT, new requests get 503 at once while running ones drain."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            api.state.draining = True
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(api, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+                            proxy_headers=False)
+    Server(config).run()
 
 
 def _builtin_text() -> str:

@@ -488,3 +488,8 @@ def test_stack_split_round_trip(atlas: Atlas) -> None:
     assert atlas.load_state(atlas.save_state(batch)).equal(batch)
     with pytest.raises(ValueError):
         SessionState.stack([])
+
+
+def test_tiny_temperature_is_greedy(atlas: Atlas) -> None:
+    logits = torch.randn(256)
+    assert sample(logits, SamplingParams(temperature=1e-205)) == int(logits.argmax())

@@ -253,3 +253,23 @@ def test_runtime_renews_its_lease_during_long_work(atlas, store):
         assert store.meta(sid).bytes_committed == len(text)
     finally:
         rt.close()
+
+
+def test_runtime_body_error_before_a_chunk_fails_cleanly(atlas, runtime, store):
+    """A body that fails before a whole chunk arrived ends the request with its error and frees
+    the session (no hang, no lock left behind)."""
+
+    async def bad_body():
+        yield b"abc"
+        raise ConnectionResetError("client went away")
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        with pytest.raises(ConnectionResetError):
+            async for _ in runtime.ingest(sid, "t", bad_body()):
+                pass
+        await asyncio.wait_for(ingest_all(runtime, sid, b"hello world"), timeout=30)  # not locked
+        return sid
+
+    sid = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert store.meta(sid).bytes_committed == 3 + len(b"hello world")

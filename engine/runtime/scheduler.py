@@ -288,6 +288,14 @@ class Runtime:
         received = 0
 
         async def read() -> None:
+            try:
+                await read_body()
+            finally:  # on a failed body too: what arrived is document data, and is read
+                with self._cv:
+                    job.closed = True
+                    self._cv.notify_all()
+
+        async def read_body() -> None:
             nonlocal skip, received
             async for piece in body:
                 if skip:
@@ -306,8 +314,6 @@ class Runtime:
             tail = [] if byte_level else self.atlas.encode(text.decode(b"", final=True))
             with self._cv:
                 job.input.extend(tail)
-                job.closed = True
-                self._cv.notify_all()
 
         def snapshot() -> tuple[SessionState, int]:
             # Byte-level: one token per byte. Otherwise only a whole request maps to bytes.
@@ -318,6 +324,7 @@ class Runtime:
             return st, base + received if job.finished and not job.cancelled else base
 
         reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: wake.set())  # a failed body must wake the loop below
         control.attach(job)
         self._submit(job)
         t0 = time.perf_counter()
@@ -328,8 +335,7 @@ class Runtime:
                 wake.clear()
                 drained.set()
                 if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                    control.cancel()
-                    await self._wait(job, wake)
+                    await self._wait(job, wake)  # the job reads what arrived, then stops
                     st, nbytes = snapshot()
                     await self._save(sid, st, fence, nbytes)
                     raise reader.exception()

@@ -1,0 +1,239 @@
+"""The FastAPI app: ``create_app(settings, atlas=None, store=None)``.
+
+The app is thin: routes validate and authorise, then call the engine runtime. The lifespan builds
+the engine (model, store, runtime) and, on shutdown, drains: new requests get 503, in-flight ones
+get up to ``ATLAS_DRAIN_TIMEOUT_S`` to finish, then the runtime and the store are closed. The runtime
+saves each session at the end of every operation (and every ``ATLAS_CHECKPOINT_TOKENS`` of an
+ingest), so there is nothing dirty to flush at shutdown beyond waiting for those saves.
+
+Run it with ``atlas serve`` or ``python -m uvicorn atlas.server.app:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from atlas.engine import Atlas
+from atlas.engine.runtime import Runtime, RuntimeSettings
+from atlas.engine.store import StateStore, StoreSettings, open_store
+
+from .errors import ApiError, install_handlers
+from .metrics import Metrics
+from .settings import ServerSettings
+
+log = logging.getLogger("atlas.server")
+
+#: Paths served while loading and while draining (probes and scrapes).
+OPS_PATHS = {"/health", "/ready", "/metrics"}
+
+
+@dataclass
+class Engine:
+    """What the routes work with, built once the model is loaded and the store answers."""
+
+    atlas: Atlas
+    store: StateStore
+    runtime: Runtime
+    model_id: str
+    state_bytes: int
+    created: int
+    owns_store: bool
+
+
+def default_model_id(settings: ServerSettings) -> str:
+    if settings.model_id:
+        return settings.model_id
+    return Path(settings.model).resolve().name if settings.model else "atlas-demo"
+
+
+def build_engine(settings: ServerSettings, atlas: Atlas | None, store: StateStore | None,
+                 runtime_settings: RuntimeSettings | None) -> Engine:
+    """Load the model, open the store, start the runtime (blocking; run in a thread)."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if atlas is None:
+        atlas = Atlas.load(settings.model, device=settings.device)
+    owns_store = store is None
+    store_settings = StoreSettings()
+    if store is None:
+        store = open_store(store_settings)
+    try:
+        if not store.ping():
+            raise RuntimeError("the session store does not answer")
+        runtime = Runtime(atlas, store, runtime_settings or RuntimeSettings(),
+                          cache_bytes=store_settings.cache_bytes)
+    except BaseException:
+        if owns_store:
+            store.close()
+        raise
+    state_bytes = len(atlas.save_state(atlas.new_state()))
+    return Engine(atlas, store, runtime, default_model_id(settings), state_bytes, int(time.time()),
+                  owns_store)
+
+
+async def drain(app: FastAPI, timeout_s: float) -> None:
+    """Wait for in-flight requests and runtime work to finish, up to ``timeout_s``."""
+    eng: Engine | None = app.state.engine
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = app.state.inflight + (eng.runtime.stats.admitted if eng else 0)
+        if busy == 0:
+            return
+        await asyncio.sleep(0.05)
+    log.warning("drain timeout: %d requests still running; cancelling them", app.state.inflight)
+
+
+def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = None,
+               store: StateStore | None = None, runtime_settings: RuntimeSettings | None = None) -> FastAPI:
+    """The app. With ``atlas`` and ``store`` given (tests) it is ready as soon as it starts; else
+    the model loads and the store opens in the background, and /ready says 503 until then. A store
+    given here is the caller's to close; one the app opened, it closes."""
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def start() -> None:
+            try:
+                app.state.engine = await asyncio.to_thread(build_engine, settings, atlas, store,
+                                                           runtime_settings)
+                eng = app.state.engine
+                log.info("ready: model %s (%s) on %s, state %d bytes", eng.model_id,
+                         eng.atlas.fingerprint[:12], eng.atlas.device, eng.state_bytes)
+            except Exception as e:
+                log.exception("could not start the engine")
+                app.state.load_error = f"{type(e).__name__}: {e}"
+
+        if not settings.auth_enabled:
+            log.warning("no API keys configured (ATLAS_API_KEYS): every request is tenant 'default'%s",
+                        "" if settings.allow_remote else "; only loopback clients are served")
+        loader = asyncio.create_task(start())
+        if atlas is not None and store is not None:
+            await loader
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            await asyncio.shield(loader)  # a model still loading: let it finish so its store closes
+            await drain(app, settings.drain_timeout_s)
+            eng: Engine | None = app.state.engine
+            if eng is not None:
+                await asyncio.to_thread(eng.runtime.close)
+                if eng.owns_store:
+                    await asyncio.to_thread(eng.store.close)
+            app.state.engine = None
+            log.info("stopped")
+
+    app = FastAPI(title="ATLAS inference server", version="0.1.0", lifespan=lifespan,
+                  description="Streaming long-context inference for recurrent ATLAS models. "
+                              "Errors: {\"error\": {\"code\", \"message\"}}.",
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.load_error = None
+    app.state.draining = False
+    app.state.inflight = 0
+    app.state.create_locks = {}
+    app.state.metrics = Metrics(lambda: app.state.engine)
+    install_handlers(app)
+
+    from .routes import completions, ops, sessions
+
+    app.include_router(ops.router)
+    app.include_router(sessions.router)
+    app.include_router(completions.router)
+    app.add_middleware(RequestGate)
+    return app
+
+
+def engine(request: Request) -> Engine:
+    """FastAPI dependency: the engine, or 503 while loading or draining."""
+    app = request.app
+    if app.state.draining:
+        raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+    eng: Engine | None = app.state.engine
+    if eng is None:
+        if app.state.load_error:
+            raise ApiError(503, "not_ready", f"the engine failed to start: {app.state.load_error}")
+        raise ApiError(503, "not_ready", "the model is loading", {"Retry-After": "1"})
+    return eng
+
+
+class RequestGate:
+    """Pure ASGI middleware (it must not buffer streams): counts in-flight requests for the drain,
+    refuses new work while draining, caps JSON bodies and counts responses for /metrics."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        fapp = scope["app"]
+        settings: ServerSettings = fapp.state.settings
+        path: str = scope["path"]
+        if fapp.state.draining and path not in OPS_PATHS:
+            await ApiError(503, "shutting_down", "the server is shutting down",
+                           {"Retry-After": "5", "Connection": "close"}).response()(scope, receive, send)
+            return
+        status = 500
+        limit = None if path.endswith("/ingest") else settings.max_json_bytes  # ingest counts its own
+        if limit is not None:
+            length = _content_length(scope)
+            if length is not None and length > limit:
+                await ApiError(413, "body_too_large", f"request body over {limit} bytes").response()(
+                    scope, receive, send)
+                return
+            receive = _limited(receive, limit)
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        fapp.state.inflight += 1
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            fapp.state.inflight -= 1
+            route = scope.get("route")
+            fapp.state.metrics.http_requests.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)).inc()
+
+
+def _content_length(scope: Scope) -> int | None:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    total = 0
+
+    async def wrapped() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:  # FastAPI re-raises HTTPException from body reading as is
+                raise StarletteHTTPException(413, f"request body over {limit} bytes")
+        return message
+
+    return wrapped

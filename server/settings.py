@@ -1,0 +1,99 @@
+"""Server settings: every field has an ``ATLAS_<NAME>`` environment variable.
+
+The store (``ATLAS_REDIS_URL``, ``ATLAS_DATA_DIR``, ...) and the runtime (``ATLAS_MAX_REQUESTS``,
+``ATLAS_CHECKPOINT_TOKENS``, ...) read their own settings from the same environment; these are the
+HTTP side's: where to listen, who may call, which model, and the limits a request must stay within.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost; anything else (including 0.0.0.0) is remote."""
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ServerSettings(BaseSettings):
+    """HTTP server settings (``ATLAS_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ATLAS_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: ``key:tenant,key2:tenant2``. Empty: no auth, every caller is tenant ``default`` and only
+    #: loopback clients are served unless ``allow_remote``.
+    api_keys: SecretStr = SecretStr("")
+    #: Serve non-loopback clients (and bind a non-loopback host) even without API keys.
+    allow_remote: bool = False
+    #: Checkpoint directory; unset: the bundled demo model.
+    model: str | None = None
+    #: Model id shown by /v1/models and required in /v1/completions' ``model`` (default: the
+    #: checkpoint directory's name, or ``atlas-demo``).
+    model_id: str | None = None
+    device: str = "auto"
+    #: torch intra-op threads (unset: torch's default). 1 is often fastest for small models.
+    torch_threads: int | None = Field(None, ge=1)
+
+    # -- limits -------------------------------------------------------------------------------------
+    #: Bytes of document one ingest request may carry (enforced while streaming: 413).
+    max_body_bytes: int = Field(256 * MiB, ge=1)
+    #: Bytes of a JSON request body (sessions, generate, completions).
+    max_json_bytes: int = Field(4 * MiB, ge=1)
+    #: Cap on ``max_tokens`` of one generation (400 ``max_tokens_too_large`` above it).
+    max_tokens: int = Field(4096, ge=1)
+    #: Cap on the prompt of one generation, in tokens (400 ``prompt_too_long``); long documents
+    #: go through ingest.
+    max_prompt_tokens: int = Field(65536, ge=1)
+    #: Sessions one tenant may hold (429 ``too_many_sessions`` beyond it).
+    max_sessions_per_tenant: int = Field(10_000, ge=1)
+    #: A generation running longer stops and returns what it has (finish_reason ``timeout``).
+    request_timeout_s: float = Field(300.0, gt=0)
+    #: On SIGTERM: how long in-flight requests may take to finish before they are cancelled.
+    drain_timeout_s: float = Field(30.0, ge=0)
+    #: Least time between two ingest progress events (the final event always comes).
+    progress_interval_s: float = Field(0.2, ge=0)
+    log_level: str = "info"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _parse_keys(cls, v: SecretStr) -> SecretStr:
+        parse_api_keys(v.get_secret_value())  # fail at start, not at the first request
+        return v
+
+    @property
+    def tenants_by_key(self) -> dict[str, str]:
+        return parse_api_keys(self.api_keys.get_secret_value())
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.tenants_by_key)
+
+
+def parse_api_keys(spec: str) -> dict[str, str]:
+    """``"k1:acme,k2:globex"`` -> {"k1": "acme", "k2": "globex"}; a bare key is tenant ``default``."""
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, tenant = item.partition(":")
+        key, tenant = key.strip(), tenant.strip() or "default"
+        if not key:
+            raise ValueError("ATLAS_API_KEYS has an entry with an empty key")
+        out[key] = tenant
+    return out

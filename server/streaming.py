@@ -1,0 +1,176 @@
+"""Server-sent events, and the one loop every generation endpoint runs.
+
+``EventStream`` differs from Starlette's StreamingResponse in two ways that matter here:
+- it listens for the client's disconnect only once the request body has been read (an ingest sends
+  its response while its body is still arriving; a listener calling ``receive()`` then would eat
+  document bytes), and
+- it always closes its event iterator in a ``finally`` (shielded), so the runtime generator under it
+  is closed and the runtime cancels the work when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from atlas.engine.api import GeneratedToken
+from atlas.engine.runtime import GenerationDone, Runtime
+from atlas.engine.sampling import SamplingParams
+from atlas.engine.store import SessionMeta
+
+from .metrics import Metrics
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: Any) -> bytes:
+    """One event: ``data: {json}`` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+class EventStream(Response):
+    """A ``text/event-stream`` response over an async iterator of encoded events."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], body_read: asyncio.Event | None = None,
+                 headers: Mapping[str, str] | None = None, status_code: int = 200):
+        self.events = events
+        self.body_read = body_read  # set once the request body is consumed; None: already read
+        self.status_code = status_code
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                try:
+                    await self._stream(send)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                if self.body_read is not None:
+                    await self.body_read.wait()
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()  # the client is gone: cancels stream(), which closes events
+
+            tg.start_soon(stream)
+            tg.start_soon(watch)
+
+    async def _stream(self, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away mid-send
+            pass
+        finally:
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+# -- generation --------------------------------------------------------------------------------------
+
+@dataclass
+class Token:
+    id: int
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    session: SessionMeta | None = None
+
+
+async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant: str, prompt: list[int],
+                     params: SamplingParams, commit: bool, timeout_s: float
+                     ) -> AsyncIterator[Token | Finished]:
+    """Tokens, then one Finished. Past ``timeout_s`` the work is cancelled and Finished says
+    ``timeout`` with what was generated. Errors before the first token raise on the first
+    ``__anext__`` (so a route can prime this to answer with a real status); closing this closes the
+    runtime's generator, which cancels the work."""
+    t0 = last = time.perf_counter()
+    deadline = t0 + timeout_s
+    agen = runtime.generate(sid, tenant, prompt, params, commit=commit)
+    n = 0
+    reason = "cancelled"  # unless it ends otherwise: the caller closed this early
+    try:
+        while True:
+            ev: GeneratedToken | GenerationDone | None = None
+            ended = False
+            with anyio.move_on_after(max(0.0, deadline - time.perf_counter())):
+                try:
+                    ev = await agen.__anext__()
+                except StopAsyncIteration:  # the runtime always ends with GenerationDone; be safe
+                    ended = True
+            if ended or ev is None:
+                reason = "length" if ended else "timeout"
+                yield Finished(reason, len(prompt), n)
+                return
+            now = time.perf_counter()
+            if isinstance(ev, GenerationDone):
+                reason = ev.finish_reason
+                yield Finished(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.session)
+                return
+            (metrics.ttft if n == 0 else metrics.itl).observe(now - (t0 if n == 0 else last))
+            last = now
+            n += 1
+            metrics.generation_tokens.inc()
+            yield Token(ev.id, ev.text)
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await agen.aclose()
+        metrics.prompt_tokens.inc(len(prompt))
+        metrics.request_success.labels(reason).inc()
+        metrics.e2e.observe(time.perf_counter() - t0)
+
+
+async def primed(agen: AsyncIterator) -> AsyncIterator:
+    """Run ``agen`` to its first item now (so errors before any output become an HTTP status), and
+    return an iterator that yields that item and the rest. Closing it closes ``agen``."""
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = _EMPTY
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await agen.aclose()
+        raise
+
+    async def rest() -> AsyncIterator:
+        try:
+            if first is _EMPTY:
+                return
+            yield first
+            async for item in agen:
+                yield item
+        finally:
+            with anyio.CancelScope(shield=True):
+                await agen.aclose()
+
+    return rest()
+
+
+_EMPTY = object()
