@@ -148,11 +148,12 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
     app.state.metrics = Metrics(lambda: app.state.engine)
     install_handlers(app)
 
-    from .routes import completions, ops, sessions
+    from .routes import completions, ops, playground, sessions
 
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(completions.router)
+    app.include_router(playground.router)
     app.add_middleware(RequestGate)
     return app
 

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from atlas_client.cli import register as register_client_commands
 from rich.console import Console
 
 app = typer.Typer(help="ATLAS: streaming long-context inference for recurrent ATLAS models.",
                   no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
+register_client_commands(app)  # ingest, ask, sessions, fork: HTTP clients of a running server
 
 
 @app.callback()

@@ -1,0 +1,138 @@
+"""What the sync and async clients share: sources that can be re-read from an offset, SSE parsing,
+backoff, request bodies. Kept free of I/O on the network so both clients stay thin."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+from .errors import AtlasError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+#: What ``ingest`` accepts: a path, bytes, a binary file (seekable or not), or an iterator of bytes/str.
+IngestSource = Union[  # noqa: UP007 - a runtime alias: `X | Y` of generics needs 3.10+ at import
+    str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Iterable[bytes], Iterable[str]]
+
+
+def sse_data(lines: Iterable[str]) -> Iterator[Any]:
+    """Parsed ``data:`` payloads of an event stream; ``[DONE]`` ends it."""
+    for line in lines:
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
+
+def backoff_s(attempt: int, retry_after: float | None, base: float, cap: float = 8.0) -> float:
+    """Exponential backoff with jitter; a server's Retry-After is a floor, never ignored."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1))) * (0.5 + random.random() / 2)
+    return max(delay, retry_after or 0.0)
+
+
+def sampling_body(prompt: str, max_tokens: int | None, temperature: float, top_p: float, top_k: int,
+                  seed: int | None, stop: str | list[str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    for k, v in (("max_tokens", max_tokens), ("seed", seed), ("stop", stop)):
+        if v is not None:
+            body[k] = v
+    return body
+
+
+class Source:
+    """An ingest source that can be read again from any offset not yet confirmed by the server.
+
+    Files and bytes are re-read from disk or memory, so a resume after a dropped connection costs
+    nothing. A plain iterator cannot rewind: what it yielded is kept in a replay buffer until the
+    server's progress events confirm it (``confirm``); a resume before the buffer raises.
+    """
+
+    def __init__(self, src: IngestSource, piece_bytes: int = 1 << 20):
+        self.piece_bytes = piece_bytes
+        self.total: int | None = None
+        self._path: Path | None = None
+        self._data: memoryview | None = None
+        self._file: BinaryIO | None = None
+        self._base = 0
+        self._it: Iterator[bytes] | None = None
+        self._buf: list[bytes] = []
+        self._buf_start = 0  # source offset of self._buf[0]
+        self._pulled = 0     # bytes taken from the iterator so far
+        self._exhausted = False
+        if isinstance(src, (str, os.PathLike)):
+            self._path = Path(src)
+            self.total = self._path.stat().st_size
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            self._data = memoryview(src).cast("B")
+            self.total = len(self._data)
+        elif hasattr(src, "read") and _seekable(src):
+            self._file = src  # type: ignore[assignment]
+            self._base = src.tell()  # type: ignore[union-attr]
+            end = src.seek(0, io.SEEK_END)  # type: ignore[union-attr]
+            src.seek(self._base)  # type: ignore[union-attr]
+            self.total = end - self._base
+        elif hasattr(src, "read"):
+            reader = src
+            self._it = iter(lambda: reader.read(piece_bytes), b"")  # type: ignore[union-attr]
+        else:
+            self._it = (p.encode() if isinstance(p, str) else bytes(p) for p in src)  # type: ignore[union-attr]
+
+    def pieces(self, start: int) -> Iterator[bytes]:
+        """The source's bytes from offset ``start``, in pieces of at most ``piece_bytes``."""
+        if self._path is not None:
+            with open(self._path, "rb") as f:
+                f.seek(start)
+                while piece := f.read(self.piece_bytes):
+                    yield piece
+        elif self._data is not None:
+            for i in range(start, len(self._data), self.piece_bytes):
+                yield bytes(self._data[i:i + self.piece_bytes])
+        elif self._file is not None:
+            self._file.seek(self._base + start)
+            while piece := self._file.read(self.piece_bytes):
+                yield piece
+        else:
+            yield from self._replay(start)
+
+    def _replay(self, start: int) -> Iterator[bytes]:
+        if start < self._buf_start:
+            raise AtlasError(0, "cannot_resume", f"the server has {start} bytes of this source but the "
+                             f"replay buffer starts at {self._buf_start}; pass a file to resume from disk")
+        pos = self._buf_start
+        for piece in list(self._buf):
+            end = pos + len(piece)
+            if end > start:
+                yield piece[max(0, start - pos):]
+            pos = end
+        assert self._it is not None
+        while not self._exhausted:
+            try:
+                piece = next(self._it)
+            except StopIteration:
+                self._exhausted = True
+                self.total = self._pulled
+                return
+            if not piece:
+                continue
+            self._buf.append(piece)
+            self._pulled += len(piece)
+            if self._pulled > start:
+                yield piece[max(0, start - (self._pulled - len(piece))):]
+
+    def confirm(self, offset: int) -> None:
+        """The server has committed the source up to ``offset``: drop replay pieces wholly before it."""
+        while self._buf and self._buf_start + len(self._buf[0]) <= offset:
+            self._buf_start += len(self._buf.pop(0))
+
+
+def _seekable(f: Any) -> bool:
+    try:
+        return bool(f.seekable()) and isinstance(f.tell(), int)
+    except (AttributeError, OSError, ValueError):
+        return False

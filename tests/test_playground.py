@@ -1,0 +1,101 @@
+"""The web playground in a real headless Chromium (Debian's package, driven by Playwright).
+
+It loads ``/`` without a key, stores the key, creates a session, uploads a file and watches the
+progress reach 100%, then asks a question and watches the answer stream. A screenshot goes to
+test-artifacts/. Skipped when chromium or playwright is not installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .server_helpers import ServerProcess, document, stop_embedded_redis, write_checkpoint
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+KEY = "k-play"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fast-atlas")
+    work = tmp_path_factory.mktemp("playground")
+    srv = ServerProcess(work, {"ATLAS_MODEL": str(ckpt), "ATLAS_API_KEYS": f"{KEY}:play",
+                               "ATLAS_PROGRESS_INTERVAL_S": "0"})
+    srv.start()
+    yield srv
+    try:
+        srv.stop()
+    finally:
+        srv.kill()
+        stop_embedded_redis(work / "data")
+
+
+def test_page_is_open_but_the_api_is_not(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "ATLAS playground" in page.text
+    assert "://" not in page.text and "<script src" not in page.text  # nothing fetched from elsewhere
+    assert httpx.get(server.url + "/v1/sessions").status_code == 401
+
+
+def test_upload_progress_and_streamed_answer(server, tmp_path):
+    doc = tmp_path / "book.txt"
+    doc.write_bytes(document(400_000))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(server.url + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            assert page.evaluate("localStorage.getItem('atlas.apiKey')") == KEY
+            page.click("#new-session")
+            page.wait_for_function("document.getElementById('session-select').value.length > 0")
+            sid = page.eval_on_selector("#session-select", "e => e.value")
+            seen: set[str] = set()
+            page.set_input_files("#file-input", str(doc))
+            for _ in range(600):
+                seen.add(page.inner_text("#progress-text"))
+                if "100%" in seen and page.inner_text("#info-bytes") == "400,000":
+                    break
+                page.wait_for_timeout(20)
+            assert "100%" in seen and page.inner_text("#info-bytes") == "400,000", seen
+            page.fill("#question", "\nROMEO:")
+            page.fill("#max-tokens", "40")
+            page.fill("#temperature", "0")
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('answer').dataset.done === '1'", timeout=30_000)
+            answer = page.inner_text("#answer")
+            assert "40 tokens" in page.inner_text("#answer-stats")
+            assert page.inner_text("#error") == ""
+            page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        finally:
+            browser.close()
+    h = {"Authorization": f"Bearer {KEY}"}
+    meta = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=h).json()
+    assert meta["bytes_committed"] == 400_000 and meta["tokens"] == 400_000
+    r = httpx.post(f"{server.url}/v1/sessions/{sid}/generate", headers=h, timeout=60,
+                   json={"prompt": "\nROMEO:", "max_tokens": 40, "temperature": 0})
+    text = "".join(line for line in _texts(r.text))
+    assert answer.strip() == text.strip() and answer.strip()
+
+
+def _texts(body: str):
+    import json
+
+    for line in body.splitlines():
+        if line.startswith("data: "):
+            ev = json.loads(line[6:])
+            if "text" in ev:
+                yield ev["text"]
