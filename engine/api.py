@@ -141,9 +141,14 @@ class Atlas:
         if got != self._layout or len({v.shape[0] for v in tensors.values()}) != 1:
             bad = sorted(k for k in self._layout.keys() | got.keys() if self._layout.get(k) != got.get(k))[:3]
             raise StateFormatError(f"state tensors do not match the model's state layout: {bad}")
-        # Decode caches are not stored: start empty (cache_len 0), rebuilt by the next feed.
+        # Decode caches are not stored. They start empty (cache_len 0: valid on a chunk boundary,
+        # rebuilt by the next feed otherwise), and the convolution history of an empty chunk is the
+        # committed conv tail.
         fresh = self.model.init_state(state.batch_size)
-        caches = {k: v for k, v in fresh.items() if is_cache_key(k)}
+        caches = {k: v.to(self.device) for k, v in fresh.items() if is_cache_key(k)}
+        for k in caches:
+            if k.endswith(".cache_conv"):
+                caches[k] = tensors[k[:-len("cache_conv")] + "conv"]
         return SessionState(dict(tensors, **caches), state.fingerprint)
 
     # -- running -----------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         sorted_p, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = (sorted_p.cumsum(0) - sorted_p) >= params.top_p
+        drop[0] = False  # also when top_p underflows to 0 in float32
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from atlas.engine.store import SessionMeta
+
+
+def _utf8(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800), which are not text: refuse them here (422)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 MAX_TTL_S = 10 * 365 * 24 * 3600
 SEED_MAX = (1 << 63) - 1
@@ -68,7 +80,7 @@ class IngestEvent(BaseModel):
 
 # -- sampling ----------------------------------------------------------------------------------------
 
-StopString = Annotated[str, Field(min_length=1, max_length=256)]
+StopString = Annotated[Text, Field(min_length=1, max_length=256)]
 
 
 class SamplingFields(BaseModel):
@@ -92,7 +104,7 @@ class SamplingFields(BaseModel):
 class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field("", description="Text read after the session's state, before sampling.")
+    prompt: Text = Field("", description="Text read after the session's state, before sampling.")
     commit: bool = Field(False, description="Append prompt and answer to the session (default: a fork).")
 
 
@@ -129,7 +141,7 @@ class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str] | list[int] = Field(description="Text, one-element list of text, or token ids.")
+    prompt: Text | list[Text] | list[int] = Field(description="Text, one-element list of text, or token ids.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=128)

@@ -493,3 +493,8 @@ def test_stack_split_round_trip(atlas: Atlas) -> None:
 def test_tiny_temperature_is_greedy(atlas: Atlas) -> None:
     logits = torch.randn(256)
     assert sample(logits, SamplingParams(temperature=1e-205)) == int(logits.argmax())
+
+
+def test_top_p_that_underflows_keeps_the_best_token(atlas: Atlas) -> None:
+    logits = torch.randn(256)
+    assert sample(logits, SamplingParams(top_p=2.2250738585072014e-308, top_k=10**6)) == int(logits.argmax())

@@ -89,6 +89,20 @@ def test_streaming_invariance_long_pieces(dtype):
     assert same_session(s2, s1)
 
 
+@pytest.mark.parametrize("prefix", [37, 40], ids=["mid-chunk", "chunk-boundary"])
+def test_save_restore_invariance_token_by_token(prefix):
+    """Restored, then decoded token by token (the decode-cache path), equals never saving."""
+    atlas = tiny_atlas(torch.float32)
+    tokens = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(4))
+    state, _ = atlas.feed(atlas.new_state(), tokens[:, :prefix])
+    restored = atlas.load_state(atlas.save_state(state))
+    for i in range(prefix, 70):
+        state, a = atlas.feed(state, tokens[:, i:i + 1])
+        restored, b = atlas.feed(restored, tokens[:, i:i + 1])
+        assert_close(b, a, torch.float32, f"logits at {i}")
+    assert same_session(restored, state)
+
+
 def test_save_restore_invariance():
     atlas = tiny_atlas(torch.float32)
     tokens = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(4))

@@ -378,3 +378,11 @@ def test_not_ready_and_draining(atlas, store, tmp_path):
         error(c.get("/ready"), 503, "shutting_down")
         assert c.get("/health").status_code == 200
         c.app.state.draining = False
+
+
+def test_lone_surrogates_are_refused_not_a_server_error(client) -> None:
+    """JSON may carry lone surrogates; they are not text, and get a clear 422."""
+    body = '{"prompt": "\\ud9bc x", "max_tokens": 2}'
+    for path in ("/v1/completions",):
+        r = client.post(path, content=body, headers={**ACME, "Content-Type": "application/json"})
+        error(r, 422, "invalid_request")
