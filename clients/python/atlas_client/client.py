@@ -42,6 +42,20 @@ def _progress(ev: dict, sent: int, resumes: int) -> IngestProgress:
     return IngestProgress(**{**ev, "bytes_sent": max(sent, ev.get("bytes_committed", 0)), "resumes": resumes})
 
 
+def _ingest_event(ev: dict, sent: int, resumes: int, start: int, state: dict, src: Source,
+                  on_progress: Callable[[IngestProgress], None] | None) -> IngestProgress:
+    """One event of an ingest stream, for both clients: checked, recorded, confirmed to the replay
+    source (which may then drop what the server has), reported."""
+    if "error" in ev:
+        raise error_from_body(0, ev)
+    p = _progress(ev, sent, resumes)
+    state.update(tokens=p.tokens, tokens_per_s=p.tokens_per_s)
+    src.confirm(p.bytes_committed - start)
+    if on_progress:
+        on_progress(p)
+    return p
+
+
 def _completion_body(prompt: str, session: str | Session | None, sampling: dict[str, Any]) -> dict[str, Any]:
     body = {**sampling, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True}}
     if session is not None:
@@ -245,13 +259,7 @@ class AtlasClient:
                     r.read()
                     raise error_from_response(r)
                 for ev in sse_data(r.iter_lines()):
-                    if "error" in ev:
-                        raise error_from_body(0, ev)
-                    p = _progress(ev, start + pos + sent, resumes)
-                    state.update(tokens=p.tokens, tokens_per_s=p.tokens_per_s)
-                    src.confirm(p.bytes_committed - start)
-                    if on_progress:
-                        on_progress(p)
+                    p = _ingest_event(ev, start + pos + sent, resumes, start, state, src, on_progress)
                     if p.done:
                         final = p
         except httpx.TransportError as e:
@@ -426,13 +434,7 @@ class AsyncAtlasClient:
                     raise error_from_response(r)
                 async for line in r.aiter_lines():
                     for ev in sse_data([line]):
-                        if "error" in ev:
-                            raise error_from_body(0, ev)
-                        p = _progress(ev, start + pos + sent, resumes)
-                        state.update(tokens=p.tokens, tokens_per_s=p.tokens_per_s)
-                        src.confirm(p.bytes_committed - start)
-                        if on_progress:
-                            on_progress(p)
+                        p = _ingest_event(ev, start + pos + sent, resumes, start, state, src, on_progress)
                         if p.done:
                             final = p
         except httpx.TransportError as e:
