@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -120,6 +121,26 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+#: Exit statuses of a server that drained and stopped on SIGTERM.
+GRACEFUL = (0, -15)
+
+
+@contextmanager
+def running_server(work: Path, env: dict[str, str], graceful: bool = True) -> Iterator[ServerProcess]:
+    """A started `atlas serve` for the length of the block; stopped with SIGTERM (checked to drain
+    cleanly when `graceful`), then killed for sure, with its embedded redis-server."""
+    srv = ServerProcess(work, env)
+    srv.start()
+    try:
+        yield srv
+        status = srv.stop()
+        if graceful:
+            assert status in GRACEFUL, srv.log()
+    finally:
+        srv.kill()
+        stop_embedded_redis(work / "data")
 
 
 def stop_embedded_redis(data_dir: Path) -> None:

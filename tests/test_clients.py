@@ -23,25 +23,23 @@ from typer.testing import CliRunner
 
 from atlas.server.cli import app as atlas_app
 
-from .server_helpers import ServerProcess, document, free_port, stop_embedded_redis, write_checkpoint
+from .server_helpers import (
+    document,
+    free_port,
+    running_server,
+    write_checkpoint,
+)
 
 KEY = "k-acme"
-GRACEFUL = (0, -15)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fast-atlas")
     work = tmp_path_factory.mktemp("clients")
-    srv = ServerProcess(work, {"ATLAS_MODEL": str(ckpt), "ATLAS_API_KEYS": f"{KEY}:acme,k-globex:globex",
-                               "ATLAS_PROGRESS_INTERVAL_S": "0"})
-    srv.start()
-    yield srv
-    try:
-        assert srv.stop() in GRACEFUL, srv.log()
-    finally:
-        srv.kill()
-        stop_embedded_redis(work / "data")
+    with running_server(work, {"ATLAS_MODEL": str(ckpt), "ATLAS_API_KEYS": f"{KEY}:acme,k-globex:globex",
+                               "ATLAS_PROGRESS_INTERVAL_S": "0"}) as srv:
+        yield srv
 
 
 @pytest.fixture

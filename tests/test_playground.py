@@ -8,12 +8,13 @@ test-artifacts/. Skipped when chromium or playwright is not installed.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .server_helpers import ServerProcess, document, stop_embedded_redis, write_checkpoint
+from .server_helpers import document, running_server, write_checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,15 +31,9 @@ if not Path(CHROMIUM).exists():
 def server(tmp_path_factory):
     ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fast-atlas")
     work = tmp_path_factory.mktemp("playground")
-    srv = ServerProcess(work, {"ATLAS_MODEL": str(ckpt), "ATLAS_API_KEYS": f"{KEY}:play",
-                               "ATLAS_PROGRESS_INTERVAL_S": "0"})
-    srv.start()
-    yield srv
-    try:
-        srv.stop()
-    finally:
-        srv.kill()
-        stop_embedded_redis(work / "data")
+    with running_server(work, {"ATLAS_MODEL": str(ckpt), "ATLAS_API_KEYS": f"{KEY}:play",
+                               "ATLAS_PROGRESS_INTERVAL_S": "0"}, graceful=False) as srv:
+        yield srv
 
 
 def test_page_is_open_but_the_api_is_not(server):
@@ -65,7 +60,8 @@ def test_upload_progress_and_streamed_answer(server, tmp_path):
             sid = page.eval_on_selector("#session-select", "e => e.value")
             seen: set[str] = set()
             page.set_input_files("#file-input", str(doc))
-            for _ in range(600):
+            deadline = time.monotonic() + 60  # generous: CI shares 2 cores with the server
+            while time.monotonic() < deadline:
                 seen.add(page.inner_text("#progress-text"))
                 if "100%" in seen and page.inner_text("#info-bytes") == "400,000":
                     break

@@ -19,10 +19,12 @@ import openai
 import pytest
 
 from .server_helpers import (
+    GRACEFUL,
     ServerProcess,
     document,
     kill_embedded_redis,
     parse_sse,
+    running_server,
     sse_events,
     stop_embedded_redis,
     write_checkpoint,
@@ -30,7 +32,6 @@ from .server_helpers import (
 
 ACME = {"Authorization": "Bearer k-acme"}
 #: Exit status after SIGTERM and a clean drain: uvicorn re-raises the signal once it has shut down.
-GRACEFUL = (0, -15)
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +42,10 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("main")
-    srv = ServerProcess(work, {"ATLAS_MODEL": str(checkpoint), "ATLAS_MAX_TOKENS": "100000",
+    with running_server(work, {"ATLAS_MODEL": str(checkpoint), "ATLAS_MAX_TOKENS": "100000",
                                "ATLAS_API_KEYS": "k-acme:acme,k-globex:globex",
-                               "ATLAS_MAX_BODY_BYTES": str(8 << 20)})
-    srv.start()
-    yield srv
-    try:
-        assert srv.stop() in GRACEFUL, srv.log()
-    finally:
-        srv.kill()
-        stop_embedded_redis(work / "data")
+                               "ATLAS_MAX_BODY_BYTES": str(8 << 20)}) as srv:
+        yield srv
 
 
 def client(srv: ServerProcess, headers=ACME, timeout: float = 120) -> httpx.Client:
