@@ -1,17 +1,33 @@
 """Training small ATLAS models: next-token loss through the chunk recurrence (autograd flows through
-every memory update), AdamW with warm-up and cosine decay, gradient clipping."""
+every memory update), AdamW with warm-up and cosine decay, gradient clipping; and `run_training`,
+which `atlas train CONFIG` calls: synthetic long-context tasks (engine.tasks) with a length
+curriculum, fp32 or bf16, checkpoints, resume, a progress bar and a loss log."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from tqdm import tqdm
 
+from .config import ModelConfig
 from .model import AtlasModel
+from .tasks import make_sample
+from .tokenizer import ByteTokenizer
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 class OptimConfig(BaseModel):
@@ -68,3 +84,155 @@ def train(model: AtlasModel, batches: Iterator[tuple[Tensor, Tensor | None]], st
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# `atlas train CONFIG`: synthetic long-context tasks with a length curriculum
+# ---------------------------------------------------------------------------------------------
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: dict[str, float] = Field(default_factory=lambda: {"passkey": 0.5, "multi_needle": 0.5})
+    min_len: int = Field(512, ge=16)
+    max_len: int = Field(8192, ge=16)  # the model never sees a longer context in training
+    curriculum_steps: int = Field(1000, ge=0)  # the longest length grows from min_len to max_len
+    tokens_per_batch: int = Field(16384, ge=1)  # batch size = tokens_per_batch // length (at least 1)
+    lm_weight: float = Field(0.1, ge=0)  # weight of next-token loss on the prompt beside the answer's
+
+
+class TrainConfig(BaseModel):
+    """One training run, as read from a TOML or JSON file by `atlas train`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "atlas"
+    seed: int = 0
+    steps: int = Field(1000, ge=1)
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; weights, W and S stay fp32
+    out_dir: Path = Path("runs/atlas")
+    checkpoint_every: int = Field(100, ge=1)
+    # Backprop through the memory recurrence: "full", or "first_order" (no autograd through the inner
+    # gradient's dependence on the weights; see memory.chunk_update). The forward pass is the same.
+    inner_backprop: Literal["full", "first_order"] = "first_order"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        text = path.read_text()
+        doc = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return cls(**doc)
+
+
+def length_at(step: int, cfg: DataConfig, rng: random.Random) -> int:
+    """Log-uniform in [min_len, the curriculum's longest length at `step`]."""
+    ramp = 1.0 if cfg.curriculum_steps == 0 else min(1.0, step / cfg.curriculum_steps)
+    hi = cfg.min_len * (cfg.max_len / cfg.min_len) ** ramp
+    return int(round(cfg.min_len * (hi / cfg.min_len) ** rng.random()))
+
+
+def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The batch of `step` (a pure function of seed and step, so a resumed run sees the same data).
+
+    Returns tokens (B, L + answer), the answer mask and the prompt mask over predicted positions
+    (B, L + answer - 1), and the prompt length L."""
+    tok = tokenizer or ByteTokenizer()
+    rng = random.Random(seed * 1_000_003 + step)
+    length = length_at(step, cfg, rng)
+    names, weights = zip(*cfg.tasks.items(), strict=True)
+    batch = max(1, cfg.tokens_per_batch // length)
+    samples = [make_sample(rng.choices(names, weights)[0], rng, length) for _ in range(batch)]
+    answers = [tok.encode(s.answer) for s in samples]
+    width = length + max(map(len, answers))
+    tokens = torch.full((batch, width), tok.encode(" ")[0], dtype=torch.long)
+    answer_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
+    prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
+    for i, (s, a) in enumerate(zip(samples, answers, strict=True)):
+        tokens[i, :length] = torch.tensor(tok.encode(s.prompt))
+        tokens[i, length:length + len(a)] = torch.tensor(a)
+        answer_mask[i, length - 1:length - 1 + len(a)] = True
+        prompt_mask[i, :length - 1] = True
+    return tokens, answer_mask, prompt_mask, length
+
+
+def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mask: Tensor,
+              lm_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, answer loss, prompt loss): the mean cross-entropy of the answers plus lm_weight times
+    that of the prompt's next tokens."""
+    logits, _ = model(tokens[:, :-1], model.init_state(tokens.shape[0]))
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    ce = ce.view_as(answer_mask.float())
+    answer = ce[answer_mask].mean()
+    prompt = ce[prompt_mask].mean()
+    return answer + lm_weight * prompt, answer, prompt
+
+
+def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
+    """Train per `cfg`, checkpointing to cfg.out_dir: model/ (config.json + model.safetensors),
+    trainer.pt (optimiser and step, to resume) and log.jsonl (one line per step). Returns model/."""
+    from .api import resolve_device
+    from .checkpoint import save_checkpoint
+
+    device = resolve_device(cfg.device)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    torch.manual_seed(cfg.seed)
+    model = AtlasModel(cfg.model).to(device)
+    for block in model.blocks:
+        if block.mixer.mem is not None:
+            block.mixer.mem.first_order = cfg.inner_backprop == "first_order"
+    opt = make_optimizer(model, cfg.optim)
+    step, wall = 0, 0.0
+    trainer = out / "trainer.pt"
+    if resume and trainer.exists():
+        saved = torch.load(trainer, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step, wall = int(saved["step"]), float(saved["wall_s"])
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name, unit="step")
+
+    def checkpoint() -> Path:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "wall_s": wall}, trainer)
+        meta = {"training": {"name": cfg.name, "steps": step, "wall_s": round(wall, 1),
+                             "device": str(device), "precision": cfg.precision, "seed": cfg.seed,
+                             "max_train_len": cfg.data.max_len, "tasks": cfg.data.tasks}}
+        return save_checkpoint(model, out / "model", extra=meta)
+
+    with (out / "log.jsonl").open("a") as log:
+        while step < cfg.steps:
+            start = time.perf_counter()
+            tokens, answer_mask, prompt_mask, length = task_batch(step, cfg.data, cfg.seed)
+            tokens, answer_mask, prompt_mask = (t.to(device) for t in (tokens, answer_mask, prompt_mask))
+            lr = lr_at(step, cfg.steps, cfg.optim)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast:
+                loss, answer, prompt = task_loss(model, tokens, answer_mask, prompt_mask, cfg.data.lm_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            step += 1
+            wall += time.perf_counter() - start
+            rec = {"step": step, "loss": round(loss.item(), 5), "answer_loss": round(answer.item(), 5),
+                   "prompt_loss": round(prompt.item(), 5), "length": length, "batch": tokens.shape[0],
+                   "lr": lr, "grad_norm": round(float(grad_norm), 4), "wall_s": round(wall, 2)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(answer=f"{answer.item():.3f}", prompt=f"{prompt.item():.3f}", len=length)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+    bar.close()
+    model.eval()
+    return out / "model"

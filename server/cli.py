@@ -120,6 +120,32 @@ def serve(
     Server(config).run()
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training config (TOML or JSON): configs/train/demo.toml")],
+    out_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the loss log go")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from out_dir/trainer.pt if it exists")] = True,
+) -> None:
+    """Train a model on the synthetic long-context tasks; checkpoints to OUT_DIR/model."""
+    from pydantic import ValidationError
+
+    from atlas.engine.training import TrainConfig, run_training
+
+    try:
+        cfg = TrainConfig.load(config)
+        given = dict(out_dir=out_dir, steps=steps, device=device)
+        overrides = {k: v for k, v in given.items() if v is not None}
+        cfg = TrainConfig(**{**cfg.model_dump(), **overrides})
+    except (OSError, ValueError, ValidationError) as e:
+        err.print(f"[red]bad training config {config}: {e}[/red]")
+        raise typer.Exit(2) from e
+    start = time.perf_counter()
+    path = run_training(cfg, resume=resume)
+    err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
+
+
 def _builtin_text() -> str:
     return ("ATLAS keeps a small neural memory that it trains while it reads, one optimiser step per "
             "chunk of sixty-four tokens, so a long document costs no more memory than a short one.\n") * 64

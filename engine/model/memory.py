@@ -107,13 +107,18 @@ def chunk_update(
     theta: Tensor,
     optimizer: str,
     ns_steps: int,
+    first_order: bool = False,
 ) -> tuple[Weights, Weights]:
     """One optimiser step of the memory on one chunk.
 
     x, v: (B, H, N, d) keys (after phi) and values of the c-1 tail tokens and the chunk;
     omega: (B, H, N) Omega weights; eta, alpha, theta: (B, H) chunk gates.
-    Gradients are taken at the chunk-start weights."""
-    grads = memory_grads(weights, x, v, omega)
+    Gradients are taken at the chunk-start weights. `first_order` (training only; the values are
+    the same) stops autograd through the inner gradient's dependence on those weights, so the
+    backward recurrence from chunk to chunk is linear (W_j depends on W_{j-1} through alpha alone)
+    instead of passing through Newton-Schulz's Jacobian at every chunk, which explodes over
+    hundreds of chunks."""
+    grads = memory_grads(tuple(w.detach() for w in weights) if first_order else weights, x, v, omega)
     eta, alpha, theta = (g.to(weights[0].dtype)[..., None, None] for g in (eta, alpha, theta))
     new_w, new_s = [], []
     for i, (w, g) in enumerate(zip(weights, grads, strict=True)):
@@ -149,6 +154,7 @@ class AtlasMemory(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.first_order = False  # training option, see chunk_update
         d_model, h, d, e = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mem_hidden
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.conv = nn.Parameter(torch.empty(3 * d_model, cfg.conv_kernel))
@@ -264,7 +270,8 @@ class AtlasMemory(nn.Module):
         eta, alpha, theta = sel(chunk_gates).unbind(-1)
         momentum = tuple(sel(st["S" + n[1:]]) for n in names) if c.optimizer != "gd" else ()
         new_w, new_s = chunk_update(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
-                                    eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps)
+                                    eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps,
+                                    first_order=self.first_order and torch.is_grad_enabled())
         new = dict(st)
         tail = c.omega_window - 1
         new["tail_k"] = put(st["tail_k"], keys[:, :, keys.shape[2] - tail:])

@@ -1,0 +1,138 @@
+"""Synthetic long-context tasks, generated on the fly (no downloads), as byte-level text.
+
+- Pass-key retrieval in the standard form (Mohtashami & Jaggi, 2023): a fixed preamble, the same
+  filler sentences repeated, one needle "The pass key is N. Remember it. N is the pass key." at a
+  chosen depth, then the question.
+- Multi-needle retrieval in varied prose (in the spirit of RULER's S-NIAH / MK-NIAH): several
+  "The special magic number for NAME is N." needles with different names inside generated sentences,
+  one of them asked for by name.
+
+Every sample's prompt has exactly the requested length in bytes (the byte tokenizer's tokens), so the
+trials of one length run as one batch. The answer is what a correct model continues with.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+PASSKEY_PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. "
+                    "Find it and memorize it. I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+NEEDLES_PREAMBLE = ("Some special magic numbers are hidden inside the following text. "
+                    "Make sure to memorize them. I will quiz you about the numbers afterwards.")
+
+NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas",
+         "Kwame", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar",
+         "Umar", "Vera", "Wanda", "Xavier", "Yusuf", "Zoe")
+_ADJ = ("quiet", "old", "bright", "narrow", "green", "heavy", "small", "distant", "warm", "broken",
+        "silver", "patient", "early", "wooden", "busy", "gentle")
+_NOUN = ("river", "village", "teacher", "garden", "window", "market", "bridge", "letter", "mountain",
+         "kitchen", "painter", "harbor", "library", "orchard", "engine", "lantern")
+_VERB = ("watched", "crossed", "painted", "carried", "found", "opened", "followed", "repaired",
+         "remembered", "visited", "described", "passed")
+_PLACE = ("before noon", "in the rain", "after the festival", "near the station", "every morning",
+          "at the edge of town", "during the winter", "without a word")
+
+TASKS = ("passkey", "multi_needle")
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    prompt: str  # exactly `length` bytes
+    answer: str  # the continuation a correct model produces, e.g. " 31415."
+    value: str  # the number asked for
+    depth: float  # relative position of the (asked) needle in the prompt
+
+
+def _prose(rng: random.Random, n_bytes: int) -> str:
+    """At least n_bytes of varied generated sentences."""
+    parts: list[str] = []
+    size = 0
+    while size < n_bytes:
+        s = (f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_VERB)} the {rng.choice(_ADJ)} "
+             f"{rng.choice(_NOUN)} {rng.choice(_PLACE)}.")
+        parts.append(s)
+        size += len(s) + 1
+    return " ".join(parts)
+
+
+def _filler(n_bytes: int) -> str:
+    reps = n_bytes // (len(PASSKEY_FILLER) + 1) + 1
+    return " ".join([PASSKEY_FILLER] * reps)
+
+
+def _place(head: str, body: str, needles: list[str], depths: list[float], tail: str, length: int) -> str:
+    """head + body (cut to fit) with each needle inserted at its relative depth of the body + tail,
+    exactly `length` bytes; needles go in at sentence boundaries."""
+    room = length - len(head) - len(tail) - sum(len(n) + 1 for n in needles)
+    if room < 0:
+        raise ValueError(f"length {length} is too short for this task (needs {length - room})")
+    body = body[:room]
+    cuts = []
+    for depth in depths:
+        at = int(depth * room)
+        stop = body.rfind(". ", 0, at + 1)
+        cuts.append(0 if stop < 0 else stop + 2)
+    out, prev = [head], 0
+    for at, needle in sorted(zip(cuts, needles, strict=True)):
+        out += [body[prev:at], needle, " "]
+        prev = at
+    out += [body[prev:], tail]
+    text = "".join(out)
+    assert len(text) == length, (len(text), length)
+    return text
+
+
+def passkey(rng: random.Random, length: int, depth: float | None = None) -> Sample:
+    """Pass-key retrieval with a random key in [1, 50000] at `depth` (uniform if None)."""
+    key = str(rng.randint(1, 50000))
+    depth = rng.random() if depth is None else depth
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    head = PASSKEY_PREAMBLE + "\n"
+    prompt = _place(head, _filler(length), [needle], [depth], PASSKEY_QUESTION, length)
+    return Sample("passkey", prompt, f" {key}.", key, depth)
+
+
+def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None) -> Sample:
+    """`n_needles` 7-digit magic numbers for different names in generated prose; one is asked for.
+    The asked needle sits at `depth` (uniform if None); the others at uniform depths."""
+    names = rng.sample(NAMES, n_needles)
+    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in names]
+    depths = [rng.random() for _ in names]
+    if depth is not None:
+        depths[0] = depth
+    needles = [f"The special magic number for {n} is {v}." for n, v in zip(names, values, strict=True)]
+    head = NEEDLES_PREAMBLE + "\n"
+    name = names[0]
+    question = f"\nWhat is the special magic number for {name}? The special magic number for {name} is"
+    prompt = _place(head, _prose(rng, length), needles, depths, question, length)
+    return Sample("multi_needle", prompt, f" {values[0]}.", values[0], depths[0])
+
+
+def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None) -> Sample:
+    if task == "passkey":
+        return passkey(rng, length, depth)
+    if task == "multi_needle":
+        return multi_needle(rng, length, depth=depth)
+    raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+
+
+def min_length(task: str) -> int:
+    """The shortest prompt a task fits in (no filler at all), with room for the longest key."""
+    if task == "passkey":
+        return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len("The pass key is 50000. Remember it. "
+                                                                        "50000 is the pass key.") + 1
+    name = max(NAMES, key=len)
+    return (len(NEEDLES_PREAMBLE) + 1 + 4 * (len(f"The special magic number for {name} is 1234567.") + 1)
+            + len(f"\nWhat is the special magic number for {name}? The special magic number for {name} is"))
+
+
+def first_number(text: str) -> str | None:
+    """The first integer in a model's answer, to compare with the sample's value."""
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
