@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from rich.table import Table
 
 from atlas.engine import Atlas, ModelConfig, SamplingParams, SessionState
 from atlas.engine.api import resolve_device
+from atlas.engine.machine import describe_machine, load_average
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -122,42 +120,6 @@ def timed_decode(atlas: Atlas, state: SessionState, n: int) -> float:
     return dt
 
 
-def read_proc(path: str, key: str) -> str | None:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
-
-
-def load_average() -> list[float] | None:
-    """Other processes on the machine slow a CPU run down; the load says how much to trust it."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """Enough to compare runs: the figures mean little without the hardware and thread count."""
-    mem_kb = read_proc("/proc/meminfo", "MemTotal")
-    info: dict[str, Any] = {
-        "cpu_model": read_proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": str(device),
-        "load_average_at_start": load_average(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     if args.threads:
@@ -169,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = ModelConfig()
     atlas = Atlas.from_config(cfg, seed=args.seed, device=device)
     tokens, source = document_tokens(atlas, args.text, max(lengths), args.seed)
-    info = machine(device)
+    info = describe_machine(device)
     console.print(f"[bold]ingest benchmark[/] on {info['cpu_model']} ({info['torch_threads']} threads), "
                   f"device {device}, document {source}")
 

@@ -9,32 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from atlas.engine import Atlas, ModelConfig, SamplingParams
+from atlas.engine.machine import describe_machine
 from atlas.engine.runtime import GenerationDone, Runtime, RuntimeSettings, percentile
 from atlas.engine.store import StoreSettings, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 async def body(data: bytes, piece: int = 4096):
@@ -96,6 +81,7 @@ def main() -> None:
     atlas = Atlas.from_config(ModelConfig(), seed=0, device=args.device)
     text = TEXT.read_bytes() if TEXT.exists() else b"The quick brown fox jumps over the lazy dog. " * 50_000
     device = str(atlas.device)
+    info = describe_machine(atlas.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(StoreSettings(data_dir=Path(tmp), cache_bytes=0))
@@ -120,7 +106,7 @@ def main() -> None:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or ROOT / "bench" / "results" / f"runtime-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "runtime", "machine": machine(), "device": device,
+    out.write_text(json.dumps({"benchmark": "runtime", "machine": info, "device": device,
                                "config": ModelConfig().model_dump(), "decode_tokens": args.decode_tokens,
                                "ingest_bytes": args.ingest_bytes, "results": rows}, indent=2) + "\n")
     print(f"saved {out}")

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -57,35 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the machine ----------------------------------------------------------------------------------------
 
-def read_proc(path: str, key: str) -> str | None:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def machine(device: str) -> dict[str, Any]:
-    """The figures mean little without the hardware: what ran the server (and the clients)."""
-    import torch
+    """What ran the clients (and, when started here, the server); `device` may name a remote one."""
+    import torch  # not at the top: --help needs no torch
 
-    mem_kb = read_proc("/proc/meminfo", "MemTotal")
-    info: dict[str, Any] = {
-        "cpu_model": read_proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
-        "cpu_cores": os.cpu_count(),
-        "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": device,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "note": "clients and server share this machine (loopback)",
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    from atlas.engine.machine import describe_machine
+
+    local = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    info = describe_machine(local)
+    del info["torch_threads"]  # this process's threads, not the server's (those are in settings)
+    return {**info, "device": device, "note": "clients and server share this machine (loopback)"}
 
 
 # -- the server ---------------------------------------------------------------------------------------
@@ -232,6 +212,8 @@ async def bench(url: str, args: argparse.Namespace, levels: list[int], console: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from atlas.engine.machine import load_average  # after --help: it imports torch
+
     console = Console()
     levels = sorted({int(x) for x in args.clients.split(",") if x.strip()})
     if not levels or min(levels) < 1:
@@ -257,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "server": args.url or "atlas serve (started by the benchmark)",
                            "threads": args.threads},
               **out}
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["load_average_at_end"] = load_average()
     path = args.out or RESULTS / f"server-{device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,29 +25,11 @@ from typing import Any
 
 import redis
 
+from atlas.engine.machine import describe_machine, load_average
 from atlas.engine.store import RedisStore, StoreSettings
 from atlas.engine.store.redis_store import connect
 
 MB = 1 << 20
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or "unknown"
-    mem_gb = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / (1 << 20), 1)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": mem_gb, "platform": platform.platform(),
-            "python": sys.version.split()[0], "redis_py": redis.__version__,
-            "hiredis": _has_hiredis(), "loadavg_start": list(os.getloadavg())}
 
 
 def _has_hiredis() -> bool:
@@ -125,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     conf = {k: v for k, v in client.config_get("*").items()
             if k in ("appendonly", "appendfsync", "save", "maxmemory", "io-threads", "proto-max-bulk-len")}
     results: list[dict[str, Any]] = []
-    desc = machine()
+    desc = {**describe_machine(), "redis_py": redis.__version__, "hiredis": _has_hiredis()}
     try:
         for checksum in args.checksums.split(","):
             settings = StoreSettings(redis_url=args.url, key_prefix=prefix, part_bytes=args.part_bytes,
@@ -142,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         left = cleanup(client, prefix)
         client.close()
-    desc["loadavg_end"] = list(os.getloadavg())
+    desc["load_average_at_end"] = load_average()
     notes = [
         "store save = checksum every part + pipelined SETs + one commit script; raw = one SET. "
         "Checksums run in worker threads, so they are free only where a core is idle: with the "
@@ -152,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "one raw GET on large states because redis-py's pure-Python parser handles several "
         "mid-sized replies faster than one huge reply (hiredis would speed both up).",
     ]
-    if max(desc["loadavg_start"][0], desc["loadavg_end"][0]) > 0.5 * (os.cpu_count() or 1):
-        notes.append("the machine was busy with other processes during the run (see loadavg): "
+    loads = [a[0] for a in (desc["load_average_at_start"], desc["load_average_at_end"]) if a]
+    if loads and max(loads) > 0.5 * (os.cpu_count() or 1):
+        notes.append("the machine was busy with other processes during the run (see load_average_at_*): "
                      "medians are noisy; compare the *_best ratios too.")
     report = {
         "benchmark": "atlas state store vs raw redis-py SET/GET, median of interleaved repetitions",

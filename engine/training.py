@@ -173,6 +173,14 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
     return answer + lm_weight * prompt, answer, prompt
 
 
+def _trim_log(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(keep))
+
+
 def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     """Train per `cfg`, checkpointing to cfg.out_dir: model/ (config.json + model.safetensors),
     trainer.pt (optimiser and step, to resume) and log.jsonl (one line per step). Returns model/."""
@@ -196,6 +204,7 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         step, wall = int(saved["step"]), float(saved["wall_s"])
+    _trim_log(out / "log.jsonl", step)  # steps after the checkpoint will be logged again
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name, unit="step")

@@ -146,6 +146,93 @@ def train(
     err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
 
 
+DEFAULT_LENGTHS = "1k,4k,16k,64k,256k,1M"
+TASK_NAMES = ("passkey", "multi_needle")  # engine.tasks.TASKS (not imported here: it pulls in torch)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[list[str] | None, typer.Option(
+        help="NAME=CHECKPOINT_DIR, repeatable (default: demo=the bundled model)")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey, multi_needle")] = ",".join(TASK_NAMES),
+    lengths: Annotated[str | None, typer.Option(
+        help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the generated prompts")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(
+        help="Results JSON (default bench/results/passkey-DEVICE.json)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw accuracy against length to this PNG")] = None,
+) -> None:
+    """Accuracy against context length on pass-key and multi-needle retrieval."""
+    import json
+
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from atlas.engine.api import BUNDLED_CHECKPOINT, resolve_device
+    from atlas.engine.checkpoint import fingerprint, load_checkpoint, read_config
+    from atlas.engine.evaluation import evaluate as run_eval
+    from atlas.engine.evaluation import parse_length
+    from atlas.engine.evaluation import plot as draw
+    from atlas.engine.machine import describe_machine
+    from atlas.engine.tasks import TASKS
+
+    dev = resolve_device(device)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if bad := [t for t in task_list if t not in TASKS]:
+        err.print(f"[red]unknown task(s) {bad}; choose from {list(TASKS)}[/red]")
+        raise typer.Exit(2)
+    try:
+        length_list = [parse_length(x) for x in (lengths or DEFAULT_LENGTHS).split(",") if x.strip()]
+    except ValueError as e:
+        err.print(f"[red]bad --lengths: {e}[/red]")
+        raise typer.Exit(2) from e
+    if lengths is None and dev.type == "cuda":
+        length_list.append(10 * (1 << 20))
+    specs = model or [f"demo={BUNDLED_CHECKPOINT}"]
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not (Path(path) / "config.json").exists():
+            err.print(f"[red]--model wants NAME=CHECKPOINT_DIR with a config.json, got {spec!r}[/red]")
+            raise typer.Exit(2)
+        models[name] = Path(path)
+    results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed,
+                     "trials": trials, "lengths": length_list, "tasks": task_list, "models": {}}
+    total = sum(trials * n for n in length_list) * len(task_list) * len(models)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=err) as bar:
+        job = bar.add_task("eval", total=total)
+        for name, path in models.items():
+            net = load_checkpoint(path, device=dev)
+            _, meta = read_config(path)
+            entry = {"path": str(path), "fingerprint": fingerprint(net),
+                     "config": net.cfg.model_dump(mode="json"),
+                     "parameters": sum(p.numel() for p in net.parameters()),
+                     "training": meta.get("training"), "points": []}
+            results["models"][name] = entry
+            results.setdefault("max_train_len", (meta.get("training") or {}).get("max_train_len", 8192))
+            if set(net.cfg.mixers) & {"swa", "mag"}:
+                results.setdefault("swa_window", net.cfg.swa_window)
+
+            def report(p, name=name, entry=entry) -> None:
+                entry["points"].append(p.to_dict())
+                err.print(f"{name:>14} {p.task:>12} {p.length:>9,} tokens: {p.correct}/{p.trials} "
+                          f"({100 * p.accuracy:.0f}%)  {p.tokens_per_s:,.0f} tok/s")
+
+            bar.update(job, description=name)
+            run_eval(net, task_list, length_list, trials, seed, on_point=report,
+                     on_progress=lambda n: bar.advance(job, n))
+    out = out or Path("bench/results") / f"passkey-{dev.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    err.print(f"results {out}")
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        draw(results, str(plot))
+        err.print(f"plot {plot}")
+
+
 def _builtin_text() -> str:
     return ("ATLAS keeps a small neural memory that it trains while it reads, one optimiser step per "
             "chunk of sixty-four tokens, so a long document costs no more memory than a short one.\n") * 64

@@ -1,0 +1,134 @@
+"""Long-context retrieval evaluation (`atlas eval`): accuracy against context length.
+
+For each task and length, `trials` prompts with the asked needle at evenly spaced depths run as
+one batch of sessions: the prompt is streamed in pieces (the state is the same however a stream is
+cut), then the answer is decoded greedily and its first number compared with the needle's."""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .model import AtlasModel
+from .tasks import first_number, make_sample, min_length
+from .tokenizer import ByteTokenizer
+
+# Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits.
+CHANCE = {"passkey": 1 / 50000, "multi_needle": 1 / 9_000_000}
+
+
+@dataclass
+class Trial:
+    depth: float
+    value: str
+    output: str
+    correct: bool
+
+
+@dataclass
+class Point:
+    task: str
+    length: int
+    trials: int
+    correct: int
+    accuracy: float
+    chance: float
+    tokens_per_s: float
+    wall_s: float
+    details: list[Trial] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_length(text: str) -> int:
+    """"4k" -> 4096, "1M" -> 1048576, "1000" -> 1000."""
+    text = text.strip()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+@torch.no_grad()
+def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed: int = 0,
+                   piece: int = 1 << 16, on_progress: Callable[[int], None] | None = None) -> Point:
+    """Accuracy of `model` on `trials` prompts of `length` tokens."""
+    tok = ByteTokenizer()
+    rng = random.Random(zlib.crc32(f"{seed}:{task}:{length}".encode()))
+    samples = [make_sample(task, rng, length, depth=(i + 0.5) / trials) for i in range(trials)]
+    device = model.device
+    ids = torch.tensor([tok.encode(s.prompt) for s in samples], dtype=torch.long, device=device)
+    state = model.init_state(trials)
+    start = time.perf_counter()
+    logits = state["last_logits"]
+    for i in range(0, length, piece):
+        logits, state = model(ids[:, i:i + piece], state, all_logits=False)
+        if on_progress:
+            on_progress(min(piece, length - i) * trials)
+    outputs: list[list[int]] = [[] for _ in samples]
+    for _ in range(max(len(s.answer) for s in samples) + 1):
+        nxt = logits.argmax(-1)
+        for out, t in zip(outputs, nxt.tolist(), strict=True):
+            out.append(t)
+        logits, state = model(nxt[:, None], state, all_logits=False)
+    wall = time.perf_counter() - start
+    details = []
+    for s, out in zip(samples, outputs, strict=True):
+        text = tok.decode(out)
+        details.append(Trial(round(s.depth, 4), s.value, text, first_number(text) == s.value))
+    correct = sum(t.correct for t in details)
+    return Point(task, length, trials, correct, correct / trials, CHANCE[task],
+                 round(trials * length / wall, 1), round(wall, 2), details)
+
+
+def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], trials: int, seed: int = 0,
+             on_point: Callable[[Point], None] | None = None,
+             on_progress: Callable[[int], None] | None = None) -> list[Point]:
+    """Every (task, length) point; lengths a task cannot fit in are skipped."""
+    points = []
+    for task in tasks:
+        for length in lengths:
+            if length < min_length(task):
+                continue
+            p = evaluate_point(model, task, length, trials, seed, on_progress=on_progress)
+            points.append(p)
+            if on_point:
+                on_point(p)
+    return points
+
+
+def plot(results: dict, path: str) -> None:
+    """Accuracy against context length, one panel per task, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({p["task"] for m in results["models"].values() for p in m["points"]},
+                   key=["passkey", "multi_needle"].index)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    titles = {"passkey": "Pass-key retrieval", "multi_needle": "Multi-needle (4 keys, asked by name)"}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for name, m in results["models"].items():
+            pts = sorted((p["length"], 100 * p["accuracy"]) for p in m["points"] if p["task"] == task)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.axvline(results["max_train_len"], color="grey", ls="--", lw=1, label="longest training context")
+        window = results.get("swa_window")
+        if window:
+            ax.axvline(window, color="grey", ls=":", lw=1, label="attention window")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(titles.get(task, task))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(results.get("title", "ATLAS long-context retrieval"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,48 @@
+"""A description of the machine a figure was measured on (benchmarks and `atlas eval` save it beside
+their results: the figures mean little without the hardware, the thread count and the load)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _read_proc(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def load_average() -> list[float] | None:
+    """Other processes on the machine slow a CPU run down; the load says how much to trust it."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    mem_kb = _read_proc("/proc/meminfo", "MemTotal")
+    info: dict[str, Any] = {
+        "cpu_model": _read_proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+        "load_average_at_start": load_average(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
