@@ -1,0 +1,193 @@
+"""Synthetic tasks, `atlas train` (checkpoints, resume, precision) and `atlas eval` (results, plot)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from atlas.engine import load_checkpoint
+from atlas.engine.evaluation import evaluate_point, parse_length
+from atlas.engine.tasks import (
+    PASSKEY_FILLER,
+    PASSKEY_PREAMBLE,
+    PASSKEY_QUESTION,
+    TASKS,
+    first_number,
+    make_sample,
+    min_length,
+    multi_needle,
+    passkey,
+)
+from atlas.engine.training import DataConfig, TrainConfig, run_training, task_batch
+from atlas.server.cli import app
+
+from .helpers import tiny_config
+
+
+@pytest.mark.parametrize("length", [244, 300, 1000, 4096, 100_003])
+def test_passkey_prompt_is_the_standard_form_at_the_exact_length(length):
+    s = passkey(random.Random(length), length, depth=0.5)
+    assert len(s.prompt) == len(s.prompt.encode()) == length
+    assert s.prompt.startswith(PASSKEY_PREAMBLE + "\n") and s.prompt.endswith(PASSKEY_QUESTION)
+    needle = f"The pass key is {s.value}. Remember it. {s.value} is the pass key."
+    assert s.prompt.count(needle) == 1 and s.answer == f" {s.value}." and 1 <= int(s.value) <= 50000
+    if length > 1000:
+        assert PASSKEY_FILLER in s.prompt
+        at = s.prompt.index(needle) / length
+        assert abs(at - 0.5) < 0.05
+
+
+def test_passkey_depth_is_respected_at_both_ends():
+    first = passkey(random.Random(0), 20_000, depth=0.0)
+    last = passkey(random.Random(0), 20_000, depth=1.0)
+    assert first.prompt.index("The pass key is") < 300
+    assert last.prompt.index("The pass key is") > 19_000
+
+
+def test_multi_needle_asks_for_one_of_several_names():
+    s = multi_needle(random.Random(3), 6000, n_needles=4, depth=0.25)
+    assert len(s.prompt) == 6000
+    needles = re.findall(r"The special magic number for (\w+) is (\d{7})\.", s.prompt)
+    assert len(needles) == 4 and len({n for n, _ in needles}) == 4
+    name = s.prompt.rsplit("magic number for ", 1)[1].split(" ")[0]
+    assert f"The special magic number for {name} is {s.value}." in s.prompt
+    assert (name, s.value) in needles
+    assert s.answer == f" {s.value}."
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_min_length_fits_and_shorter_is_refused(task):
+    n = min_length(task)
+    for seed in range(20):
+        assert len(make_sample(task, random.Random(seed), n).prompt) == n
+    with pytest.raises(ValueError, match="too short"):
+        make_sample(task, random.Random(0), n // 2)
+
+
+def test_first_number_and_lengths():
+    assert first_number(" 31415. Remember") == "31415" and first_number(" none") is None
+    assert parse_length("4k") == 4096 and parse_length("1M") == 1 << 20 and parse_length("1000") == 1000
+
+
+def test_task_batch_is_a_function_of_seed_and_step_with_answer_masks():
+    cfg = DataConfig(min_len=512, max_len=2048, curriculum_steps=10, tokens_per_batch=2048)
+    a = task_batch(7, cfg, seed=1)
+    b = task_batch(7, cfg, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a[3] == b[3]
+    tokens, answer_mask, prompt_mask, length = a
+    assert 512 <= length <= 2048 and tokens.shape[0] == max(1, 2048 // length)
+    for row in range(tokens.shape[0]):
+        # the masked positions predict the answer: the tokens right after them spell " N."
+        answer = bytes(tokens[row, 1:][answer_mask[row]].tolist()).decode()
+        assert answer.startswith(" ") and answer.endswith(".") and answer[1:-1].isdigit()
+        assert bytes(tokens[row, :length].tolist()).decode().endswith("is")
+        assert int(prompt_mask[row].sum()) == length - 1
+    # the curriculum: early steps are short
+    assert task_batch(0, cfg, seed=1)[3] == 512
+
+
+def tiny_train_config(tmp_path, **kw) -> TrainConfig:
+    model = tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32, omega_window=2)
+    base = dict(name="t", seed=3, steps=4, device="cpu", out_dir=tmp_path / "run", checkpoint_every=2,
+                model=model.model_dump(),
+                data=dict(min_len=300, max_len=400, curriculum_steps=2, tokens_per_batch=600,
+                          tasks={"passkey": 1.0}))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_can_stop_and_continue_bit_exactly(tmp_path, monkeypatch):
+    cfg = tiny_train_config(tmp_path / "x")
+    straight = load_checkpoint(run_training(cfg, progress=False))
+    # Stop after step 2 (a crash after its checkpoint), then run again: it resumes from trainer.pt.
+    cfg2 = tiny_train_config(tmp_path / "y")
+    stopped = _run_until(cfg2, 2, monkeypatch)
+    assert torch.load(stopped / "trainer.pt", weights_only=True)["step"] == 2
+    again = load_checkpoint(run_training(cfg2, progress=False))
+    for (n, p), q in zip(straight.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    log = [json.loads(line) for line in (stopped / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def _run_until(cfg: TrainConfig, steps: int, monkeypatch):
+    """Run `cfg` but stop before step `steps` + 1 (as if killed right after that checkpoint)."""
+    import atlas.engine.training as training
+
+    real = training.lr_at
+
+    class Stop(Exception):
+        pass
+
+    def limited(step, total, ocfg):
+        if step >= steps:
+            raise Stop
+        return real(step, total, ocfg)
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "lr_at", limited)
+        with pytest.raises(Stop):
+            run_training(cfg, progress=False)
+    return cfg.out_dir
+
+
+def test_bf16_training_runs(tmp_path):
+    cfg = tiny_train_config(tmp_path, precision="bf16", steps=1)
+    run_training(cfg, progress=False)
+    rec = json.loads((cfg.out_dir / "log.jsonl").read_text())
+    assert rec["loss"] == rec["loss"] and rec["loss"] < 20  # finite
+
+
+def test_train_and_eval_commands(tmp_path):
+    runner = CliRunner()
+    cfg = tiny_train_config(tmp_path, steps=2)
+    conf = tmp_path / "train.json"
+    conf.write_text(cfg.model_dump_json())
+    res = runner.invoke(app, ["train", str(conf), "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    ckpt = tmp_path / "out" / "model"
+    assert (ckpt / "model.safetensors").exists()
+    out, png = tmp_path / "passkey.json", tmp_path / "passkey.png"
+    res = runner.invoke(app, ["eval", "--model", f"tiny={ckpt}", "--lengths", "300,1k", "--trials", "2",
+                              "--tasks", "passkey,multi_needle", "--device", "cpu", "--out", str(out),
+                              "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    points = doc["models"]["tiny"]["points"]
+    # multi_needle does not fit in 300 tokens: skipped, not failed
+    assert [(p["task"], p["length"]) for p in points] == [("passkey", 300), ("passkey", 1024),
+                                                          ("multi_needle", 1024)]
+    assert all(len(p["details"]) == 2 and 0 <= p["accuracy"] <= 1 for p in points)
+    assert doc["machine"]["cpu_cores"] and doc["models"]["tiny"]["training"]["steps"] == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_configs_and_options(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('steps = -1\n[model]\nd_model = 7\n')
+    res = runner.invoke(app, ["train", str(bad)])
+    assert res.exit_code == 2 and "bad training config" in res.output
+    res = runner.invoke(app, ["train", str(tmp_path / "missing.toml")])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["eval", "--tasks", "nope"])
+    assert res.exit_code == 2 and "unknown task" in res.output
+    res = runner.invoke(app, ["eval", "--model", f"x={tmp_path}"])
+    assert res.exit_code == 2
+
+
+def test_evaluate_point_scores_the_first_number_against_the_needle():
+    """A model whose every answer is wrong scores 0; scoring reads the generated text."""
+    from atlas.engine import AtlasModel
+
+    torch.manual_seed(0)
+    model = AtlasModel(tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32)).eval()
+    p = evaluate_point(model, "passkey", 400, trials=3)
+    assert p.trials == 3 and len(p.details) == 3
+    assert p.correct == sum(d.correct for d in p.details)
+    assert {round(d.depth, 4) for d in p.details} == {round((i + 0.5) / 3, 4) for i in range(3)}
