@@ -35,6 +35,8 @@ def save_checkpoint(model: AtlasModel, path: str | Path, dtype: torch.dtype | No
         tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "atlas-model/1"})
     doc = {"model": model.cfg.model_dump(mode="json"), **(extra or {})}
+    if dtype is None:  # the fingerprint of the weights as written, checked when loaded in their dtype
+        doc["fingerprint"] = fingerprint(model)
     (path / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
@@ -46,7 +48,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> AtlasModel:
-    cfg, _ = read_config(path)
+    cfg, meta = read_config(path)
     # Built in the target dtype first, so weights are converted once (a float64 checkpoint stays exact).
     model = AtlasModel(cfg).to(device=device, dtype=dtype)
     tensors = load_file(str(Path(path) / "model.safetensors"))
@@ -56,4 +58,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"checkpoint does not match its config: {e}") from e
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match its config: missing {missing}, unexpected {unexpected}")
+    recorded = meta.get("fingerprint")
+    if recorded and all(t.dtype == dtype for t in tensors.values() if t.is_floating_point()):
+        if fingerprint(model) != recorded:
+            raise ValueError(f"checkpoint {path} does not match its recorded fingerprint (damaged or edited)")
     return model.eval()

@@ -191,3 +191,19 @@ def test_evaluate_point_scores_the_first_number_against_the_needle():
     assert p.trials == 3 and len(p.details) == 3
     assert p.correct == sum(d.correct for d in p.details)
     assert {round(d.depth, 4) for d in p.details} == {round((i + 0.5) / 3, 4) for i in range(3)}
+
+
+def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from atlas.engine import AtlasModel, fingerprint, save_checkpoint
+
+    model = AtlasModel(tiny_config(d_model=16, n_heads=2, n_layers=1))
+    save_checkpoint(model, tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())["fingerprint"]
+    assert fingerprint(load_checkpoint(tmp_path)) == recorded == fingerprint(model)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["embed.weight"][3, 5] += 1e-3
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_checkpoint(tmp_path)
