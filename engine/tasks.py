@@ -47,6 +47,10 @@ class Sample:
     answer: str  # the continuation a correct model produces, e.g. " 31415."
     value: str  # the number asked for
     depth: float  # relative position of the (asked) needle in the prompt
+    # For training: more (question, answer) pairs about the same prompt, asked after the answer,
+    # and spans of the prompt that repeat something a few tokens earlier (the key's second mention).
+    follow_ups: tuple[tuple[str, str], ...] = ()
+    copies: tuple[tuple[int, int], ...] = ()
 
 
 def _prose(rng: random.Random, n_bytes: int) -> str:
@@ -95,7 +99,8 @@ def passkey(rng: random.Random, length: int, depth: float | None = None) -> Samp
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     head = PASSKEY_PREAMBLE + "\n"
     prompt = _place(head, _filler(length), [needle], [depth], PASSKEY_QUESTION, length)
-    return Sample("passkey", prompt, f" {key}.", key, depth)
+    second = prompt.index(needle) + needle.index(f" {key} is") + 1
+    return Sample("passkey", prompt, f" {key}.", key, depth, copies=((second, second + len(key)),))
 
 
 def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None) -> Sample:
@@ -108,10 +113,12 @@ def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: flo
         depths[0] = depth
     needles = [f"The special magic number for {n} is {v}." for n, v in zip(names, values, strict=True)]
     head = NEEDLES_PREAMBLE + "\n"
-    name = names[0]
-    question = f"\nWhat is the special magic number for {name}? The special magic number for {name} is"
-    prompt = _place(head, _prose(rng, length), needles, depths, question, length)
-    return Sample("multi_needle", prompt, f" {values[0]}.", values[0], depths[0])
+    ask = "\nWhat is the special magic number for {0}? The special magic number for {0} is"
+    questions = [ask.format(n) for n in names]
+    prompt = _place(head, _prose(rng, length), needles, depths, questions[0], length)
+    others = list(zip(questions[1:], [f" {v}." for v in values[1:]], strict=True))
+    rng.shuffle(others)
+    return Sample("multi_needle", prompt, f" {values[0]}.", values[0], depths[0], follow_ups=tuple(others))
 
 
 def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None) -> Sample:

@@ -100,6 +100,10 @@ class DataConfig(BaseModel):
     curriculum_steps: int = Field(1000, ge=0)  # the longest length grows from min_len to max_len
     tokens_per_batch: int = Field(16384, ge=1)  # batch size = tokens_per_batch // length (at least 1)
     lm_weight: float = Field(0.1, ge=0)  # weight of next-token loss on the prompt beside the answer's
+    # Score more than the one answer: the questions about a prompt's other needles (asked after the
+    # first answer) and the key's second mention inside the pass-key needle.
+    follow_ups: bool = True
+    score_copies: bool = True
 
 
 class TrainConfig(BaseModel):
@@ -148,16 +152,27 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     names, weights = zip(*cfg.tasks.items(), strict=True)
     batch = max(1, cfg.tokens_per_batch // length)
     samples = [make_sample(rng.choices(names, weights)[0], rng, length) for _ in range(batch)]
-    answers = [tok.encode(s.answer) for s in samples]
-    width = length + max(map(len, answers))
+    rows: list[tuple[list[int], list[tuple[int, int]]]] = []  # ids after the prompt, scored spans
+    for s in samples:
+        ids, spans = tok.encode(s.answer), [(length, length + len(tok.encode(s.answer)))]
+        for question, answer in s.follow_ups if cfg.follow_ups else ():
+            ids += tok.encode(question)
+            spans.append((length + len(ids), length + len(ids) + len(tok.encode(answer))))
+            ids += tok.encode(answer)
+        if cfg.score_copies:
+            spans += list(s.copies)
+        rows.append((ids, spans))
+    width = length + max(len(ids) for ids, _ in rows)
     tokens = torch.full((batch, width), tok.encode(" ")[0], dtype=torch.long)
     answer_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
-    for i, (s, a) in enumerate(zip(samples, answers, strict=True)):
+    for i, (s, (ids, spans)) in enumerate(zip(samples, rows, strict=True)):
         tokens[i, :length] = torch.tensor(tok.encode(s.prompt))
-        tokens[i, length:length + len(a)] = torch.tensor(a)
-        answer_mask[i, length - 1:length - 1 + len(a)] = True
+        tokens[i, length:length + len(ids)] = torch.tensor(ids)
+        for a, b in spans:  # the logits at position p predict token p + 1
+            answer_mask[i, a - 1:b - 1] = True
         prompt_mask[i, :length - 1] = True
+    prompt_mask &= ~answer_mask
     return tokens, answer_mask, prompt_mask, length
 
 

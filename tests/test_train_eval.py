@@ -82,13 +82,36 @@ def test_task_batch_is_a_function_of_seed_and_step_with_answer_masks():
     tokens, answer_mask, prompt_mask, length = a
     assert 512 <= length <= 2048 and tokens.shape[0] == max(1, 2048 // length)
     for row in range(tokens.shape[0]):
-        # the masked positions predict the answer: the tokens right after them spell " N."
-        answer = bytes(tokens[row, 1:][answer_mask[row]].tolist()).decode()
-        assert answer.startswith(" ") and answer.endswith(".") and answer[1:-1].isdigit()
         assert bytes(tokens[row, :length].tolist()).decode().endswith("is")
-        assert int(prompt_mask[row].sum()) == length - 1
+        assert not (answer_mask[row] & prompt_mask[row]).any()
+        assert int((answer_mask[row] | prompt_mask[row])[:length - 1].sum()) == length - 1
     # the curriculum: early steps are short
     assert task_batch(0, cfg, seed=1)[3] == 512
+
+
+def scored(tokens, mask, row) -> str:
+    """The text the masked positions predict (position p predicts token p + 1)."""
+    return bytes(tokens[row, 1:][mask[row]].tolist()).decode()
+
+
+def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
+    cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"passkey": 1.0})
+    tokens, answer_mask, _, length = task_batch(0, cfg, seed=0)
+    for row in range(2):
+        key = bytes(tokens[row, length:].tolist()).decode().split(".")[0].strip()
+        text = bytes(tokens[row].tolist()).decode()
+        assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
+        assert scored(tokens, answer_mask, row) == f"{key} {key}."
+    cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"multi_needle": 1.0})
+    tokens, answer_mask, _, length = task_batch(0, cfg, seed=0)
+    text = bytes(tokens[0].tolist()).decode()
+    needles = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", text[:length]))
+    asked = re.findall(r"What is the special magic number for (\w+)\?", text)
+    assert sorted(asked) == sorted(needles) and len(asked) == 4
+    assert scored(tokens, answer_mask, 0) == "".join(f" {needles[n]}." for n in asked)
+    plain = cfg.model_copy(update={"follow_ups": False})
+    tokens, answer_mask, _, length = task_batch(0, plain, seed=0)
+    assert scored(tokens, answer_mask, 0) == f" {needles[asked[0]]}."
 
 
 def tiny_train_config(tmp_path, **kw) -> TrainConfig:
