@@ -154,7 +154,8 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     samples = [make_sample(rng.choices(names, weights)[0], rng, length) for _ in range(batch)]
     rows: list[tuple[list[int], list[tuple[int, int]]]] = []  # ids after the prompt, scored spans
     for s in samples:
-        ids, spans = tok.encode(s.answer), [(length, length + len(tok.encode(s.answer)))]
+        ids = tok.encode(s.answer)
+        spans = [(length, length + len(ids))]
         for question, answer in s.follow_ups if cfg.follow_ups else ():
             ids += tok.encode(question)
             spans.append((length + len(ids), length + len(ids) + len(tok.encode(answer))))

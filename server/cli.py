@@ -147,14 +147,14 @@ def train(
 
 
 DEFAULT_LENGTHS = "1k,4k,16k,64k,256k,1M"
-TASK_NAMES = ("passkey", "multi_needle")  # engine.tasks.TASKS (not imported here: it pulls in torch)
 
 
 @app.command(name="eval")
 def evaluate(
     model: Annotated[list[str] | None, typer.Option(
         help="NAME=CHECKPOINT_DIR, repeatable (default: demo=the bundled model)")] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey, multi_needle")] = ",".join(TASK_NAMES),
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated: passkey, multi_needle (default both)")] = None,
     lengths: Annotated[str | None, typer.Option(
         help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,
@@ -178,7 +178,7 @@ def evaluate(
     from atlas.engine.tasks import TASKS
 
     dev = resolve_device(device)
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(TASKS)
     if bad := [t for t in task_list if t not in TASKS]:
         err.print(f"[red]unknown task(s) {bad}; choose from {list(TASKS)}[/red]")
         raise typer.Exit(2)
