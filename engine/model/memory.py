@@ -10,10 +10,13 @@ Everything is differentiable (training backprops through the chunk recurrence) a
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from atlas import kernels
 
 from ..config import ModelConfig
 
@@ -132,6 +135,100 @@ def chunk_update(
     return tuple(new_w), tuple(new_s)
 
 
+def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alpha: Tensor,
+                         theta: Tensor, state: dict[str, Tensor], chunk_size: int, optimizer: str,
+                         ns_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Many chunks of one stream: the chunk step above, looped (the specification of `chunk_scan`).
+
+    q, k, v: (B, H, T, d) phi(q), phi(k), v; gamma (B, H, T); eta (times eta_max), alpha, theta
+    (B, H, >= T // b) chunk gates; state: W1, W2 (or W), S1, S2 (or S; none for gd), tail_k, tail_v,
+    tail_gamma, as in `AtlasMemory.init_state`. The T // b whole chunks are committed; a trailing
+    partial chunk is only read, at the final weights. Returns the reads (B, H, T, d) in q's dtype
+    (before the head norm) and the state's new memory entries."""
+    names = ("W",) if "W" in state else ("W1", "W2")
+    weights = tuple(state[n] for n in names)
+    momentum = tuple(state["S" + n[1:]] for n in names) if optimizer != "gd" else ()
+    tk, tv, tg = state["tail_k"], state["tail_v"], state["tail_gamma"]
+    b, t, tail = chunk_size, k.shape[2], tk.shape[2]
+    counts = omega_counts(b, tail + 1, gamma.dtype, gamma.device)
+    reads = []
+    for j in range(-(-t // b)):
+        sl = slice(j * b, (j + 1) * b)
+        reads.append(memory_read(weights, q[:, :, sl]).to(q.dtype))
+        if (j + 1) * b > t:
+            break
+        keys, vals = torch.cat([tk, k[:, :, sl]], 2), torch.cat([tv, v[:, :, sl]], 2)
+        gammas = torch.cat([tg, gamma[:, :, sl]], 2)
+        weights, momentum = chunk_update(weights, momentum, keys, vals, gammas * counts, eta[..., j],
+                                         alpha[..., j], theta[..., j], optimizer, ns_steps)
+        n = keys.shape[2]
+        tk, tv, tg = keys[:, :, n - tail:], vals[:, :, n - tail:], gammas[:, :, n - tail:]
+    new = dict(zip(names, weights, strict=True), tail_k=tk, tail_v=tv, tail_gamma=tg)
+    new.update({"S" + n[1:]: s for n, s in zip(names, momentum, strict=False)})
+    return torch.cat(reads, dim=2) if reads else q.new_empty(q.shape), new
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused kernels or the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def use_kernels(weights: Weights, *tensors: Tensor) -> bool:
+    """Whether the fused Triton kernels (kernels/) take a chunk step or read. ATLAS_KERNELS=auto (the
+    default) uses them on CUDA, =off never, =on wherever Triton runs (also the CPU interpreter,
+    TRITON_INTERPRET=1, which tests use). Only for fp32 state and without autograd: training
+    differentiates through the reference."""
+    mode = os.environ.get("ATLAS_KERNELS", "auto").strip().lower()
+    if mode in ("off", "0", "false", "reference"):
+        return False
+    everything = (*weights, *tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in everything):
+        return False
+    if weights[0].dtype != torch.float32 or (mode == "auto" and not all(t.is_cuda for t in everything)):
+        return False
+    d, e = weights[0].shape[-2], weights[0].shape[-1]
+    return kernels.available() and kernels.supported(len(weights), d, e)
+
+
+def kernel_precision() -> str:
+    """The fused kernels' fp32 products: tf32 (default; 10-bit mantissa operands, fp32 accumulation),
+    tf32x3 (about fp32 accuracy, 3 tf32 products) or ieee (fp32 FMA, slowest). ATLAS_KERNEL_PRECISION."""
+    return os.environ.get("ATLAS_KERNEL_PRECISION", "tf32").strip().lower()
+
+
+def chunk_step(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega: Tensor, eta: Tensor,
+               alpha: Tensor, theta: Tensor, optimizer: str, ns_steps: int,
+               first_order: bool = False) -> tuple[Weights, Weights]:
+    """`chunk_update`, by the fused kernel where `use_kernels` says so."""
+    if use_kernels(weights, *momentum, x, v, omega, eta, alpha, theta):
+        return kernels.chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps,
+                                    precision=kernel_precision())
+    return chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps, first_order)
+
+
+def read_step(weights: Weights, x: Tensor) -> Tensor:
+    """`memory_read`, by the fused decode kernel where `use_kernels` says so."""
+    return kernels.memory_read(weights, x) if use_kernels(weights, x) else memory_read(weights, x)
+
+
+def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alpha: Tensor, theta: Tensor,
+               state: dict[str, Tensor], chunk_size: int, optimizer: str,
+               ns_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """`chunk_scan_reference`, by the fused kernel where `use_kernels` says so."""
+    names = ("W",) if "W" in state else ("W1", "W2")
+    weights = tuple(state[n] for n in names)
+    momentum = tuple(state["S" + n[1:]] for n in names) if optimizer != "gd" else ()
+    if not use_kernels(weights, *momentum, q, k, v, gamma, eta, alpha, theta):
+        return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
+    reads, weights, momentum, (tk, tv, tg) = kernels.chunk_scan(
+        q, k, v, gamma, eta, alpha, theta, weights, momentum, state["tail_k"], state["tail_v"],
+        state["tail_gamma"], chunk_size=chunk_size, optimizer=optimizer, ns_steps=ns_steps,
+        precision=kernel_precision())
+    new = dict(zip(names, weights, strict=True), tail_k=tk, tail_v=tv, tail_gamma=tg)
+    new.update({"S" + n[1:]: s for n, s in zip(names, momentum, strict=False)})
+    return reads, new
+
+
 # ---------------------------------------------------------------------------------------------
 # The streaming layer
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +327,7 @@ class AtlasMemory(nn.Module):
         q = F.silu(conv[..., :c.d_model]).view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
         fq = feature_map(F.normalize(q, dim=-1), self.phi)
         weights = tuple(st[n] for n in self._names)
-        out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
+        out = head_rms_norm(read_step(weights, fq).to(x.dtype), self.norm, c.norm_eps)
         return out, {"cache_conv": window[:, 1:]}
 
     def forward(self, x: Tensor, st: dict[str, Tensor], commit: Tensor,
@@ -269,9 +366,9 @@ class AtlasMemory(nn.Module):
         gammas = torch.cat([sel(st["tail_gamma"]), sel(gamma)], dim=2)
         eta, alpha, theta = sel(chunk_gates).unbind(-1)
         momentum = tuple(sel(st["S" + n[1:]]) for n in names) if c.optimizer != "gd" else ()
-        new_w, new_s = chunk_update(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
-                                    eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps,
-                                    first_order=self.first_order and torch.is_grad_enabled())
+        new_w, new_s = chunk_step(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
+                                  eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps,
+                                  first_order=self.first_order and torch.is_grad_enabled())
         new = dict(st)
         tail = c.omega_window - 1
         new["tail_k"] = put(st["tail_k"], keys[:, :, keys.shape[2] - tail:])

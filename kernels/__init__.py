@@ -1,0 +1,50 @@
+"""Fused Triton kernels for the ATLAS memory (see README.md).
+
+Importing this package does not import Triton: the engine imports it everywhere and asks `available()`
+before calling a kernel. Entry points:
+
+- `chunk_scan`: reads, Omega weights, gradients, momentum, Newton-Schulz and the update over many chunks;
+- `chunk_update`: the engine's one-chunk optimiser step, fused;
+- `memory_read`: the decode-time read, batched over sessions.
+
+`naive` holds plain PyTorch versions of the same functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton is importable (a CUDA device, or TRITON_INTERPRET=1 on CPU, is the caller's check)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def supported(depth: int, d: int, e: int) -> bool:
+    """Memory shapes the chunk kernels take: tl.dot tiles are powers of two and at least 16 wide."""
+    ok = lambda n: n >= 16 and n & (n - 1) == 0
+    return depth in (1, 2) and ok(d) and (depth == 1 or ok(e))
+
+
+def chunk_scan(*args: Any, **kwargs: Any) -> Any:
+    from .chunk import chunk_scan as run
+
+    return run(*args, **kwargs)
+
+
+def chunk_update(*args: Any, **kwargs: Any) -> Any:
+    from .chunk import chunk_update as run
+
+    return run(*args, **kwargs)
+
+
+def memory_read(*args: Any, **kwargs: Any) -> Any:
+    from .read import memory_read as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["available", "chunk_scan", "chunk_update", "memory_read", "supported"]

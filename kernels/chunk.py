@@ -1,0 +1,438 @@
+"""The fused ATLAS chunk recurrence: one Triton program per (session, head) loops over the chunks.
+
+Per chunk j it computes, all at the chunk-start weights W_{j-1} (MODEL.md, "One ATLAS memory layer"):
+the reads M(phi(q_t)) of the chunk's tokens, the Omega weights of the c-1 tail tokens and the chunk's
+b tokens (gamma * multiplicity), the analytic gradients, the momentum, Newton-Schulz and the update.
+A trailing partial chunk (T not a multiple of b) is read at the final weights and not committed.
+
+Inputs are phi(q), phi(k), v (B, H, T, d) in fp32/fp16/bf16, gamma (B, H, T), the chunk gates
+eta (already times eta_max), alpha, theta (B, H, >= T // b), and the carried state. Projections,
+convolution, normalisation, phi, the gate sigmoids and the per-head RMS norm of the reads stay in
+PyTorch. The reference is `naive.chunk_scan` beside this file and the engine's chunk step.
+
+On-chip budget (see README.md): depth 1 keeps W and S (d x d fp32) in registers across the loop.
+Depth 2 (W1 d x e, W2 e x d, S1, S2: 256 KB fp32 per (session, head) at d=64, e=256) cannot stay on
+one SM, so they live in a private fp32 copy in global memory (L2-resident) that each chunk streams
+through in e-blocks; only Newton-Schulz holds a whole (min(d,e) x max(d,e)) matrix in registers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.errors import OutOfResources
+
+from . import supported
+from ._common import NS_N1, NS_N2, NS_N3, OPTIMIZERS, _gelu, _gelu_grad, _mm, _newton_schulz, next_pow2
+
+Weights = tuple[Tensor, ...]
+
+# ---------------------------------------------------------------------------------------------
+# Row loading shared by both depths
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(seq_base, tail_base, pos, ok, offs_d, D: tl.constexpr, TAIL: tl.constexpr):
+    """Rows at sequence positions `pos` (B, D) in fp32; positions -TAIL..-1 come from the carried tail."""
+    x = tl.load(seq_base + pos[:, None] * D + offs_d[None, :], mask=(ok & (pos >= 0))[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if TAIL > 0:
+        t = tl.load(tail_base + (pos + TAIL)[:, None] * D + offs_d[None, :], mask=(ok & (pos < 0))[:, None],
+                    other=0.0)
+        x += t.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_omega(g_base, tg_base, pos, ok, cnt, TAIL: tl.constexpr):
+    g = tl.load(g_base + pos, mask=ok & (pos >= 0), other=0.0).to(tl.float32)
+    if TAIL > 0:
+        g += tl.load(tg_base + pos + TAIL, mask=ok & (pos < 0), other=0.0).to(tl.float32)
+    return g * cnt
+
+
+@triton.jit
+def _omega_counts(offs_n, CHUNK: tl.constexpr, TAIL: tl.constexpr, HAS_COUNTS: tl.constexpr):
+    """#{t in [0, b) : i <= t <= i + c - 1} for key row r = i + c - 1 (rows past the chunk weigh 0)."""
+    if HAS_COUNTS:
+        rel = offs_n - TAIL
+        cnt = tl.minimum(rel + TAIL, CHUNK - 1) - tl.maximum(rel, 0) + 1
+        cnt = tl.maximum(cnt, 0).to(tl.float32)
+    else:  # the caller gives the Omega weights themselves
+        cnt = tl.full(offs_n.shape, 1.0, tl.float32)
+    return cnt
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth 2: M(x) = x + W1 gelu(W2 x)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _read2(xq, w1_base, w2_base, offs_d, offs_e, D: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
+           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    y = xq
+    for eb in tl.static_range(E // BLOCK_E):
+        cols = eb * BLOCK_E + offs_e
+        w2b = tl.load(w2_base + cols[:, None] * D + offs_d[None, :])
+        w1b = tl.load(w1_base + offs_d[:, None] * E + cols[None, :])
+        y += _mm(_gelu(_mm(xq, tl.trans(w2b), DOT_DTYPE, PRECISION)), tl.trans(w1b), DOT_DTYPE, PRECISION)
+    return y
+
+
+@triton.jit
+def _ns_update(s_base, w_base, x_base, alpha, eta, R: tl.constexpr, C: tl.constexpr, SR: tl.constexpr,
+               SC: tl.constexpr, SCALE: tl.constexpr, STEPS: tl.constexpr, NS_BLOCK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """W = alpha W - eta NS(S) on the wide view (R <= C) of one weight matrix, given by strides.
+
+    NS_BLOCK == C: the whole R x C iterate in registers. NS_BLOCK < C: column blocks streamed through
+    the scratch x_base (R x C, row-major): each step's update X_blk <- n1 X_blk + B X_blk needs only
+    its own block, and the next Gram matrix A = sum_blk X_blk X_blk^T accumulates as blocks are
+    written. Smaller tiles, for when the whole iterate does not fit on chip."""
+    offs_r = tl.arange(0, R)
+    if NS_BLOCK == C:
+        offs = offs_r[:, None] * SR + tl.arange(0, C)[None, :] * SC
+        x = _newton_schulz(tl.load(s_base + offs), STEPS, PRECISION)
+        w = tl.load(w_base + offs)
+        tl.store(w_base + offs, alpha * w - eta * (x * SCALE))
+    else:
+        offs_c = tl.arange(0, NS_BLOCK)
+        sq = 0.0
+        for cb in tl.static_range(C // NS_BLOCK):
+            xb = tl.load(s_base + offs_r[:, None] * SR + (cb * NS_BLOCK + offs_c)[None, :] * SC)
+            sq += tl.sum(tl.sum(xb * xb, axis=1), axis=0)
+        inv = 1.0 / (tl.sqrt(sq) + 1e-7)
+        # X_0 = S / (||S|| + 1e-7) is written to the scratch with its Gram matrix.
+        a = tl.zeros([R, R], dtype=tl.float32)
+        for cb in tl.static_range(C // NS_BLOCK):
+            cols = cb * NS_BLOCK + offs_c
+            xb = tl.load(s_base + offs_r[:, None] * SR + cols[None, :] * SC) * inv
+            tl.store(x_base + offs_r[:, None] * C + cols[None, :], xb)
+            a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
+        tl.debug_barrier()
+        for _ in tl.static_range(STEPS):
+            b = NS_N2 * a + NS_N3 * tl.dot(a, a, input_precision=PRECISION)
+            a = tl.zeros([R, R], dtype=tl.float32)
+            for cb in tl.static_range(C // NS_BLOCK):
+                ox = offs_r[:, None] * C + (cb * NS_BLOCK + offs_c)[None, :]
+                xb = tl.load(x_base + ox)
+                xb = tl.dot(b, xb, NS_N1 * xb, input_precision=PRECISION)
+                tl.store(x_base + ox, xb)
+                a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
+            tl.debug_barrier()
+        for cb in tl.static_range(C // NS_BLOCK):
+            cols = cb * NS_BLOCK + offs_c
+            ow = offs_r[:, None] * SR + cols[None, :] * SC
+            x = tl.load(x_base + offs_r[:, None] * C + cols[None, :])
+            tl.store(w_base + ow, alpha * tl.load(w_base + ow) - eta * (x * SCALE))
+        tl.debug_barrier()  # the scratch is reused by the next matrix
+
+
+@triton.jit
+def _scan2_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, tk_ptr, tv_ptr, tg_ptr,
+    eta_ptr, alpha_ptr, theta_ptr,
+    w1_ptr, w2_ptr, s1_ptr, s2_ptr, x_ptr, out_ptr,
+    T, NC, n_full, n_read,
+    D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
+    OPT: tl.constexpr, NS_STEPS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_READS: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, S1_SR: tl.constexpr, S1_SC: tl.constexpr,
+    S2_SR: tl.constexpr, S2_SC: tl.constexpr, SCALE1: tl.constexpr, SCALE2: tl.constexpr,
+    NS_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    seq = pid * T * D
+    q_base, k_base, v_base, out_base = q_ptr + seq, k_ptr + seq, v_ptr + seq, out_ptr + seq
+    g_base = g_ptr + pid * T
+    tk_base, tv_base, tg_base = tk_ptr + pid * TAIL * D, tv_ptr + pid * TAIL * D, tg_ptr + pid * TAIL
+    w1_base, w2_base = w1_ptr + pid * D * E, w2_ptr + pid * D * E
+    s1_base, s2_base = s1_ptr + pid * D * E, s2_ptr + pid * D * E
+    x_base = x_ptr + pid * D * E  # Newton-Schulz scratch (used when NS_BLOCK < C)
+
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_n < CHUNK + TAIL
+    q_ok = offs_q < CHUNK
+    cnt = _omega_counts(offs_n, CHUNK, TAIL, HAS_COUNTS)
+
+    # W and S are rewritten in place every chunk: the launch passes num_stages=1 so that the software
+    # pipeliner never prefetches the next chunk's W blocks ahead of this chunk's stores.
+    for j in range(0, n_full):
+        pos = j * CHUNK - TAIL + offs_n
+        xk = _load_rows(k_base, tk_base, pos, row_ok, offs_d, D, TAIL)
+        qpos = j * CHUNK + offs_q
+        # Forward through the memory at W_{j-1}: the chunk's reads and the keys' predictions share
+        # each e-block of W1, W2.
+        mk = xk
+        yq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+        if HAS_READS:
+            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            xq = xq.to(tl.float32)
+            yq = xq
+        for eb in tl.static_range(E // BLOCK_E):
+            cols = eb * BLOCK_E + offs_e
+            w2b = tl.load(w2_base + cols[:, None] * D + offs_d[None, :])
+            w1b = tl.load(w1_base + offs_d[:, None] * E + cols[None, :])
+            hk = _mm(xk, tl.trans(w2b), DOT_DTYPE, PRECISION)
+            mk += _mm(_gelu(hk), tl.trans(w1b), DOT_DTYPE, PRECISION)
+            if HAS_READS:
+                hq = _mm(xq, tl.trans(w2b), DOT_DTYPE, PRECISION)
+                yq += _mm(_gelu(hq), tl.trans(w1b), DOT_DTYPE, PRECISION)
+        if HAS_READS:
+            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], yq, mask=q_ok[:, None])
+
+        # err_i = omega_i (M(x_i) - v_i); rows outside the tail + chunk have omega 0.
+        vk = _load_rows(v_base, tv_base, pos, row_ok, offs_d, D, TAIL)
+        omega = _load_omega(g_base, tg_base, pos, row_ok, cnt, TAIL)
+        err = (mk - vk) * omega[:, None]
+        eta = tl.load(eta_ptr + pid * NC + j).to(tl.float32)
+        alpha = tl.load(alpha_ptr + pid * NC + j).to(tl.float32)
+        theta = tl.load(theta_ptr + pid * NC + j).to(tl.float32)
+
+        # Gradients per e-block: dW1[:, blk] = err^T u_blk, dW2[blk] = ((err W1[:, blk]) * gelu'(h_blk))^T x.
+        # A block's gradient needs only that block of W, so gd and momentum update it in place here
+        # (after every thread is done reading W for the forward pass above).
+        tl.debug_barrier()
+        for eb in tl.static_range(E // BLOCK_E):
+            cols = eb * BLOCK_E + offs_e
+            o1 = offs_d[:, None] * E + cols[None, :]
+            o2 = cols[:, None] * D + offs_d[None, :]
+            w2b = tl.load(w2_base + o2)
+            w1b = tl.load(w1_base + o1)
+            hk = _mm(xk, tl.trans(w2b), DOT_DTYPE, PRECISION)
+            g1 = _mm(tl.trans(err), _gelu(hk), DOT_DTYPE, PRECISION)
+            p = _mm(err, w1b, DOT_DTYPE, PRECISION) * _gelu_grad(hk)
+            g2 = _mm(tl.trans(p), xk, DOT_DTYPE, PRECISION)
+            if OPT == 0:
+                tl.store(w1_base + o1, alpha * w1b - eta * g1)
+                tl.store(w2_base + o2, alpha * w2b - eta * g2)
+            else:
+                s1 = theta * tl.load(s1_base + o1) + g1
+                s2 = theta * tl.load(s2_base + o2) + g2
+                tl.store(s1_base + o1, s1)
+                tl.store(s2_base + o2, s2)
+                if OPT == 1:
+                    tl.store(w1_base + o1, alpha * w1b - eta * s1)
+                    tl.store(w2_base + o2, alpha * w2b - eta * s2)
+        if OPT == 2:
+            # Muon needs each whole momentum matrix: written above by other threads, read back here.
+            tl.debug_barrier()
+            _ns_update(s1_base, w1_base, x_base, alpha, eta, R, C, S1_SR, S1_SC, SCALE1, NS_STEPS, NS_BLOCK,
+                       PRECISION)
+            _ns_update(s2_base, w2_base, x_base, alpha, eta, R, C, S2_SR, S2_SC, SCALE2, NS_STEPS, NS_BLOCK,
+                       PRECISION)
+        # The next chunk reads the weights this one wrote.
+        tl.debug_barrier()
+
+    if HAS_READS:
+        if n_read > n_full:  # a trailing partial chunk: read at the final weights, not committed
+            qpos = n_full * CHUNK + offs_q
+            ok = q_ok & (qpos < T)
+            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            y = _read2(xq.to(tl.float32), w1_base, w2_base, offs_d, offs_e, D, E, BLOCK_E, DOT_DTYPE,
+                       PRECISION)
+            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], y, mask=ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth 1: M(x) = W x, W and S in registers for the whole scan
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scan1_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, tk_ptr, tv_ptr, tg_ptr,
+    eta_ptr, alpha_ptr, theta_ptr,
+    w_ptr, s_ptr, out_ptr,
+    T, NC, n_full, n_read,
+    D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    OPT: tl.constexpr, NS_STEPS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_READS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    seq = pid * T * D
+    q_base, k_base, v_base, out_base = q_ptr + seq, k_ptr + seq, v_ptr + seq, out_ptr + seq
+    g_base = g_ptr + pid * T
+    tk_base, tv_base, tg_base = tk_ptr + pid * TAIL * D, tv_ptr + pid * TAIL * D, tg_ptr + pid * TAIL
+
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_w = offs_d[:, None] * D + offs_d[None, :]
+    row_ok = offs_n < CHUNK + TAIL
+    q_ok = offs_q < CHUNK
+    cnt = _omega_counts(offs_n, CHUNK, TAIL, HAS_COUNTS)
+
+    w = tl.load(w_ptr + pid * D * D + offs_w)
+    s = tl.zeros([D, D], dtype=tl.float32)
+    if OPT != 0:
+        s = tl.load(s_ptr + pid * D * D + offs_w)
+
+    for j in range(0, n_full):
+        if HAS_READS:
+            qpos = j * CHUNK + offs_q
+            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            y = _mm(xq.to(tl.float32), tl.trans(w), DOT_DTYPE, PRECISION)
+            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], y, mask=q_ok[:, None])
+        pos = j * CHUNK - TAIL + offs_n
+        xk = _load_rows(k_base, tk_base, pos, row_ok, offs_d, D, TAIL)
+        vk = _load_rows(v_base, tv_base, pos, row_ok, offs_d, D, TAIL)
+        omega = _load_omega(g_base, tg_base, pos, row_ok, cnt, TAIL)
+        err = (_mm(xk, tl.trans(w), DOT_DTYPE, PRECISION) - vk) * omega[:, None]
+        grad = _mm(tl.trans(err), xk, DOT_DTYPE, PRECISION)
+        eta = tl.load(eta_ptr + pid * NC + j).to(tl.float32)
+        alpha = tl.load(alpha_ptr + pid * NC + j).to(tl.float32)
+        theta = tl.load(theta_ptr + pid * NC + j).to(tl.float32)
+        if OPT == 0:
+            w = alpha * w - eta * grad
+        else:
+            s = theta * s + grad
+            if OPT == 1:
+                w = alpha * w - eta * s
+            else:
+                w = alpha * w - eta * _newton_schulz(s, NS_STEPS, PRECISION)
+
+    if HAS_READS:
+        if n_read > n_full:
+            qpos = n_full * CHUNK + offs_q
+            ok = q_ok & (qpos < T)
+            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            y = _mm(xq.to(tl.float32), tl.trans(w), DOT_DTYPE, PRECISION)
+            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], y, mask=ok[:, None])
+    tl.store(w_ptr + pid * D * D + offs_w, w)
+    if OPT != 0:
+        tl.store(s_ptr + pid * D * D + offs_w, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def _state_copy(t: Tensor) -> Tensor:
+    # The kernel updates W and S in place: a private fp32 copy, contiguous per (session, head).
+    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+# Depth-2 shapes whose whole Newton-Schulz iterate did not fit on chip: they use column blocks.
+_NS_BLOCKED: set[tuple[int, int]] = set()
+
+
+def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tensor, Tensor, Tensor] | None,
+            eta: Tensor, alpha: Tensor, theta: Tensor, weights: Weights, momentum: Weights, *,
+            chunk: int, n_full: int, has_counts: bool, optimizer: str, ns_steps: int, precision: str,
+            low_precision_dots: bool, block_e: int | None = None, ns_block: int | None = None,
+            num_warps: int | None = None) -> tuple[Tensor | None, Weights, Weights]:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    bsz, h, t, d = k.shape
+    depth = len(weights)
+    e = weights[0].shape[-1] if depth == 2 else d
+    if not supported(depth, d, e):
+        raise ValueError(f"unsupported memory shape: depth {depth}, d {d}, e {e} (powers of two >= 16)")
+    opt = OPTIMIZERS[optimizer]
+    k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
+    has_reads = q is not None
+    q = q.contiguous() if has_reads else k  # k: a dummy pointer, never read
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if has_reads else k
+    tail = 0 if tails is None else tails[0].shape[2]
+    tk, tv, tg = (k, v, g) if tail == 0 else (x.contiguous() for x in tails)  # dummies when there is no tail
+    gates = [x.to(torch.float32).contiguous() for x in (eta, alpha, theta)]
+    nc = gates[0].shape[-1]
+    if nc < n_full:
+        raise ValueError(f"{nc} chunk gates for {n_full} chunks")
+    w = tuple(_state_copy(x) for x in weights)
+    s = tuple(_state_copy(x) for x in momentum) if opt != 0 else w  # dummies for gd
+    result = (out if has_reads else None), w, (s if opt != 0 else ())
+    if bsz * h == 0 or (t == 0 and has_reads):  # nothing to launch (and no pointers to give)
+        return result
+    dot_dtype = _DOT_DTYPES.get(k.dtype, tl.float32) if low_precision_dots else tl.float32
+    common = dict(T=t, NC=nc, n_full=n_full, n_read=-(-t // chunk) if has_reads else n_full, CHUNK=chunk,
+                  TAIL=tail, BLOCK_N=max(16, next_pow2(chunk + tail)), BLOCK_Q=max(16, next_pow2(chunk)),
+                  OPT=opt, NS_STEPS=ns_steps, HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype,
+                  PRECISION=precision)
+    grid = (bsz * h,)
+    if depth == 1:
+        _scan1_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], s[0], out, D=d, **common,
+                            num_warps=num_warps or 4)
+        return result
+    rows, cols = min(d, e), max(d, e)
+    wide1 = (e, 1) if d <= e else (1, e)  # W1 (d, e) row-major, seen as (rows, cols)
+    wide2 = (1, d) if d <= e else (d, 1)  # W2 (e, d) row-major, transposed when d <= e
+    args = dict(D=d, E=e, BLOCK_E=min(block_e or 64, e), R=rows, C=cols, S1_SR=wide1[0], S1_SC=wide1[1],
+                S2_SR=wide2[0], S2_SC=wide2[1], SCALE1=math.sqrt(max(1.0, d / e)),
+                SCALE2=math.sqrt(max(1.0, e / d)), **common)
+    blocks = [ns_block] if ns_block else ([min(64, cols)] if (d, e) in _NS_BLOCKED else [cols, min(64, cols)])
+    for i, nb in enumerate(blocks):
+        blocked = opt == 2 and nb < cols
+        scratch = torch.empty(bsz * h * d * e, dtype=torch.float32, device=k.device) if blocked else w[0]
+        try:
+            _scan2_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], w[1], s[0], s[1], scratch, out,
+                                NS_BLOCK=nb, **args, num_warps=num_warps or 8, num_stages=1)
+            return result
+        except OutOfResources:
+            if i + 1 == len(blocks):
+                raise
+            _NS_BLOCKED.add((d, e))
+    raise AssertionError("unreachable")
+
+
+def _new_tail(tail: Tensor, x: Tensor, end: int) -> Tensor:
+    """The last c-1 rows of [tail, x[:, :, :end]] along dim 2, without concatenating all of x."""
+    n = tail.shape[2]
+    if n == 0 or end == 0:
+        return tail
+    if end >= n:
+        return x[:, :, end - n:end]
+    return torch.cat([tail[:, :, end:], x[:, :, :end]], dim=2)
+
+
+def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alpha: Tensor, theta: Tensor,
+               weights: Weights, momentum: Weights, tail_k: Tensor, tail_v: Tensor, tail_gamma: Tensor, *,
+               chunk_size: int, optimizer: str, ns_steps: int, precision: str = "tf32",
+               low_precision_dots: bool = False, block_e: int | None = None, ns_block: int | None = None,
+               num_warps: int | None = None
+               ) -> tuple[Tensor, Weights, Weights, tuple[Tensor, Tensor, Tensor]]:
+    """Reads for all T tokens and the state after the T // b whole chunks.
+
+    q, k, v: (B, H, T, d) phi(q), phi(k), v; gamma (B, H, T); eta, alpha, theta (B, H, >= T // b);
+    weights (W1 (B, H, d, e), W2 (B, H, e, d)) or (W,), momentum likewise (empty for gd);
+    tail_k, tail_v (B, H, c-1, d), tail_gamma (B, H, c-1): the Omega tail carried in.
+    Returns the reads (B, H, T, d) in q's dtype, the new weights and momentum (fp32) and the new tail.
+    `precision` is the fp32 dot mode (tf32, tf32x3 or ieee); `low_precision_dots` rounds the operands of
+    the read and gradient products to the inputs' 16-bit dtype (Newton-Schulz stays fp32). Tuning
+    (depth 2): block_e, the e-block of the gradient pass (64); ns_block, the column block of Newton-Schulz
+    (default: the whole matrix in registers, falling back to 64 if that does not fit); num_warps."""
+    n_full = k.shape[2] // chunk_size
+    reads, w, s = _launch(q, k, v, gamma, (tail_k, tail_v, tail_gamma), eta, alpha, theta, weights, momentum,
+                          chunk=chunk_size, n_full=n_full, has_counts=True, optimizer=optimizer,
+                          ns_steps=ns_steps, precision=precision, low_precision_dots=low_precision_dots,
+                          block_e=block_e, ns_block=ns_block, num_warps=num_warps)
+    end = n_full * chunk_size
+    new_gamma = _new_tail(tail_gamma[..., None], gamma[..., None], end)[..., 0]
+    return reads, w, s, (_new_tail(tail_k, k, end), _new_tail(tail_v, v, end), new_gamma)
+
+
+def chunk_update(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega: Tensor, eta: Tensor,
+                 alpha: Tensor, theta: Tensor, optimizer: str, ns_steps: int, *, precision: str = "tf32",
+                 low_precision_dots: bool = False) -> tuple[Weights, Weights]:
+    """The engine's `chunk_update` (one optimiser step; x, v (B, H, N, d) already hold the Omega tail and
+    omega (B, H, N) the Omega weights; eta, alpha, theta (B, H)), fused. Returns fp32 weights, momentum."""
+    _, w, s = _launch(None, x, v, omega, None, eta[..., None], alpha[..., None], theta[..., None], weights,
+                      momentum, chunk=x.shape[2], n_full=1, has_counts=False, optimizer=optimizer,
+                      ns_steps=ns_steps, precision=precision, low_precision_dots=low_precision_dots)
+    return w, s
