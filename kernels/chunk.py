@@ -373,10 +373,18 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
     rows, cols = min(d, e), max(d, e)
     wide1 = (e, 1) if d <= e else (1, e)  # W1 (d, e) row-major, seen as (rows, cols)
     wide2 = (1, d) if d <= e else (d, 1)  # W2 (e, d) row-major, transposed when d <= e
+    if block_e is not None and (block_e < 16 or block_e & (block_e - 1)):
+        raise ValueError("block_e must be a power of two >= 16")
     args = dict(D=d, E=e, BLOCK_E=min(block_e or 64, e), R=rows, C=cols, S1_SR=wide1[0], S1_SC=wide1[1],
                 S2_SR=wide2[0], S2_SC=wide2[1], SCALE1=math.sqrt(max(1.0, d / e)),
                 SCALE2=math.sqrt(max(1.0, e / d)), **common)
-    blocks = [ns_block] if ns_block else ([min(64, cols)] if (d, e) in _NS_BLOCKED else [cols, min(64, cols)])
+    if ns_block is not None and (ns_block < 16 or ns_block & (ns_block - 1)):
+        raise ValueError("ns_block must be a power of two >= 16")
+    fallback = min(64, cols)
+    if ns_block:
+        blocks = [min(ns_block, cols)]
+    else:
+        blocks = [fallback] if (d, e) in _NS_BLOCKED else [cols, fallback]
     for i, nb in enumerate(blocks):
         blocked = opt == 2 and nb < cols
         scratch = torch.empty(bsz * h * d * e, dtype=torch.float32, device=k.device) if blocked else w[0]

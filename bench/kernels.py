@@ -1,0 +1,330 @@
+"""Fused chunk-scan kernel throughput on a GPU (written for an H200), beside the PyTorch reference.
+
+For each batch B of sessions and length T (H=16 heads, d=64, expansion 4 so e=256, chunk b=64,
+Omega window c=8, muon with 5 Newton-Schulz steps, bf16 activations, fp32 state) it times:
+
+- the fused Triton kernel (`atlas.kernels.chunk_scan`) over the whole T, in its default mode (tf32
+  products) and with 16-bit operands for the read and gradient products (`low_precision_dots`);
+- the eager PyTorch reference (`chunk_scan_reference`: the engine's chunk step looped per chunk);
+- that reference's one-chunk step under torch.compile, looped the same way;
+- flash-linear-attention's `chunk_gated_delta_rule` (a d x d linear memory: a different model, here
+  as a yardstick of a mature chunked recurrent kernel) at the same B, T, H, d, if `fla` imports.
+
+The references cost the same per chunk whatever T (the state is constant-size), so they are timed on
+the first --ref-chunks chunks and reported per token. FLOPs are counted analytically (`scan_flops`)
+and the same count is used for every ATLAS column; the fraction is of --peak-tflops (790: a dense bf16
+figure for an H200; the default kernel mode runs its products in tf32, whose peak is half that).
+
+    python bench/kernels.py                              # B 1,8,32 x T 4k,64k
+    python bench/kernels.py --batches 8 --lengths 4k --sweep
+
+Writes bench/results/kernels-<gpu>.json (machine, config, one row per B and T) and prints a table.
+Without a CUDA device it exits with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from atlas.engine.machine import describe_machine, load_average
+from atlas.engine.model.memory import chunk_update, memory_read, omega_counts
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def scan_flops(batch: int, heads: int, length: int, d: int, e: int, chunk: int, window: int,
+               ns_steps: int) -> float:
+    """Multiply-adds x 2 of the chunk scan, per (session, head), summed.
+
+    Per committed chunk, with N = b + c - 1 key rows, r = min(d, e), C = max(d, e):
+      reads              4 b d e          (h = q W2^T, then gelu(h) W1^T)
+      key forward        4 N d e          (the same for the keys)
+      gradients          6 N d e          (err^T u, err W1, ((err W1) * gelu'(h))^T x)
+      Newton-Schulz      2 k (4 r^2 C + 2 r^3) for the two matrices (A = X X^T, A A, (n2 A + n3 A^2) X)
+    and a trailing partial chunk of p tokens is only read: 4 p d e. Elementwise work is not counted."""
+    n = chunk + window - 1
+    r, c = min(d, e), max(d, e)
+    per_chunk = 4 * chunk * d * e + 10 * n * d * e + 2 * ns_steps * (4 * r * r * c + 2 * r**3)
+    full, part = divmod(length, chunk)
+    return float(batch * heads * (full * per_chunk + 4 * part * d * e))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,8,32", help="sessions per run, comma-separated")
+    p.add_argument("--lengths", default="4k,64k", help="tokens per session (k suffix allowed)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--expansion", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--ns-steps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="timed kernel runs per point (the best is kept)")
+    p.add_argument("--ref-chunks", type=int, default=32, help="chunks timed for the PyTorch references")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of the reference step")
+    p.add_argument("--no-fla", action="store_true", help="skip the flash-linear-attention column")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time kernel tunings (num_warps, block_e, ns_block) at the first B and T")
+    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def parse_list(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        part = part.strip().lower()
+        if part:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+    return out
+
+
+def cuda_time(fn: Callable[[], Any], reps: int) -> float:
+    """Best wall time of `reps` runs, in seconds, synchronised with CUDA events."""
+    best = math.inf
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def make_inputs(batch: int, heads: int, length: int, d: int, e: int, window: int, chunk: int, seed: int,
+                dev: str = "cuda", act: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Model-like inputs: unit-norm phi(q), phi(k) (phi itself is elementwise and outside the kernel),
+    gates in (0, 1), a fresh state with W2 random and W1 zero as the model initialises them."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, device=dev)
+    nc = max(1, length // chunk)
+    x = {
+        "q": F.normalize(rn(batch, heads, length, d), dim=-1).to(act),
+        "k": F.normalize(rn(batch, heads, length, d), dim=-1).to(act),
+        "v": rn(batch, heads, length, d).to(act),
+        "gamma": torch.sigmoid(rn(batch, heads, length) + 2).to(act),
+        "eta": 0.5 * torch.sigmoid(rn(batch, heads, nc)),
+        "alpha": torch.sigmoid(rn(batch, heads, nc) + 6),
+        "theta": torch.sigmoid(rn(batch, heads, nc)),
+    }
+    w1 = torch.zeros(batch, heads, d, e, device=dev)
+    w2 = rn(batch, heads, e, d) / math.sqrt(d)
+    tail = window - 1
+    x["state"] = {"W1": w1, "W2": w2, "S1": torch.zeros_like(w1), "S2": torch.zeros_like(w2),
+                  "tail_k": torch.zeros(batch, heads, tail, d, device=dev, dtype=act),
+                  "tail_v": torch.zeros(batch, heads, tail, d, device=dev, dtype=act),
+                  "tail_gamma": torch.zeros(batch, heads, tail, device=dev, dtype=act)}
+    return x
+
+
+def run_kernel(x: dict[str, Any], args: argparse.Namespace, **tuning: Any) -> tuple[torch.Tensor, ...]:
+    from atlas import kernels
+
+    st = x["state"]
+    return kernels.chunk_scan(x["q"], x["k"], x["v"], x["gamma"], x["eta"], x["alpha"], x["theta"],
+                              (st["W1"], st["W2"]), (st["S1"], st["S2"]), st["tail_k"], st["tail_v"],
+                              st["tail_gamma"], chunk_size=args.chunk, optimizer="muon",
+                              ns_steps=args.ns_steps, **tuning)
+
+
+def reference_step(weights, momentum, tails, q, k, v, gamma, counts, eta, alpha, theta, ns_steps: int):
+    """One chunk of `chunk_scan_reference` (reads, then the optimiser step; tails carried)."""
+    tk, tv, tg = tails
+    reads = memory_read(weights, q).to(q.dtype)
+    keys, vals, gammas = torch.cat([tk, k], 2), torch.cat([tv, v], 2), torch.cat([tg, gamma], 2)
+    weights, momentum = chunk_update(weights, momentum, keys, vals, gammas * counts, eta, alpha, theta,
+                                     "muon", ns_steps)
+    n, t = keys.shape[2], tk.shape[2]
+    return reads, weights, momentum, (keys[:, :, n - t:], vals[:, :, n - t:], gammas[:, :, n - t:])
+
+
+def run_reference(step: Callable, x: dict[str, Any], args: argparse.Namespace, chunks: int) -> torch.Tensor:
+    st, b = x["state"], args.chunk
+    weights, momentum = (st["W1"], st["W2"]), (st["S1"], st["S2"])
+    tails = (st["tail_k"], st["tail_v"], st["tail_gamma"])
+    counts = omega_counts(b, args.window, x["gamma"].dtype, x["gamma"].device)
+    reads = []
+    for j in range(chunks):
+        sl = slice(j * b, (j + 1) * b)
+        r, weights, momentum, tails = step(weights, momentum, tails, x["q"][:, :, sl], x["k"][:, :, sl],
+                                           x["v"][:, :, sl], x["gamma"][:, :, sl], counts, x["eta"][..., j],
+                                           x["alpha"][..., j], x["theta"][..., j], args.ns_steps)
+        reads.append(r)
+    return torch.cat(reads, 2)
+
+
+def load_fla() -> tuple[Callable | None, str]:
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as exc:  # any import failure means: no such column
+        return None, f"flash-linear-attention not importable ({type(exc).__name__}: {exc}); " \
+                     "pip install flash-linear-attention"
+    return chunk_gated_delta_rule, "ok"
+
+
+def time_fla(fla: Callable, x: dict[str, Any], reps: int) -> float:
+    """chunk_gated_delta_rule on (B, T, H, d) bf16 with the same q, k, v, a log-decay g and beta."""
+    q, k, v = (x[n].transpose(1, 2).contiguous() for n in ("q", "k", "v"))
+    bsz, t, h, d = q.shape
+    g = F.logsigmoid(torch.full((bsz, t, h), 6.0, device=q.device))  # retention ~ alpha
+    beta = x["gamma"].transpose(1, 2).contiguous()
+    h0 = torch.zeros(bsz, h, d, d, device=q.device, dtype=torch.float32)
+    call = lambda: fla(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, output_final_state=True)
+    call()
+    torch.cuda.synchronize()
+    return cuda_time(call, reps)
+
+
+def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+def sweep(x: dict[str, Any], args: argparse.Namespace, flops: float, tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    for num_warps in (4, 8, 16):
+        for block_e in (32, 64, 128):
+            for ns_block in (64, 256):
+                tuning = dict(num_warps=num_warps, block_e=block_e, ns_block=ns_block)
+                try:
+                    run_kernel(x, args, **tuning)
+                    s = cuda_time(lambda t=tuning: run_kernel(x, args, **t), args.reps)
+                    rows.append(dict(tuning, seconds=s, tokens_per_s=tokens / s, tflops=flops / s / 1e12))
+                except Exception as exc:  # a tuning that does not compile or fit is a result too
+                    rows.append(dict(tuning, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                print("  sweep", rows[-1], flush=True)
+    return rows
+
+
+def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | None, fla: Callable | None,
+            fla_status: str) -> dict[str, Any]:
+    from atlas.kernels import chunk as kchunk
+
+    h, d, b, c = args.heads, args.head_dim, args.chunk, args.window
+    e = args.expansion * d
+    x = make_inputs(bsz, h, t, d, e, c, b, args.seed)
+    flops = scan_flops(bsz, h, t, d, e, b, c, args.ns_steps)
+    tokens = bsz * t
+    row: dict[str, Any] = {"batch": bsz, "length": t, "tokens": tokens, "gflop": flops / 1e9}
+
+    def per(seconds: float) -> dict[str, float]:
+        tflops = flops / seconds / 1e12
+        return {"seconds": seconds, "tokens_per_s": tokens / seconds, "tflops": tflops,
+                "fraction_of_peak": tflops / args.peak_tflops}
+
+    t0 = time.perf_counter()
+    reads = run_kernel(x, args)[0]  # compiles on first use
+    torch.cuda.synchronize()
+    row["kernel_first_call_s"] = time.perf_counter() - t0
+    row["kernel"] = per(cuda_time(lambda: run_kernel(x, args), args.reps))
+    row["kernel"]["ns_blocked"] = (d, e) in kchunk._NS_BLOCKED
+    run_kernel(x, args, low_precision_dots=True)
+    row["kernel_bf16_dots"] = per(cuda_time(lambda: run_kernel(x, args, low_precision_dots=True), args.reps))
+
+    n_ref = min(args.ref_chunks, t // b)
+    ref_tokens, ref_flops = bsz * n_ref * b, scan_flops(bsz, h, n_ref * b, d, e, b, c, args.ns_steps)
+
+    def ref(step: Callable) -> dict[str, float]:
+        s = cuda_time(lambda: run_reference(step, x, args, n_ref), 1)
+        return {"seconds": s, "chunks_timed": n_ref, "tokens_per_s": ref_tokens / s,
+                "tflops": ref_flops / s / 1e12}
+
+    run_reference(reference_step, x, args, 1)
+    eager_reads = run_reference(reference_step, x, args, n_ref)
+    row["eager"] = ref(reference_step)
+    row["kernel_vs_eager_reads_rel_rmse"] = rel_rmse(reads[:, :, :n_ref * b], eager_reads)
+    if compiled is not None:
+        try:
+            run_reference(compiled, x, args, 3)  # compile and warm up
+            row["compiled"] = ref(compiled)
+        except Exception as exc:  # report, and keep the other columns
+            row["compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if fla is not None:
+        try:
+            s = time_fla(fla, x, args.reps)
+            row["fla"] = {"seconds": s, "tokens_per_s": tokens / s}
+        except Exception as exc:
+            row["fla"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    else:
+        row["fla"] = {"skipped": fla_status}
+    k_tps = row["kernel"]["tokens_per_s"]
+    row["ratios"] = {
+        "kernel_vs_eager": k_tps / row["eager"]["tokens_per_s"],
+        "kernel_vs_compiled": k_tps / row["compiled"]["tokens_per_s"] if "compiled" in row else None,
+        "kernel_vs_fla": k_tps / row["fla"]["tokens_per_s"] if "tokens_per_s" in row["fla"] else None,
+    }
+    if args.sweep:
+        row["sweep"] = sweep(x, args, flops, tokens)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (the fused kernels are Triton GPU kernels); none found. "
+              "Their CPU tests run with: TRITON_INTERPRET=1 pytest -q -k kernel", file=sys.stderr)
+        return 2
+    from atlas import kernels
+
+    if not kernels.available():
+        print("bench/kernels.py needs Triton: pip install -e '.[gpu]'", file=sys.stderr)
+        return 2
+    info = describe_machine("cuda")
+    info["triton"] = __import__("triton").__version__
+    info["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    fla, fla_status = (None, "skipped (--no-fla)") if args.no_fla else load_fla()
+    if fla is None:
+        print(f"fla column: {fla_status}", flush=True)
+    compiled = None
+    if not args.no_compile:
+        compiled = torch.compile(reference_step, mode=args.compile_mode, dynamic=False)
+    rows: list[dict[str, Any]] = []
+    for bsz in parse_list(args.batches):
+        for t in parse_list(args.lengths):
+            row = measure(bsz, t, args, compiled, fla, fla_status)
+            args.sweep = False  # one sweep, at the first point
+            rows.append(row)
+            fla_txt = f"{row['fla']['tokens_per_s']:.3g}" if "tokens_per_s" in row["fla"] else "-"
+            comp_txt = f"{row['compiled']['tokens_per_s']:.3g}" if "compiled" in row else "-"
+            print(f"B={bsz:3d} T={t:6d}  kernel {row['kernel']['tokens_per_s']:.3g} tok/s "
+                  f"{row['kernel']['tflops']:.1f} TFLOP/s ({100 * row['kernel']['fraction_of_peak']:.1f}% of "
+                  f"{args.peak_tflops:.0f})  bf16-dots {row['kernel_bf16_dots']['tokens_per_s']:.3g}  "
+                  f"eager {row['eager']['tokens_per_s']:.3g}  compiled {comp_txt}  fla {fla_txt}  "
+                  f"kernel/eager {row['ratios']['kernel_vs_eager']:.1f}x  "
+                  f"reads err {row['kernel_vs_eager_reads_rel_rmse']:.1e}", flush=True)
+            torch.cuda.empty_cache()
+
+    info["load_average_at_end"] = load_average()
+    gpu = torch.cuda.get_device_name().lower().replace(" ", "-")
+    out = args.out or RESULTS / f"kernels-{gpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    d = args.head_dim
+    out.write_text(json.dumps({
+        "benchmark": "kernels", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
+        "config": {"heads": args.heads, "head_dim": d, "mem_hidden": args.expansion * d,
+                   "chunk": args.chunk, "window": args.window, "optimizer": "muon", "ns_steps": args.ns_steps,
+                   "activations": "bf16", "state": "fp32", "peak_tflops": args.peak_tflops, "reps": args.reps,
+                   "ref_chunks": args.ref_chunks,
+                   "compile_mode": None if args.no_compile else args.compile_mode},
+        "flops_formula": scan_flops.__doc__, "fla": fla_status, "results": rows,
+    }, indent=2) + "\n")
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
