@@ -231,7 +231,7 @@ def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | Non
     torch.cuda.synchronize()
     row["kernel_first_call_s"] = time.perf_counter() - t0
     row["kernel"] = per(cuda_time(lambda: run_kernel(x, args), args.reps))
-    row["kernel"]["ns_blocked"] = (d, e) in kchunk._NS_BLOCKED
+    row["kernel"]["tuning_ns_block_block_e"] = [v for k, v in kchunk._FITTED.items() if k[:2] == (d, e)]
     run_kernel(x, args, low_precision_dots=True)
     row["kernel_bf16_dots"] = per(cuda_time(lambda: run_kernel(x, args, low_precision_dots=True), args.reps))
 

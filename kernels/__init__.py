@@ -17,6 +17,18 @@ import importlib.util
 from typing import Any
 
 
+class KernelResourceError(RuntimeError):
+    """No tuning of a kernel fits this device's shared memory for this shape (the shape is then
+    reported unsupported, so callers fall back to the reference)."""
+
+
+_UNFIT: set[tuple[int, int, int]] = set()
+
+
+def unfit(depth: int, d: int, e: int) -> None:
+    _UNFIT.add((depth, d, e))
+
+
 @functools.cache
 def available() -> bool:
     """Whether Triton is importable (a CUDA device, or TRITON_INTERPRET=1 on CPU, is the caller's check)."""
@@ -26,7 +38,7 @@ def available() -> bool:
 def supported(depth: int, d: int, e: int) -> bool:
     """Memory shapes the chunk kernels take: tl.dot tiles are powers of two and at least 16 wide."""
     ok = lambda n: n >= 16 and n & (n - 1) == 0
-    return depth in (1, 2) and ok(d) and (depth == 1 or ok(e))
+    return depth in (1, 2) and ok(d) and (depth == 1 or ok(e)) and (depth, d, e) not in _UNFIT
 
 
 def chunk_scan(*args: Any, **kwargs: Any) -> Any:
@@ -47,4 +59,4 @@ def memory_read(*args: Any, **kwargs: Any) -> Any:
     return run(*args, **kwargs)
 
 
-__all__ = ["available", "chunk_scan", "chunk_update", "memory_read", "supported"]
+__all__ = ["KernelResourceError", "available", "chunk_scan", "chunk_update", "memory_read", "supported"]

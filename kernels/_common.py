@@ -49,7 +49,7 @@ def _mm(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 def _newton_schulz(x, STEPS: tl.constexpr, PRECISION: tl.constexpr):
     """NS_k of a wide fp32 tile (rows <= cols) held in registers; the caller applies the final scale."""
     x = x / (tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0)) + 1e-7)
-    for _ in tl.static_range(STEPS):
+    for _ in range(0, STEPS):
         a = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         b = NS_N2 * a + NS_N3 * tl.dot(a, a, input_precision=PRECISION)
         x = tl.dot(b, x, NS_N1 * x, input_precision=PRECISION)

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from . import supported
+from . import KernelResourceError, supported, unfit
 from ._common import NS_N1, NS_N2, NS_N3, OPTIMIZERS, _gelu, _gelu_grad, _mm, _newton_schulz, next_pow2
 
 Weights = tuple[Tensor, ...]
@@ -77,7 +77,7 @@ def _omega_counts(offs_n, CHUNK: tl.constexpr, TAIL: tl.constexpr, HAS_COUNTS: t
 def _read2(xq, w1_base, w2_base, offs_d, offs_e, D: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     y = xq
-    for eb in tl.static_range(E // BLOCK_E):
+    for eb in range(0, E // BLOCK_E):
         cols = eb * BLOCK_E + offs_e
         w2b = tl.load(w2_base + cols[:, None] * D + offs_d[None, :])
         w1b = tl.load(w1_base + offs_d[:, None] * E + cols[None, :])
@@ -104,34 +104,44 @@ def _ns_update(s_base, w_base, x_base, alpha, eta, R: tl.constexpr, C: tl.conste
     else:
         offs_c = tl.arange(0, NS_BLOCK)
         sq = 0.0
-        for cb in tl.static_range(C // NS_BLOCK):
+        for cb in range(0, C // NS_BLOCK):
             xb = tl.load(s_base + offs_r[:, None] * SR + (cb * NS_BLOCK + offs_c)[None, :] * SC)
             sq += tl.sum(tl.sum(xb * xb, axis=1), axis=0)
         inv = 1.0 / (tl.sqrt(sq) + 1e-7)
         # X_0 = S / (||S|| + 1e-7) is written to the scratch with its Gram matrix.
         a = tl.zeros([R, R], dtype=tl.float32)
-        for cb in tl.static_range(C // NS_BLOCK):
+        for cb in range(0, C // NS_BLOCK):
             cols = cb * NS_BLOCK + offs_c
             xb = tl.load(s_base + offs_r[:, None] * SR + cols[None, :] * SC) * inv
             tl.store(x_base + offs_r[:, None] * C + cols[None, :], xb)
             a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
         tl.debug_barrier()
-        for _ in tl.static_range(STEPS):
+        for _ in range(0, STEPS):
             b = NS_N2 * a + NS_N3 * tl.dot(a, a, input_precision=PRECISION)
             a = tl.zeros([R, R], dtype=tl.float32)
-            for cb in tl.static_range(C // NS_BLOCK):
+            for cb in range(0, C // NS_BLOCK):
                 ox = offs_r[:, None] * C + (cb * NS_BLOCK + offs_c)[None, :]
                 xb = tl.load(x_base + ox)
                 xb = tl.dot(b, xb, NS_N1 * xb, input_precision=PRECISION)
                 tl.store(x_base + ox, xb)
                 a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
             tl.debug_barrier()
-        for cb in tl.static_range(C // NS_BLOCK):
+        for cb in range(0, C // NS_BLOCK):
             cols = cb * NS_BLOCK + offs_c
             ow = offs_r[:, None] * SR + cols[None, :] * SC
             x = tl.load(x_base + offs_r[:, None] * C + cols[None, :])
             tl.store(w_base + ow, alpha * tl.load(w_base + ow) - eta * (x * SCALE))
         tl.debug_barrier()  # the scratch is reused by the next matrix
+
+
+@triton.jit
+def _key_rows(k_base, v_base, g_base, tk_base, tv_base, tg_base, pos, rows, ok, offs_d, D: tl.constexpr,
+              CHUNK: tl.constexpr, TAIL: tl.constexpr, HAS_COUNTS: tl.constexpr):
+    """Keys, values (fp32) and Omega weights of key rows `rows` (0..c-2: tail, then the chunk) at `pos`."""
+    x = _load_rows(k_base, tk_base, pos, ok, offs_d, D, TAIL)
+    v = _load_rows(v_base, tv_base, pos, ok, offs_d, D, TAIL)
+    omega = _load_omega(g_base, tg_base, pos, ok, _omega_counts(rows, CHUNK, TAIL, HAS_COUNTS), TAIL)
+    return x, v, omega
 
 
 @triton.jit
@@ -141,7 +151,7 @@ def _scan2_kernel(
     w1_ptr, w2_ptr, s1_ptr, s2_ptr, x_ptr, out_ptr,
     T, NC, n_full, n_read,
     D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     OPT: tl.constexpr, NS_STEPS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_READS: tl.constexpr,
     R: tl.constexpr, C: tl.constexpr, S1_SR: tl.constexpr, S1_SC: tl.constexpr,
     S2_SR: tl.constexpr, S2_SC: tl.constexpr, SCALE1: tl.constexpr, SCALE2: tl.constexpr,
@@ -157,43 +167,53 @@ def _scan2_kernel(
     x_base = x_ptr + pid * D * E  # Newton-Schulz scratch (used when NS_BLOCK < C)
 
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_q = tl.arange(0, BLOCK_Q)
+    # The chunk's rows (its queries, and key rows c-1..) and the Omega tail's key rows 0..c-2 in two
+    # blocks, so that N = b + c - 1 key rows are not padded to 2b.
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_t = tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
-    row_ok = offs_n < CHUNK + TAIL
-    q_ok = offs_q < CHUNK
-    cnt = _omega_counts(offs_n, CHUNK, TAIL, HAS_COUNTS)
+    c_ok = offs_c < CHUNK
+    t_ok = offs_t < TAIL
 
     # W and S are rewritten in place every chunk: the launch passes num_stages=1 so that the software
-    # pipeliner never prefetches the next chunk's W blocks ahead of this chunk's stores.
+    # pipeliner never prefetches the next chunk's W blocks ahead of this chunk's stores. The e-block
+    # and Newton-Schulz loops are runtime loops, not static_range: unrolled, the compiler hoists the
+    # blocks' loads together and runs out of registers (measured with ptxas for sm_90).
     for j in range(0, n_full):
-        pos = j * CHUNK - TAIL + offs_n
-        xk = _load_rows(k_base, tk_base, pos, row_ok, offs_d, D, TAIL)
-        qpos = j * CHUNK + offs_q
+        cpos = j * CHUNK + offs_c
+        xc, vc, omc = _key_rows(k_base, v_base, g_base, tk_base, tv_base, tg_base, cpos, offs_c + TAIL, c_ok,
+                                offs_d, D, CHUNK, TAIL, HAS_COUNTS)
         # Forward through the memory at W_{j-1}: the chunk's reads and the keys' predictions share
         # each e-block of W1, W2.
-        mk = xk
-        yq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+        mc = xc
+        if TAIL > 0:
+            tpos = j * CHUNK - TAIL + offs_t
+            xt, vt, omt = _key_rows(k_base, v_base, g_base, tk_base, tv_base, tg_base, tpos, offs_t, t_ok,
+                                    offs_d, D, CHUNK, TAIL, HAS_COUNTS)
+            mt = xt
         if HAS_READS:
-            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            xq = tl.load(q_base + cpos[:, None] * D + offs_d[None, :], mask=c_ok[:, None], other=0.0)
             xq = xq.to(tl.float32)
             yq = xq
-        for eb in tl.static_range(E // BLOCK_E):
+        for eb in range(0, E // BLOCK_E):
             cols = eb * BLOCK_E + offs_e
             w2b = tl.load(w2_base + cols[:, None] * D + offs_d[None, :])
             w1b = tl.load(w1_base + offs_d[:, None] * E + cols[None, :])
-            hk = _mm(xk, tl.trans(w2b), DOT_DTYPE, PRECISION)
-            mk += _mm(_gelu(hk), tl.trans(w1b), DOT_DTYPE, PRECISION)
+            mc += _mm(_gelu(_mm(xc, tl.trans(w2b), DOT_DTYPE, PRECISION)), tl.trans(w1b), DOT_DTYPE,
+                      PRECISION)
+            if TAIL > 0:
+                mt += _mm(_gelu(_mm(xt, tl.trans(w2b), DOT_DTYPE, PRECISION)), tl.trans(w1b), DOT_DTYPE,
+                          PRECISION)
             if HAS_READS:
-                hq = _mm(xq, tl.trans(w2b), DOT_DTYPE, PRECISION)
-                yq += _mm(_gelu(hq), tl.trans(w1b), DOT_DTYPE, PRECISION)
+                yq += _mm(_gelu(_mm(xq, tl.trans(w2b), DOT_DTYPE, PRECISION)), tl.trans(w1b), DOT_DTYPE,
+                          PRECISION)
         if HAS_READS:
-            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], yq, mask=q_ok[:, None])
+            tl.store(out_base + cpos[:, None] * D + offs_d[None, :], yq, mask=c_ok[:, None])
 
-        # err_i = omega_i (M(x_i) - v_i); rows outside the tail + chunk have omega 0.
-        vk = _load_rows(v_base, tv_base, pos, row_ok, offs_d, D, TAIL)
-        omega = _load_omega(g_base, tg_base, pos, row_ok, cnt, TAIL)
-        err = (mk - vk) * omega[:, None]
+        # err_i = omega_i (M(x_i) - v_i); padding rows have omega 0.
+        errc = (mc - vc) * omc[:, None]
+        if TAIL > 0:
+            errt = (mt - vt) * omt[:, None]
         eta = tl.load(eta_ptr + pid * NC + j).to(tl.float32)
         alpha = tl.load(alpha_ptr + pid * NC + j).to(tl.float32)
         theta = tl.load(theta_ptr + pid * NC + j).to(tl.float32)
@@ -202,16 +222,21 @@ def _scan2_kernel(
         # A block's gradient needs only that block of W, so gd and momentum update it in place here
         # (after every thread is done reading W for the forward pass above).
         tl.debug_barrier()
-        for eb in tl.static_range(E // BLOCK_E):
+        for eb in range(0, E // BLOCK_E):
             cols = eb * BLOCK_E + offs_e
             o1 = offs_d[:, None] * E + cols[None, :]
             o2 = cols[:, None] * D + offs_d[None, :]
             w2b = tl.load(w2_base + o2)
             w1b = tl.load(w1_base + o1)
-            hk = _mm(xk, tl.trans(w2b), DOT_DTYPE, PRECISION)
-            g1 = _mm(tl.trans(err), _gelu(hk), DOT_DTYPE, PRECISION)
-            p = _mm(err, w1b, DOT_DTYPE, PRECISION) * _gelu_grad(hk)
-            g2 = _mm(tl.trans(p), xk, DOT_DTYPE, PRECISION)
+            hc = _mm(xc, tl.trans(w2b), DOT_DTYPE, PRECISION)
+            g1 = _mm(tl.trans(errc), _gelu(hc), DOT_DTYPE, PRECISION)
+            pc = _mm(errc, w1b, DOT_DTYPE, PRECISION) * _gelu_grad(hc)
+            g2 = _mm(tl.trans(pc), xc, DOT_DTYPE, PRECISION)
+            if TAIL > 0:
+                ht = _mm(xt, tl.trans(w2b), DOT_DTYPE, PRECISION)
+                g1 += _mm(tl.trans(errt), _gelu(ht), DOT_DTYPE, PRECISION)
+                pt = _mm(errt, w1b, DOT_DTYPE, PRECISION) * _gelu_grad(ht)
+                g2 += _mm(tl.trans(pt), xt, DOT_DTYPE, PRECISION)
             if OPT == 0:
                 tl.store(w1_base + o1, alpha * w1b - eta * g1)
                 tl.store(w2_base + o2, alpha * w2b - eta * g2)
@@ -235,12 +260,12 @@ def _scan2_kernel(
 
     if HAS_READS:
         if n_read > n_full:  # a trailing partial chunk: read at the final weights, not committed
-            qpos = n_full * CHUNK + offs_q
-            ok = q_ok & (qpos < T)
-            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            cpos = n_full * CHUNK + offs_c
+            ok = c_ok & (cpos < T)
+            xq = tl.load(q_base + cpos[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
             y = _read2(xq.to(tl.float32), w1_base, w2_base, offs_d, offs_e, D, E, BLOCK_E, DOT_DTYPE,
                        PRECISION)
-            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], y, mask=ok[:, None])
+            tl.store(out_base + cpos[:, None] * D + offs_d[None, :], y, mask=ok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +279,7 @@ def _scan1_kernel(
     eta_ptr, alpha_ptr, theta_ptr,
     w_ptr, s_ptr, out_ptr,
     T, NC, n_full, n_read,
-    D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     OPT: tl.constexpr, NS_STEPS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_READS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -265,12 +290,11 @@ def _scan1_kernel(
     tk_base, tv_base, tg_base = tk_ptr + pid * TAIL * D, tv_ptr + pid * TAIL * D, tg_ptr + pid * TAIL
 
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_q = tl.arange(0, BLOCK_Q)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_t = tl.arange(0, BLOCK_T)
     offs_w = offs_d[:, None] * D + offs_d[None, :]
-    row_ok = offs_n < CHUNK + TAIL
-    q_ok = offs_q < CHUNK
-    cnt = _omega_counts(offs_n, CHUNK, TAIL, HAS_COUNTS)
+    c_ok = offs_c < CHUNK
+    t_ok = offs_t < TAIL
 
     w = tl.load(w_ptr + pid * D * D + offs_w)
     s = tl.zeros([D, D], dtype=tl.float32)
@@ -278,17 +302,21 @@ def _scan1_kernel(
         s = tl.load(s_ptr + pid * D * D + offs_w)
 
     for j in range(0, n_full):
+        cpos = j * CHUNK + offs_c
         if HAS_READS:
-            qpos = j * CHUNK + offs_q
-            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            xq = tl.load(q_base + cpos[:, None] * D + offs_d[None, :], mask=c_ok[:, None], other=0.0)
             y = _mm(xq.to(tl.float32), tl.trans(w), DOT_DTYPE, PRECISION)
-            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], y, mask=q_ok[:, None])
-        pos = j * CHUNK - TAIL + offs_n
-        xk = _load_rows(k_base, tk_base, pos, row_ok, offs_d, D, TAIL)
-        vk = _load_rows(v_base, tv_base, pos, row_ok, offs_d, D, TAIL)
-        omega = _load_omega(g_base, tg_base, pos, row_ok, cnt, TAIL)
-        err = (_mm(xk, tl.trans(w), DOT_DTYPE, PRECISION) - vk) * omega[:, None]
-        grad = _mm(tl.trans(err), xk, DOT_DTYPE, PRECISION)
+            tl.store(out_base + cpos[:, None] * D + offs_d[None, :], y, mask=c_ok[:, None])
+        xc, vc, omc = _key_rows(k_base, v_base, g_base, tk_base, tv_base, tg_base, cpos, offs_c + TAIL, c_ok,
+                                offs_d, D, CHUNK, TAIL, HAS_COUNTS)
+        err = (_mm(xc, tl.trans(w), DOT_DTYPE, PRECISION) - vc) * omc[:, None]
+        grad = _mm(tl.trans(err), xc, DOT_DTYPE, PRECISION)
+        if TAIL > 0:
+            tpos = j * CHUNK - TAIL + offs_t
+            xt, vt, omt = _key_rows(k_base, v_base, g_base, tk_base, tv_base, tg_base, tpos, offs_t, t_ok,
+                                    offs_d, D, CHUNK, TAIL, HAS_COUNTS)
+            err = (_mm(xt, tl.trans(w), DOT_DTYPE, PRECISION) - vt) * omt[:, None]
+            grad += _mm(tl.trans(err), xt, DOT_DTYPE, PRECISION)
         eta = tl.load(eta_ptr + pid * NC + j).to(tl.float32)
         alpha = tl.load(alpha_ptr + pid * NC + j).to(tl.float32)
         theta = tl.load(theta_ptr + pid * NC + j).to(tl.float32)
@@ -303,11 +331,11 @@ def _scan1_kernel(
 
     if HAS_READS:
         if n_read > n_full:
-            qpos = n_full * CHUNK + offs_q
-            ok = q_ok & (qpos < T)
-            xq = tl.load(q_base + qpos[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            cpos = n_full * CHUNK + offs_c
+            ok = c_ok & (cpos < T)
+            xq = tl.load(q_base + cpos[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
             y = _mm(xq.to(tl.float32), tl.trans(w), DOT_DTYPE, PRECISION)
-            tl.store(out_base + qpos[:, None] * D + offs_d[None, :], y, mask=ok[:, None])
+            tl.store(out_base + cpos[:, None] * D + offs_d[None, :], y, mask=ok[:, None])
     tl.store(w_ptr + pid * D * D + offs_w, w)
     if OPT != 0:
         tl.store(s_ptr + pid * D * D + offs_w, s)
@@ -326,8 +354,8 @@ def _state_copy(t: Tensor) -> Tensor:
     return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
-# Depth-2 shapes whose whole Newton-Schulz iterate did not fit on chip: they use column blocks.
-_NS_BLOCKED: set[tuple[int, int]] = set()
+# The first tuning that fitted on chip, per compile-time configuration of the depth-2 kernel.
+_FITTED: dict[tuple, tuple[int, int]] = {}
 
 
 def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tensor, Tensor, Tensor] | None,
@@ -362,41 +390,60 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
         return result
     dot_dtype = _DOT_DTYPES.get(k.dtype, tl.float32) if low_precision_dots else tl.float32
     common = dict(T=t, NC=nc, n_full=n_full, n_read=-(-t // chunk) if has_reads else n_full, CHUNK=chunk,
-                  TAIL=tail, BLOCK_N=max(16, next_pow2(chunk + tail)), BLOCK_Q=max(16, next_pow2(chunk)),
-                  OPT=opt, NS_STEPS=ns_steps, HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype,
+                  TAIL=tail, BLOCK_C=max(16, next_pow2(chunk)), BLOCK_T=max(16, next_pow2(tail)), OPT=opt,
+                  NS_STEPS=ns_steps, HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype,
                   PRECISION=precision)
     grid = (bsz * h,)
     if depth == 1:
-        _scan1_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], s[0], out, D=d, **common,
-                            num_warps=num_warps or 4)
+        try:
+            _scan1_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], s[0], out, D=d, **common,
+                                num_warps=num_warps or 8)
+        except OutOfResources as exc:
+            unfit(1, d, d)
+            msg = f"the depth-1 chunk kernel does not fit on this device (d {d}): {exc}"
+            raise KernelResourceError(msg) from exc
         return result
     rows, cols = min(d, e), max(d, e)
     wide1 = (e, 1) if d <= e else (1, e)  # W1 (d, e) row-major, seen as (rows, cols)
     wide2 = (1, d) if d <= e else (d, 1)  # W2 (e, d) row-major, transposed when d <= e
     if block_e is not None and (block_e < 16 or block_e & (block_e - 1)):
         raise ValueError("block_e must be a power of two >= 16")
-    args = dict(D=d, E=e, BLOCK_E=min(block_e or 64, e), R=rows, C=cols, S1_SR=wide1[0], S1_SC=wide1[1],
+    args = dict(D=d, E=e, R=rows, C=cols, S1_SR=wide1[0], S1_SC=wide1[1],
                 S2_SR=wide2[0], S2_SC=wide2[1], SCALE1=math.sqrt(max(1.0, d / e)),
                 SCALE2=math.sqrt(max(1.0, e / d)), **common)
     if ns_block is not None and (ns_block < 16 or ns_block & (ns_block - 1)):
         raise ValueError("ns_block must be a power of two >= 16")
-    fallback = min(64, cols)
-    if ns_block:
-        blocks = [min(ns_block, cols)]
+    warps = num_warps or 8
+    # Tunings tried in order until one fits in shared memory: Newton-Schulz on the whole matrix in
+    # registers, else in column blocks, then smaller e-blocks. Explicit arguments pin a tuning.
+    pinned = bool(ns_block or block_e)
+    key = (d, e, warps, str(k.dtype), *sorted((n, str(v)) for n, v in common.items()
+                                                 if n not in ("T", "NC", "n_full", "n_read")))
+    if pinned:
+        ladder = [(min(ns_block or cols, cols), min(block_e or 64, e))]
+    elif key in _FITTED:
+        ladder = [_FITTED[key]]
     else:
-        blocks = [fallback] if (d, e) in _NS_BLOCKED else [cols, fallback]
-    for i, nb in enumerate(blocks):
+        nb = min(64, cols)
+        ladder = list(dict.fromkeys([(cols, min(64, e)), (nb, min(64, e)), (nb, min(32, e)), (nb, 16)]))
+    last: Exception | None = None
+    for nb, be in ladder:
         blocked = opt == 2 and nb < cols
         scratch = torch.empty(bsz * h * d * e, dtype=torch.float32, device=k.device) if blocked else w[0]
         try:
             _scan2_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], w[1], s[0], s[1], scratch, out,
-                                NS_BLOCK=nb, **args, num_warps=num_warps or 8, num_stages=1)
-            return result
-        except OutOfResources:
-            if i + 1 == len(blocks):
+                                NS_BLOCK=nb, BLOCK_E=be, **args, num_warps=warps, num_stages=1)
+        except OutOfResources as exc:
+            if pinned:
                 raise
-            _NS_BLOCKED.add((d, e))
-    raise AssertionError("unreachable")
+            last = exc
+            continue
+        if not pinned:
+            _FITTED[key] = (nb, be)
+        return result
+    unfit(2, d, e)
+    raise KernelResourceError(f"no tuning of the depth-2 chunk kernel fits on this device (d {d}, e {e}): "
+                              f"{last}")
 
 
 def _new_tail(tail: Tensor, x: Tensor, end: int) -> Tensor:
@@ -440,7 +487,14 @@ def chunk_update(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omeg
                  low_precision_dots: bool = False) -> tuple[Weights, Weights]:
     """The engine's `chunk_update` (one optimiser step; x, v (B, H, N, d) already hold the Omega tail and
     omega (B, H, N) the Omega weights; eta, alpha, theta (B, H)), fused. Returns fp32 weights, momentum."""
-    _, w, s = _launch(None, x, v, omega, None, eta[..., None], alpha[..., None], theta[..., None], weights,
-                      momentum, chunk=x.shape[2], n_full=1, has_counts=False, optimizer=optimizer,
-                      ns_steps=ns_steps, precision=precision, low_precision_dots=low_precision_dots)
+    # The kernel's row blocks are powers of two: N = b + c - 1 rows go as a chunk of the largest power
+    # of two <= N and a short tail (71 = 64 + 7 rows at b=64, c=8), not as 128 padded rows.
+    n = x.shape[2]
+    body = n if n <= 16 else 1 << (n.bit_length() - 1)
+    tail = n - body
+    tails = (x[:, :, :tail], v[:, :, :tail], omega[:, :, :tail]) if tail else None
+    _, w, s = _launch(None, x[:, :, tail:], v[:, :, tail:], omega[:, :, tail:], tails, eta[..., None],
+                      alpha[..., None], theta[..., None], weights, momentum, chunk=body, n_full=1,
+                      has_counts=False, optimizer=optimizer, ns_steps=ns_steps, precision=precision,
+                      low_precision_dots=low_precision_dots)
     return w, s

@@ -8,6 +8,8 @@ reference fed the same (rounded) inputs."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +155,52 @@ def test_kernel_blocked_newton_schulz(d: int, e: int, ns_steps: int) -> None:
     check(errors(got, run_reference(inp, chunk=16, optimizer="muon", ns_steps=ns_steps)), TOL[torch.float32])
 
 
+def test_kernel_falls_back_to_a_tuning_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the whole Newton-Schulz iterate does not fit (OutOfResources at launch), the launch takes
+    the next tuning of its ladder and remembers it."""
+    from triton.runtime.errors import OutOfResources
+
+    real, tried = kchunk._scan2_kernel, []
+
+    class Tight:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append((kw["NS_BLOCK"], kw["BLOCK_E"]))
+                if kw["NS_BLOCK"] == kw["C"]:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    from atlas import kernels
+
+    monkeypatch.setattr(kchunk, "_scan2_kernel", Tight())
+    monkeypatch.setattr(kchunk, "_FITTED", {})
+    monkeypatch.setattr(kernels, "_UNFIT", set())
+    inp = rounded(make_case(2, "muon", e=128), torch.float32)
+    for _ in range(2):
+        got = run_kernel(inp, chunk=16, optimizer="muon", precision="ieee")
+    assert tried == [(128, 64), (64, 64), (64, 64)]
+    check(errors(got, run_reference(inp, chunk=16, optimizer="muon")), TOL[torch.float32])
+
+
+def test_kernel_engine_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlas import kernels
+    from atlas.engine.model import memory
+
+    def no_fit(*args, **kwargs):
+        raise kernels.KernelResourceError("does not fit")
+
+    monkeypatch.setenv("ATLAS_KERNELS", "on")
+    monkeypatch.setattr(kernels, "chunk_update", no_fit)
+    atlas = Atlas.from_config(tiny_config(n_layers=1), seed=0, device=DEVICE, dtype=torch.float32)
+    tokens = torch.randint(0, 64, (1, 17), generator=torch.Generator().manual_seed(2))
+    _, got = atlas.feed(atlas.new_state(), tokens, all_logits=True)
+    monkeypatch.setenv("ATLAS_KERNELS", "off")
+    _, ref = atlas.feed(atlas.new_state(), tokens, all_logits=True)
+    assert torch.equal(got, ref)
+    assert memory.use_kernels((torch.zeros(1, 1, 16, 16, device=DEVICE),)) is False  # off
+
+
 SHAPES = [
     # (length, chunk, window, d, e): chunks not a power of two, c = 1, c - 1 > b, T < b, T = k b, e < d
     pytest.param(48, 16, 3, 16, 32, id="whole-chunks"),
@@ -234,6 +282,18 @@ def test_kernel_memory_read(depth: int, rows: int, dtype: torch.dtype) -> None:
     got = kread.memory_read(weights, x)
     assert got.dtype == torch.float32 and got.shape == x.shape
     assert rel_rmse(got, memory_read(tuple(w.double() for w in weights), x.double())) < 1e-5
+
+
+def test_kernel_compiles_for_hopper() -> None:
+    """The kernels compile for sm_90 (H100/H200) and fit its shared memory: Triton compiles on the host,
+    so this runs without a GPU (in a fresh process: the interpreter does not compile)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "atlas.kernels.compile_check", "--arch", "90", "--quick"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert out.stdout.count('"fits": true') == 3, out.stdout
 
 
 @pytest.mark.parametrize("optimizer,depth", [("muon", 2), ("momentum", 1), ("gd", 2)])

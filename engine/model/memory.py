@@ -9,6 +9,7 @@ Everything is differentiable (training backprops through the chunk recurrence) a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -21,6 +22,7 @@ from atlas import kernels
 from ..config import ModelConfig
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+_log = logging.getLogger(__name__)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 Weights = tuple[Tensor, ...]  # (W1, W2) for depth 2, (W,) for depth 1; each (B, H, rows, cols)
@@ -201,8 +203,11 @@ def chunk_step(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega:
                first_order: bool = False) -> tuple[Weights, Weights]:
     """`chunk_update`, by the fused kernel where `use_kernels` says so."""
     if use_kernels(weights, *momentum, x, v, omega, eta, alpha, theta):
-        return kernels.chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps,
-                                    precision=kernel_precision())
+        try:
+            return kernels.chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer,
+                                        ns_steps, precision=kernel_precision())
+        except kernels.KernelResourceError as exc:  # the shape is now marked unsupported
+            _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
     return chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps, first_order)
 
 
@@ -220,10 +225,14 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
     momentum = tuple(state["S" + n[1:]] for n in names) if optimizer != "gd" else ()
     if not use_kernels(weights, *momentum, q, k, v, gamma, eta, alpha, theta):
         return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
-    reads, weights, momentum, (tk, tv, tg) = kernels.chunk_scan(
-        q, k, v, gamma, eta, alpha, theta, weights, momentum, state["tail_k"], state["tail_v"],
-        state["tail_gamma"], chunk_size=chunk_size, optimizer=optimizer, ns_steps=ns_steps,
-        precision=kernel_precision())
+    try:
+        reads, weights, momentum, (tk, tv, tg) = kernels.chunk_scan(
+            q, k, v, gamma, eta, alpha, theta, weights, momentum, state["tail_k"], state["tail_v"],
+            state["tail_gamma"], chunk_size=chunk_size, optimizer=optimizer, ns_steps=ns_steps,
+            precision=kernel_precision())
+    except kernels.KernelResourceError as exc:
+        _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
+        return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
     new = dict(zip(names, weights, strict=True), tail_k=tk, tail_v=tv, tail_gamma=tg)
     new.update({"S" + n[1:]: s for n, s in zip(names, momentum, strict=False)})
     return reads, new
