@@ -37,7 +37,8 @@ _VERB = ("watched", "crossed", "painted", "carried", "found", "opened", "followe
 _PLACE = ("before noon", "in the rain", "after the festival", "near the station", "every morning",
           "at the edge of town", "during the winter", "without a word")
 
-TASKS = ("passkey", "multi_needle")
+TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures
+TRAIN_TASKS = (*TASKS, "recall", "copy")  # what training may mix
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,11 @@ def passkey(rng: random.Random, length: int, depth: float | None = None) -> Samp
     return Sample("passkey", prompt, f" {key}.", key, depth, copies=((second, second + len(key)),))
 
 
-def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None) -> Sample:
+def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None,
+                 names: list[str] | None = None) -> Sample:
     """`n_needles` 7-digit magic numbers for different names in generated prose; one is asked for.
     The asked needle sits at `depth` (uniform if None); the others at uniform depths."""
-    names = rng.sample(NAMES, n_needles)
+    names = names or rng.sample(NAMES, n_needles)
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in names]
     depths = [rng.random() for _ in names]
     if depth is not None:
@@ -121,12 +123,69 @@ def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: flo
     return Sample("multi_needle", prompt, f" {values[0]}.", values[0], depths[0], follow_ups=tuple(others))
 
 
+_SYLLABLES = ("ka", "lo", "mi", "ren", "ta", "vo", "shi", "du", "pe", "zan", "ri", "bo", "nel", "fa", "gu",
+              "sol")
+
+
+_MAX_MADE_UP = 3 * max(len(s) for s in _SYLLABLES)
+
+
+def _made_up_name(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def recall(rng: random.Random, length: int) -> Sample:
+    """Training only: the multi-needle format with as many needles as fit (up to 12) under made-up
+    names, every one of them asked for; more answers per token than the evaluation tasks, and
+    names the model cannot have memorised."""
+    fit = max(n for n in range(2, 13) if n == 2 or _needles_room(n, _MAX_MADE_UP) <= length)
+    n = rng.randint(2, fit)
+    names: list[str] = []
+    while len(names) < n:
+        if (name := _made_up_name(rng)) not in names:
+            names.append(name)
+    s = multi_needle(rng, length, n_needles=n, names=names)
+    return Sample("recall", s.prompt, s.answer, s.value, s.depth, follow_ups=s.follow_ups)
+
+
+def copy(rng: random.Random, length: int) -> Sample:
+    """Training only: random strings (mostly digits), each written twice, "R\nR\n", back to back; the
+    second copies are scored. Dense practice for copying what was seen before (induction), which
+    every retrieval task needs and which the sparse answers of the others teach slowly."""
+    parts: list[str] = []
+    copies: list[tuple[int, int]] = []
+    size = 0
+    while True:
+        alphabet = "0123456789" if rng.random() < 0.7 else "abcdefghijklmnopqrstuvwxyz0123456789"
+        r = "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 32)))
+        if size + 2 * (len(r) + 1) > length:
+            break
+        copies.append((size + len(r) + 1, size + 2 * len(r) + 1))
+        parts += [r, "\n", r, "\n"]
+        size += 2 * (len(r) + 1)
+    prompt = "".join(parts)
+    prompt += "\n" * (length - len(prompt))  # the blocks fill all but a few bytes
+    return Sample("copy", prompt, "", "", 1.0, copies=tuple(copies))  # all is in the copies
+
+
 def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None) -> Sample:
     if task == "passkey":
         return passkey(rng, length, depth)
     if task == "multi_needle":
         return multi_needle(rng, length, depth=depth)
-    raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+    if task == "recall":
+        return recall(rng, length)
+    if task == "copy":
+        return copy(rng, length)
+    raise ValueError(f"unknown task {task!r}; one of {TRAIN_TASKS}")
+
+
+def _needles_room(n_needles: int, name_len: int) -> int:
+    """Bytes of the multi-needle format without prose: preamble, n needles, the question."""
+    name = "x" * name_len
+    needle = len(f"The special magic number for {name} is 1234567.") + 1
+    question = len(f"\nWhat is the special magic number for {name}? The special magic number for {name} is")
+    return len(NEEDLES_PREAMBLE) + 1 + n_needles * needle + question
 
 
 def min_length(task: str) -> int:
@@ -134,9 +193,11 @@ def min_length(task: str) -> int:
     if task == "passkey":
         return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len("The pass key is 50000. Remember it. "
                                                                         "50000 is the pass key.") + 1
-    name = max(NAMES, key=len)
-    return (len(NEEDLES_PREAMBLE) + 1 + 4 * (len(f"The special magic number for {name} is 1234567.") + 1)
-            + len(f"\nWhat is the special magic number for {name}? The special magic number for {name} is"))
+    if task == "recall":
+        return _needles_room(2, _MAX_MADE_UP)
+    if task == "copy":
+        return 10
+    return _needles_room(4, max(len(n) for n in NAMES))
 
 
 def first_number(text: str) -> str | None:

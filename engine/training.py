@@ -15,13 +15,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from tqdm import tqdm
 
 from .config import ModelConfig
 from .model import AtlasModel
-from .tasks import make_sample
+from .tasks import TRAIN_TASKS, make_sample, min_length
 from .tokenizer import ByteTokenizer
 
 try:
@@ -105,6 +105,15 @@ class DataConfig(BaseModel):
     follow_ups: bool = True
     score_copies: bool = True
 
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: dict[str, float]) -> dict[str, float]:
+        if bad := sorted(set(tasks) - set(TRAIN_TASKS)):
+            raise ValueError(f"unknown task(s) {bad}; choose from {list(TRAIN_TASKS)}")
+        if not tasks or min(tasks.values()) < 0 or sum(tasks.values()) <= 0:
+            raise ValueError("task weights must be >= 0 and not all zero")
+        return tasks
+
 
 class TrainConfig(BaseModel):
     """One training run, as read from a TOML or JSON file by `atlas train`."""
@@ -144,35 +153,39 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
                ) -> tuple[Tensor, Tensor, Tensor, int]:
     """The batch of `step` (a pure function of seed and step, so a resumed run sees the same data).
 
-    Returns tokens (B, L + answer), the answer mask and the prompt mask over predicted positions
-    (B, L + answer - 1), and the prompt length L."""
+    Every prompt has the step's length, or its task's shortest if that is longer (rows are padded at
+    the end). Returns tokens (B, W), the answer mask and the prompt mask over predicted positions
+    (B, W - 1), and the step's length."""
     tok = tokenizer or ByteTokenizer()
     rng = random.Random(seed * 1_000_003 + step)
     length = length_at(step, cfg, rng)
     names, weights = zip(*cfg.tasks.items(), strict=True)
     batch = max(1, cfg.tokens_per_batch // length)
-    samples = [make_sample(rng.choices(names, weights)[0], rng, length) for _ in range(batch)]
-    rows: list[tuple[list[int], list[tuple[int, int]]]] = []  # ids after the prompt, scored spans
+    tasks = rng.choices(names, weights, k=batch)
+    samples = [make_sample(t, rng, max(length, min_length(t))) for t in tasks]
+    rows: list[tuple[list[int], list[tuple[int, int]]]] = []  # all ids, scored spans
     for s in samples:
-        ids = tok.encode(s.answer)
-        spans = [(length, length + len(ids))]
-        for question, answer in s.follow_ups if cfg.follow_ups else ():
+        ids = tok.encode(s.prompt)
+        answer = tok.encode(s.answer)
+        spans = [(len(ids), len(ids) + len(answer))]
+        ids += answer
+        for question, reply in s.follow_ups if cfg.follow_ups else ():
             ids += tok.encode(question)
-            spans.append((length + len(ids), length + len(ids) + len(tok.encode(answer))))
-            ids += tok.encode(answer)
+            reply_ids = tok.encode(reply)
+            spans.append((len(ids), len(ids) + len(reply_ids)))
+            ids += reply_ids
         if cfg.score_copies:
             spans += list(s.copies)
         rows.append((ids, spans))
-    width = length + max(len(ids) for ids, _ in rows)
+    width = max(len(ids) for ids, _ in rows)
     tokens = torch.full((batch, width), tok.encode(" ")[0], dtype=torch.long)
     answer_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     for i, (s, (ids, spans)) in enumerate(zip(samples, rows, strict=True)):
-        tokens[i, :length] = torch.tensor(tok.encode(s.prompt))
-        tokens[i, length:length + len(ids)] = torch.tensor(ids)
+        tokens[i, :len(ids)] = torch.tensor(ids)
         for a, b in spans:  # the logits at position p predict token p + 1
             answer_mask[i, a - 1:b - 1] = True
-        prompt_mask[i, :length - 1] = True
+        prompt_mask[i, :len(s.prompt) - 1] = True
     prompt_mask &= ~answer_mask
     return tokens, answer_mask, prompt_mask, length
 

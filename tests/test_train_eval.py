@@ -13,15 +13,18 @@ from typer.testing import CliRunner
 from atlas.engine import load_checkpoint
 from atlas.engine.evaluation import evaluate_point, parse_length
 from atlas.engine.tasks import (
+    NAMES,
     PASSKEY_FILLER,
     PASSKEY_PREAMBLE,
     PASSKEY_QUESTION,
     TASKS,
+    copy,
     first_number,
     make_sample,
     min_length,
     multi_needle,
     passkey,
+    recall,
 )
 from atlas.engine.training import DataConfig, TrainConfig, run_training, task_batch
 from atlas.server.cli import app
@@ -60,13 +63,57 @@ def test_multi_needle_asks_for_one_of_several_names():
     assert s.answer == f" {s.value}."
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", [*TASKS, "recall"])
 def test_min_length_fits_and_shorter_is_refused(task):
     n = min_length(task)
     for seed in range(20):
         assert len(make_sample(task, random.Random(seed), n).prompt) == n
     with pytest.raises(ValueError, match="too short"):
         make_sample(task, random.Random(0), n // 2)
+
+
+@pytest.mark.parametrize("length", [331, 700, 5000])
+def test_recall_asks_for_every_needle_under_made_up_names(length):
+    for seed in range(10):
+        s = recall(random.Random(seed), length)
+        assert len(s.prompt) == length
+        needles = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", s.prompt))
+        assert 2 <= len(needles) <= 12 and not set(needles) & set(NAMES)
+        asked = [re.search(r"number for (\w+)\?", q).group(1) for q, _ in s.follow_ups]
+        asked.append(s.prompt.rsplit("magic number for ", 1)[1].split(" ")[0])
+        assert sorted(asked) == sorted(needles)
+        assert all(a == f" {needles[n]}." for n, (_, a) in zip(asked, s.follow_ups, strict=False))
+
+
+def test_copy_scores_each_strings_second_writing():
+    s = copy(random.Random(5), 1000)
+    assert len(s.prompt) == 1000 and s.answer == "" and len(s.copies) > 10
+    for a, b in s.copies:
+        assert s.prompt[a:b] == s.prompt[a - (b - a) - 1:a - 1] and s.prompt[a - 1] == s.prompt[b] == "\n"
+
+
+def test_task_batch_lengthens_prompts_a_task_does_not_fit_and_pads_rows():
+    cfg = DataConfig(min_len=256, max_len=256, tokens_per_batch=4096,
+                     tasks={"passkey": 1, "multi_needle": 1, "copy": 1})
+    tokens, answer_mask, prompt_mask, length = task_batch(0, cfg, seed=2)
+    assert length == 256 and tokens.shape[0] == 16
+    seen = set()
+    for i in range(16):
+        text = bytes(tokens[i].tolist()).decode()
+        if text.startswith(PASSKEY_PREAMBLE):
+            seen.add("passkey")
+            assert text.index(PASSKEY_QUESTION) + len(PASSKEY_QUESTION) == 256
+        elif text.startswith("Some special"):  # does not fit in 256: at its shortest instead
+            seen.add("multi_needle")
+            assert text.index("? The special magic number for ") < min_length("multi_needle")
+            assert text[:min_length("multi_needle")].endswith(" is")
+            assert bool(prompt_mask[i, min_length("multi_needle") - 2])
+        else:
+            seen.add("copy")
+            assert not prompt_mask[i, 256:].any() and not answer_mask[i, 256:].any()
+    assert seen == {"passkey", "multi_needle", "copy"}
+    with pytest.raises(ValueError, match="unknown task"):
+        DataConfig(tasks={"passkey": 1, "sorting": 1})
 
 
 def test_first_number_and_lengths():
