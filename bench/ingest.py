@@ -27,6 +27,7 @@ from rich.table import Table
 
 from atlas.engine import Atlas, ModelConfig, SamplingParams, SessionState
 from atlas.engine.api import resolve_device
+from atlas.engine.evaluation import parse_length
 from atlas.engine.machine import describe_machine, load_average
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_lengths(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        part = part.strip().lower()
-        if part:
-            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+    out = [parse_length(x) for x in spec.split(",") if x.strip()]
     if not out or min(out) <= 0:
         raise SystemExit("--lengths needs positive token counts")
     return sorted(set(out))

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from atlas.engine.evaluation import parse_length
 from atlas.engine.machine import describe_machine, load_average
 from atlas.engine.model.memory import chunk_update, memory_read, omega_counts
 
@@ -84,12 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_list(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        part = part.strip().lower()
-        if part:
-            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
-    return out
+    return [parse_length(x) for x in spec.split(",") if x.strip()]
 
 
 def cuda_time(fn: Callable[[], Any], reps: int) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 PASSKEY_PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. "
                     "Find it and memorize it. I will quiz you about the important information there.")
@@ -144,8 +144,7 @@ def recall(rng: random.Random, length: int) -> Sample:
     while len(names) < n:
         if (name := _made_up_name(rng)) not in names:
             names.append(name)
-    s = multi_needle(rng, length, n_needles=n, names=names)
-    return Sample("recall", s.prompt, s.answer, s.value, s.depth, follow_ups=s.follow_ups)
+    return replace(multi_needle(rng, length, n_needles=n, names=names), task="recall")
 
 
 def copy(rng: random.Random, length: int) -> Sample:

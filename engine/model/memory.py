@@ -137,6 +137,20 @@ def chunk_update(
     return tuple(new_w), tuple(new_s)
 
 
+def _memory_of(state: dict[str, Tensor], optimizer: str) -> tuple[tuple[str, ...], Weights, Weights]:
+    """The weight names, weights and momentum (none for gd) of a memory state."""
+    names = ("W",) if "W" in state else ("W1", "W2")
+    momentum = tuple(state["S" + n[1:]] for n in names) if optimizer != "gd" else ()
+    return names, tuple(state[n] for n in names), momentum
+
+
+def _memory_entries(names: tuple[str, ...], weights: Weights, momentum: Weights,
+                    tails: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+    new = dict(zip(names, weights, strict=True), tail_k=tails[0], tail_v=tails[1], tail_gamma=tails[2])
+    new.update({"S" + n[1:]: s for n, s in zip(names, momentum, strict=False)})
+    return new
+
+
 def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alpha: Tensor,
                          theta: Tensor, state: dict[str, Tensor], chunk_size: int, optimizer: str,
                          ns_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -147,9 +161,7 @@ def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Te
     tail_gamma, as in `AtlasMemory.init_state`. The T // b whole chunks are committed; a trailing
     partial chunk is only read, at the final weights. Returns the reads (B, H, T, d) in q's dtype
     (before the head norm) and the state's new memory entries."""
-    names = ("W",) if "W" in state else ("W1", "W2")
-    weights = tuple(state[n] for n in names)
-    momentum = tuple(state["S" + n[1:]] for n in names) if optimizer != "gd" else ()
+    names, weights, momentum = _memory_of(state, optimizer)
     tk, tv, tg = state["tail_k"], state["tail_v"], state["tail_gamma"]
     b, t, tail = chunk_size, k.shape[2], tk.shape[2]
     counts = omega_counts(b, tail + 1, gamma.dtype, gamma.device)
@@ -165,8 +177,7 @@ def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Te
                                          alpha[..., j], theta[..., j], optimizer, ns_steps)
         n = keys.shape[2]
         tk, tv, tg = keys[:, :, n - tail:], vals[:, :, n - tail:], gammas[:, :, n - tail:]
-    new = dict(zip(names, weights, strict=True), tail_k=tk, tail_v=tv, tail_gamma=tg)
-    new.update({"S" + n[1:]: s for n, s in zip(names, momentum, strict=False)})
+    new = _memory_entries(names, weights, momentum, (tk, tv, tg))
     return torch.cat(reads, dim=2) if reads else q.new_empty(q.shape), new
 
 
@@ -220,9 +231,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
                state: dict[str, Tensor], chunk_size: int, optimizer: str,
                ns_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
     """`chunk_scan_reference`, by the fused kernel where `use_kernels` says so."""
-    names = ("W",) if "W" in state else ("W1", "W2")
-    weights = tuple(state[n] for n in names)
-    momentum = tuple(state["S" + n[1:]] for n in names) if optimizer != "gd" else ()
+    names, weights, momentum = _memory_of(state, optimizer)
     if not use_kernels(weights, *momentum, q, k, v, gamma, eta, alpha, theta):
         return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
     try:
@@ -233,8 +242,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
     except kernels.KernelResourceError as exc:
         _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
         return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
-    new = dict(zip(names, weights, strict=True), tail_k=tk, tail_v=tv, tail_gamma=tg)
-    new.update({"S" + n[1:]: s for n, s in zip(names, momentum, strict=False)})
+    new = _memory_entries(names, weights, momentum, (tk, tv, tg))
     return reads, new
 
 
