@@ -71,16 +71,18 @@ def _filler(n_bytes: int) -> str:
     return " ".join([PASSKEY_FILLER] * reps)
 
 
-def _place(head: str, body: str, needles: list[str], depths: list[float], tail: str, length: int) -> str:
+def _place(head: str, body: str, needles: list[str], depths: list[float], tail: str, length: int,
+           gap: int = 0) -> str:
     """head + body (cut to fit) with each needle inserted at its relative depth of the body + tail,
-    exactly `length` bytes; needles go in at sentence boundaries."""
+    exactly `length` bytes; needles go in at sentence boundaries, followed by at least `gap` bytes of
+    the body (as many as there are, if the body is shorter)."""
     room = length - len(head) - len(tail) - sum(len(n) + 1 for n in needles)
     if room < 0:
         raise ValueError(f"length {length} is too short for this task (needs {length - room})")
     body = body[:room]
     cuts = []
     for depth in depths:
-        at = int(depth * room)
+        at = int(depth * max(0, room - gap))
         stop = body.rfind(". ", 0, at + 1)
         cuts.append(0 if stop < 0 else stop + 2)
     out, prev = [head], 0
@@ -93,21 +95,23 @@ def _place(head: str, body: str, needles: list[str], depths: list[float], tail: 
     return text
 
 
-def passkey(rng: random.Random, length: int, depth: float | None = None) -> Sample:
-    """Pass-key retrieval with a random key in [1, 50000] at `depth` (uniform if None)."""
+def passkey(rng: random.Random, length: int, depth: float | None = None, gap: int = 0) -> Sample:
+    """Pass-key retrieval with a random key in [1, 50000] at `depth` (uniform if None) of the filler,
+    followed by at least `gap` bytes of it."""
     key = str(rng.randint(1, 50000))
     depth = rng.random() if depth is None else depth
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     head = PASSKEY_PREAMBLE + "\n"
-    prompt = _place(head, _filler(length), [needle], [depth], PASSKEY_QUESTION, length)
+    prompt = _place(head, _filler(length), [needle], [depth], PASSKEY_QUESTION, length, gap)
     second = prompt.index(needle) + needle.index(f" {key} is") + 1
     return Sample("passkey", prompt, f" {key}.", key, depth, copies=((second, second + len(key)),))
 
 
 def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None,
-                 names: list[str] | None = None) -> Sample:
+                 names: list[str] | None = None, gap: int = 0) -> Sample:
     """`n_needles` 7-digit magic numbers for different names in generated prose; one is asked for.
-    The asked needle sits at `depth` (uniform if None); the others at uniform depths."""
+    The asked needle sits at `depth` (uniform if None); the others at uniform depths; at least `gap`
+    bytes of prose follow each."""
     names = names or rng.sample(NAMES, n_needles)
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in names]
     depths = [rng.random() for _ in names]
@@ -117,7 +121,7 @@ def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: flo
     head = NEEDLES_PREAMBLE + "\n"
     ask = "\nWhat is the special magic number for {0}? The special magic number for {0} is"
     questions = [ask.format(n) for n in names]
-    prompt = _place(head, _prose(rng, length), needles, depths, questions[0], length)
+    prompt = _place(head, _prose(rng, length), needles, depths, questions[0], length, gap)
     others = list(zip(questions[1:], [f" {v}." for v in values[1:]], strict=True))
     rng.shuffle(others)
     return Sample("multi_needle", prompt, f" {values[0]}.", values[0], depths[0], follow_ups=tuple(others))
@@ -134,7 +138,7 @@ def _made_up_name(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def recall(rng: random.Random, length: int) -> Sample:
+def recall(rng: random.Random, length: int, gap: int = 0) -> Sample:
     """Training only: the multi-needle format with as many needles as fit (up to 12) under made-up
     names, every one of them asked for; more answers per token than the evaluation tasks, and
     names the model cannot have memorised."""
@@ -144,7 +148,7 @@ def recall(rng: random.Random, length: int) -> Sample:
     while len(names) < n:
         if (name := _made_up_name(rng)) not in names:
             names.append(name)
-    return replace(multi_needle(rng, length, n_needles=n, names=names), task="recall")
+    return replace(multi_needle(rng, length, n_needles=n, names=names, gap=gap), task="recall")
 
 
 def copy(rng: random.Random, length: int) -> Sample:
@@ -167,13 +171,16 @@ def copy(rng: random.Random, length: int) -> Sample:
     return Sample("copy", prompt, "", "", 1.0, copies=tuple(copies))  # all is in the copies
 
 
-def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None) -> Sample:
+def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None,
+                gap: int = 0) -> Sample:
+    """One prompt of `length` bytes. `gap` (training): at least that many bytes of filler follow each
+    needle, e.g. the attention window, so that only the memory can answer."""
     if task == "passkey":
-        return passkey(rng, length, depth)
+        return passkey(rng, length, depth, gap)
     if task == "multi_needle":
-        return multi_needle(rng, length, depth=depth)
+        return multi_needle(rng, length, depth=depth, gap=gap)
     if task == "recall":
-        return recall(rng, length)
+        return recall(rng, length, gap)
     if task == "copy":
         return copy(rng, length)
     raise ValueError(f"unknown task {task!r}; one of {TRAIN_TASKS}")

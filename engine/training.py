@@ -104,6 +104,9 @@ class DataConfig(BaseModel):
     # first answer) and the key's second mention inside the pass-key needle.
     follow_ups: bool = True
     score_copies: bool = True
+    # At least this many bytes of filler after each needle (e.g. the attention window, so that
+    # only the memory can answer); 0 places needles anywhere.
+    needle_gap: int = Field(0, ge=0)
 
     @field_validator("tasks")
     @classmethod
@@ -127,6 +130,9 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; weights, W and S stay fp32
     out_dir: Path = Path("runs/atlas")
     checkpoint_every: int = Field(100, ge=1)
+    # Start from these weights (a checkpoint directory) instead of a fresh initialisation, e.g. a
+    # second phase on longer gaps. Their shapes must fit `model`; its other knobs apply from here on.
+    init_from: Path | None = None
     # Backprop through the memory recurrence: "full", or "first_order" (no autograd through the inner
     # gradient's dependence on the weights; see memory.chunk_update). The forward pass is the same.
     inner_backprop: Literal["full", "first_order"] = "first_order"
@@ -162,7 +168,7 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     names, weights = zip(*cfg.tasks.items(), strict=True)
     batch = max(1, cfg.tokens_per_batch // length)
     tasks = rng.choices(names, weights, k=batch)
-    samples = [make_sample(t, rng, max(length, min_length(t))) for t in tasks]
+    samples = [make_sample(t, rng, max(length, min_length(t)), gap=cfg.needle_gap) for t in tasks]
     rows: list[tuple[list[int], list[tuple[int, int]]]] = []  # all ids, scored spans
     for s in samples:
         ids = tok.encode(s.prompt)
@@ -225,6 +231,12 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     for block in model.blocks:
         if block.mixer.mem is not None:
             block.mixer.mem.first_order = cfg.inner_backprop == "first_order"
+    if cfg.init_from is not None:
+        from .checkpoint import load_checkpoint
+        try:
+            model.load_state_dict(load_checkpoint(cfg.init_from, device=device).state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"init_from {cfg.init_from} does not fit this run's model: {e}") from e
     opt = make_optimizer(model, cfg.optim)
     step, wall = 0, 0.0
     trainer = out / "trainer.pt"

@@ -43,13 +43,14 @@ def load_all(path: Path) -> list[dict[str, Any]]:
 
 
 def settings_names() -> set[str]:
-    """Every ATLAS_* variable the server, the store and the runtime read."""
+    """Every ATLAS_* variable the server, the store, the runtime and the kernels read."""
     from atlas.engine.runtime.settings import RuntimeSettings
     from atlas.engine.store.settings import StoreSettings
+    from atlas.kernels.settings import KernelSettings
     from atlas.server.settings import ServerSettings
 
-    return {f"ATLAS_{name.upper()}" for cls in (ServerSettings, StoreSettings, RuntimeSettings)
-            for name in cls.model_fields}
+    classes = (ServerSettings, StoreSettings, RuntimeSettings, KernelSettings)
+    return {f"ATLAS_{name.upper()}" for cls in classes for name in cls.model_fields}
 
 
 def seconds(value: str | int | float) -> float:

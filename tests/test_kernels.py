@@ -17,6 +17,7 @@ from torch import Tensor
 
 from atlas.engine import Atlas
 from atlas.engine.model.memory import chunk_scan_reference, chunk_update, memory_read
+from atlas.kernels.settings import kernel_settings
 
 from .helpers import tiny_config
 
@@ -35,6 +36,18 @@ DEVICE = "cpu" if INTERPRETED else "cuda"
 F64 = torch.float64
 OPTIMIZERS = ("gd", "momentum", "muon")
 gpu = pytest.mark.skipif(INTERPRETED, reason="needs CUDA (compiled Triton)")
+
+
+@pytest.fixture
+def kernel_env(monkeypatch: pytest.MonkeyPatch):
+    """Sets ATLAS_KERNEL* variables for one test; the settings are re-read after each change."""
+
+    def set_env(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        kernel_settings.cache_clear()
+
+    yield set_env
+    kernel_settings.cache_clear()  # before monkeypatch restores the environment; re-read lazily
 
 
 def rel_rmse(got: Tensor, ref: Tensor) -> float:
@@ -183,19 +196,19 @@ def test_kernel_falls_back_to_a_tuning_that_fits(monkeypatch: pytest.MonkeyPatch
     check(errors(got, run_reference(inp, chunk=16, optimizer="muon")), TOL[torch.float32])
 
 
-def test_kernel_engine_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_engine_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch, kernel_env) -> None:
     from atlas import kernels
     from atlas.engine.model import memory
 
     def no_fit(*args, **kwargs):
         raise kernels.KernelResourceError("does not fit")
 
-    monkeypatch.setenv("ATLAS_KERNELS", "on")
+    kernel_env("ATLAS_KERNELS", "on")
     monkeypatch.setattr(kernels, "chunk_update", no_fit)
     atlas = Atlas.from_config(tiny_config(n_layers=1), seed=0, device=DEVICE, dtype=torch.float32)
     tokens = torch.randint(0, 64, (1, 17), generator=torch.Generator().manual_seed(2))
     _, got = atlas.feed(atlas.new_state(), tokens, all_logits=True)
-    monkeypatch.setenv("ATLAS_KERNELS", "off")
+    kernel_env("ATLAS_KERNELS", "off")
     _, ref = atlas.feed(atlas.new_state(), tokens, all_logits=True)
     assert torch.equal(got, ref)
     assert memory.use_kernels((torch.zeros(1, 1, 16, 16, device=DEVICE),)) is False  # off
@@ -297,11 +310,12 @@ def test_kernel_compiles_for_hopper() -> None:
 
 
 @pytest.mark.parametrize("optimizer,depth", [("muon", 2), ("momentum", 1), ("gd", 2)])
-def test_kernel_engine_dispatch(monkeypatch: pytest.MonkeyPatch, optimizer: str, depth: int) -> None:
+def test_kernel_engine_dispatch(monkeypatch: pytest.MonkeyPatch, kernel_env, optimizer: str,
+                                depth: int) -> None:
     """The engine with ATLAS_KERNELS=on (chunk steps and decode reads by the kernels) against =off."""
     from atlas.engine.model import memory
 
-    monkeypatch.setenv("ATLAS_KERNEL_PRECISION", "ieee")  # tf32 is measured by the real-shape tests
+    kernel_env("ATLAS_KERNEL_PRECISION", "ieee")  # tf32 is measured by the real-shape tests
     cfg = tiny_config(optimizer=optimizer, mem_depth=depth, layers=["mag"], n_layers=1)
     atlas = Atlas.from_config(cfg, seed=0, device=DEVICE, dtype=torch.float32)
     tokens = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(5))
@@ -313,7 +327,7 @@ def test_kernel_engine_dispatch(monkeypatch: pytest.MonkeyPatch, optimizer: str,
     monkeypatch.setattr(memory.kernels, "memory_read",
                         lambda *a, **k: calls.__setitem__("read", calls["read"] + 1) or read(*a, **k))
     for mode in ("off", "on"):
-        monkeypatch.setenv("ATLAS_KERNELS", mode)
+        kernel_env("ATLAS_KERNELS", mode)
         state, logits = atlas.feed(atlas.new_state(batch=2), tokens, all_logits=True)
         state, last = atlas.decode_step(state, [3, 4])
         runs.append((logits, last, state))
@@ -325,16 +339,16 @@ def test_kernel_engine_dispatch(monkeypatch: pytest.MonkeyPatch, optimizer: str,
             assert rel_rmse(s1.tensors[k], v) < 1e-4, k
 
 
-def test_kernel_dispatch_keeps_autograd_on_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_dispatch_keeps_autograd_on_the_reference(monkeypatch: pytest.MonkeyPatch, kernel_env) -> None:
     from atlas.engine.model import memory
 
-    monkeypatch.setenv("ATLAS_KERNELS", "on")
+    kernel_env("ATLAS_KERNELS", "on")
     w = torch.zeros(1, 1, 16, 16, device=DEVICE)
     assert memory.use_kernels((w,))
     assert not memory.use_kernels((w.requires_grad_(True),))
     assert not memory.use_kernels((torch.zeros(1, 1, 16, 16, dtype=F64, device=DEVICE),))
     assert not memory.use_kernels((torch.zeros(1, 1, 12, 12, device=DEVICE),))
-    monkeypatch.setenv("ATLAS_KERNELS", "off")
+    kernel_env("ATLAS_KERNELS", "off")
     assert not memory.use_kernels((torch.zeros(1, 1, 16, 16, device=DEVICE),))
 
 
@@ -395,3 +409,15 @@ def test_kernel_gpu_memory_read(dtype: torch.dtype) -> None:
     x = case["q"].to(dtype)
     got = kread.memory_read(weights, x)
     assert rel_rmse(got, memory_read(tuple(w.double() for w in weights), x.double())) < 1e-5
+
+
+def test_kernel_settings_reject_unknown_values(kernel_env) -> None:
+    from pydantic import ValidationError
+
+    kernel_env("ATLAS_KERNELS", "sometimes")
+    with pytest.raises(ValidationError, match="kernels"):
+        kernel_settings()
+    kernel_env("ATLAS_KERNELS", "off")
+    kernel_env("ATLAS_KERNEL_PRECISION", "fp8")
+    with pytest.raises(ValidationError, match="kernel_precision"):
+        kernel_settings()

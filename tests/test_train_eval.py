@@ -92,6 +92,21 @@ def test_copy_scores_each_strings_second_writing():
         assert s.prompt[a:b] == s.prompt[a - (b - a) - 1:a - 1] and s.prompt[a - 1] == s.prompt[b] == "\n"
 
 
+@pytest.mark.parametrize("task", ["passkey", "multi_needle", "recall"])
+def test_needle_gap_keeps_every_needle_beyond_it(task):
+    gap = 700
+    for seed in range(20):
+        s = make_sample(task, random.Random(seed), 2000, gap=gap)
+        question = s.prompt.index("What is" if task != "passkey" else PASSKEY_QUESTION)
+        needles = [m.end() for m in re.finditer(r"(pass key is \d+\. Remember it\. \d+ is the pass key\."
+                                                 r"|magic number for \w+ is \d+\.)", s.prompt)]
+        assert len(s.prompt) == 2000 and needles and s.value in s.prompt[:needles[-1]]
+        assert question - max(needles) >= gap
+    # Without a gap the needles go anywhere, also next to the question.
+    near = [make_sample("passkey", random.Random(seed), 2000) for seed in range(40)]
+    assert min(len(s.prompt) - s.prompt.index(" is the pass key.") for s in near) < gap
+
+
 def test_task_batch_lengthens_prompts_a_task_does_not_fit_and_pads_rows():
     cfg = DataConfig(min_len=256, max_len=256, tokens_per_batch=4096,
                      tasks={"passkey": 1, "multi_needle": 1, "copy": 1})
@@ -204,6 +219,23 @@ def _run_until(cfg: TrainConfig, steps: int, monkeypatch):
         with pytest.raises(Stop):
             run_training(cfg, progress=False)
     return cfg.out_dir
+
+
+def test_training_can_start_from_a_checkpoint(tmp_path):
+    first = load_checkpoint(run_training(tiny_train_config(tmp_path / "a", steps=2), progress=False))
+    start = tmp_path / "a" / "run" / "model"
+    still = dict(steps=1, optim=dict(lr=1e-12, warmup_steps=1))  # one step that changes nothing
+    second = load_checkpoint(run_training(tiny_train_config(tmp_path / "b", init_from=start, **still),
+                                          progress=False))
+    fresh = load_checkpoint(run_training(tiny_train_config(tmp_path / "c", **still), progress=False))
+    for (n, p), q in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
+    assert any(not torch.allclose(p, r, atol=1e-6)
+               for p, r in zip(first.parameters(), fresh.parameters(), strict=True))
+    wider = tiny_config(d_model=32, n_heads=2, n_layers=1, chunk_size=16, swa_window=32, omega_window=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        run_training(tiny_train_config(tmp_path / "d", init_from=start, model=wider.model_dump()),
+                     progress=False)
 
 
 def test_bf16_training_runs(tmp_path):

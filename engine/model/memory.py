@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atlas import kernels
+from atlas.kernels.settings import kernel_settings
 
 from ..config import ModelConfig
 
@@ -187,12 +187,11 @@ def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Te
 
 
 def use_kernels(weights: Weights, *tensors: Tensor) -> bool:
-    """Whether the fused Triton kernels (kernels/) take a chunk step or read. ATLAS_KERNELS=auto (the
-    default) uses them on CUDA, =off never, =on wherever Triton runs (also the CPU interpreter,
-    TRITON_INTERPRET=1, which tests use). Only for fp32 state and without autograd: training
+    """Whether the fused Triton kernels (kernels/) take a chunk step or read, per `KernelSettings`
+    (ATLAS_KERNELS: auto, on or off). Only for fp32 state and without autograd: training
     differentiates through the reference."""
-    mode = os.environ.get("ATLAS_KERNELS", "auto").strip().lower()
-    if mode in ("off", "0", "false", "reference"):
+    mode = kernel_settings().kernels
+    if mode == "off":
         return False
     everything = (*weights, *tensors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in everything):
@@ -203,12 +202,6 @@ def use_kernels(weights: Weights, *tensors: Tensor) -> bool:
     return kernels.available() and kernels.supported(len(weights), d, e)
 
 
-def kernel_precision() -> str:
-    """The fused kernels' fp32 products: tf32 (default; 10-bit mantissa operands, fp32 accumulation),
-    tf32x3 (about fp32 accuracy, 3 tf32 products) or ieee (fp32 FMA, slowest). ATLAS_KERNEL_PRECISION."""
-    return os.environ.get("ATLAS_KERNEL_PRECISION", "tf32").strip().lower()
-
-
 def chunk_step(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega: Tensor, eta: Tensor,
                alpha: Tensor, theta: Tensor, optimizer: str, ns_steps: int,
                first_order: bool = False) -> tuple[Weights, Weights]:
@@ -216,7 +209,7 @@ def chunk_step(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega:
     if use_kernels(weights, *momentum, x, v, omega, eta, alpha, theta):
         try:
             return kernels.chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer,
-                                        ns_steps, precision=kernel_precision())
+                                        ns_steps, precision=kernel_settings().kernel_precision)
         except kernels.KernelResourceError as exc:  # the shape is now marked unsupported
             _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
     return chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps, first_order)
@@ -238,7 +231,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
         reads, weights, momentum, (tk, tv, tg) = kernels.chunk_scan(
             q, k, v, gamma, eta, alpha, theta, weights, momentum, state["tail_k"], state["tail_v"],
             state["tail_gamma"], chunk_size=chunk_size, optimizer=optimizer, ns_steps=ns_steps,
-            precision=kernel_precision())
+            precision=kernel_settings().kernel_precision)
     except kernels.KernelResourceError as exc:
         _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
         return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)

@@ -1,0 +1,26 @@
+"""Kernel dispatch settings (ATLAS_KERNELS, ATLAS_KERNEL_PRECISION)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KernelSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATLAS_", extra="ignore")
+
+    #: auto: the fused kernels on CUDA, the reference elsewhere; on: wherever Triton runs (also the
+    #: CPU interpreter, TRITON_INTERPRET=1); off: always the reference.
+    kernels: Literal["auto", "on", "off"] = "auto"
+    #: The kernels' fp32 products: tf32 (10-bit mantissa operands, fp32 accumulation), tf32x3
+    #: (about fp32, three tf32 products) or ieee (fp32 FMA, slowest).
+    kernel_precision: Literal["tf32", "tf32x3", "ieee"] = "tf32"
+
+
+@functools.cache
+def kernel_settings() -> KernelSettings:
+    """The process's settings, read from the environment once (`kernel_settings.cache_clear()`
+    re-reads them)."""
+    return KernelSettings()
