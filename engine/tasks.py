@@ -38,7 +38,7 @@ _PLACE = ("before noon", "in the rain", "after the festival", "near the station"
           "at the edge of town", "during the winter", "without a word")
 
 TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures
-TRAIN_TASKS = (*TASKS, "recall", "copy")  # what training may mix
+TRAIN_TASKS = (*TASKS, "recall", "copy", "copy_block")  # what training may mix
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,33 @@ def copy(rng: random.Random, length: int) -> Sample:
     return Sample("copy", prompt, "", "", 1.0, copies=tuple(copies))  # all is in the copies
 
 
+def copy_block(rng: random.Random, length: int, gap: int = 0) -> Sample:
+    """Training only: a block of random strings (mostly digits, one per line) and then the same block
+    again, repeated with new blocks to fill the prompt; the second writing of each block is scored
+    but for its first byte. A block holds more than `gap` bytes (at least 64, at most about four times
+    that; less where the prompt is too short for two), so with the attention window as the gap only
+    the memory can recall it: dense practice at what the pass key needs."""
+    parts: list[str] = []
+    copies: list[tuple[int, int]] = []
+    size = 0
+    while True:
+        lo = min(max(64, gap + 1), (length - 32) // 2)  # one block always fits
+        target = rng.randint(lo, max(lo, min(4 * lo, (length - size) // 2)))
+        lines: list[str] = []
+        while sum(len(x) for x in lines) < target:
+            alphabet = "0123456789" if rng.random() < 0.7 else "abcdefghijklmnopqrstuvwxyz0123456789"
+            lines.append("".join(rng.choice(alphabet) for _ in range(rng.randint(4, 16))) + "\n")
+        block = "".join(lines)
+        if size + 2 * len(block) > length:
+            break
+        copies.append((size + len(block) + 1, size + 2 * len(block)))
+        parts += [block, block]
+        size += 2 * len(block)
+    prompt = "".join(parts)
+    prompt += "\n" * (length - len(prompt))
+    return Sample("copy_block", prompt, "", "", 1.0, copies=tuple(copies))
+
+
 def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None,
                 gap: int = 0) -> Sample:
     """One prompt of `length` bytes. `gap` (training): at least that many bytes of filler follow each
@@ -183,6 +210,8 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
         return recall(rng, length, gap)
     if task == "copy":
         return copy(rng, length)
+    if task == "copy_block":
+        return copy_block(rng, length, gap)
     raise ValueError(f"unknown task {task!r}; one of {TRAIN_TASKS}")
 
 
@@ -203,6 +232,8 @@ def min_length(task: str) -> int:
         return _needles_room(2, _MAX_MADE_UP)
     if task == "copy":
         return 10
+    if task == "copy_block":
+        return 256
     return _needles_room(4, max(len(n) for n in NAMES))
 
 

@@ -19,6 +19,7 @@ from atlas.engine.tasks import (
     PASSKEY_QUESTION,
     TASKS,
     copy,
+    copy_block,
     first_number,
     make_sample,
     min_length,
@@ -90,6 +91,21 @@ def test_copy_scores_each_strings_second_writing():
     assert len(s.prompt) == 1000 and s.answer == "" and len(s.copies) > 10
     for a, b in s.copies:
         assert s.prompt[a:b] == s.prompt[a - (b - a) - 1:a - 1] and s.prompt[a - 1] == s.prompt[b] == "\n"
+
+
+@pytest.mark.parametrize("gap", [0, 80, 300])
+def test_copy_block_scores_each_blocks_second_writing_beyond_the_gap(gap):
+    s = copy_block(random.Random(gap), 4000, gap)
+    assert len(s.prompt) == 4000 and s.answer == "" and len(s.copies) >= 2
+    prev_end = 0
+    for a, b in s.copies:
+        n = b - a + 1  # the block's length: all of its second writing but the first byte is scored
+        assert gap < n <= 4 * max(64, gap + 1) + 16 and s.prompt[a - 1:b] == s.prompt[a - 1 - n:b - n]
+        assert s.prompt[b - 1] == "\n" and a - 1 - n >= prev_end
+        prev_end = b
+    tokens, answer_mask, _, _ = task_batch(0, DataConfig(min_len=256, max_len=256, tokens_per_batch=256,
+                                                         tasks={"copy_block": 1}, needle_gap=gap), seed=1)
+    assert int(answer_mask.sum()) >= 64  # a block that fits, however long the gap
 
 
 @pytest.mark.parametrize("task", ["passkey", "multi_needle", "recall"])
