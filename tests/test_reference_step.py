@@ -245,3 +245,22 @@ def test_chunk_update_muon_small_numbers() -> None:
     assert gd_s == () and gd_w.item() == pytest.approx(0.9 * 2.0 - 0.1 * 31.0, rel=1e-12)
     (mo_w,), (mo_s,) = chunk_update((w,), (s,), x, v, omega, one(0.1), one(0.9), one(0.5), "momentum", 5)
     assert mo_s.item() == pytest.approx(31.25) and mo_w.item() == pytest.approx(1.8 - 3.125, rel=1e-12)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_one_muon_step_memorises_a_chunk_of_associations(depth: int) -> None:
+    """What the model relies on: one chunk step stores random key -> value pairs well enough that
+    reading each key finds its own value among all of them (d = 32: all of 16 pairs, most of 64)."""
+    d, e = 32, 64
+    for pairs, least in ((16, 1.0), (64, 0.6)):
+        keys = F.normalize(randn(1, 1, pairs, d, seed=pairs), dim=-1)
+        values = randn(1, 1, pairs, d, seed=pairs + 1)
+        w0 = (torch.zeros(1, 1, d, d, dtype=F64),) if depth == 1 else \
+            (torch.zeros(1, 1, d, e, dtype=F64), randn(1, 1, e, d, seed=3, scale=d ** -0.5))
+        one = torch.ones(1, 1, dtype=F64)
+        w1, _ = chunk_update(w0, tuple(torch.zeros_like(w) for w in w0), keys, values,
+                             torch.ones(1, 1, pairs, dtype=F64), one, one, 0 * one, "muon", 5)
+        recalled = memory_read(w1, keys) - memory_read(w0, keys)  # what the step wrote
+        sim = F.normalize(recalled[0, 0], dim=-1) @ F.normalize(values[0, 0], dim=-1).T
+        hit = (sim.argmax(-1) == torch.arange(pairs)).double().mean().item()
+        assert hit >= least, (pairs, hit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,6 +236,16 @@ def _run_until(cfg: TrainConfig, steps: int, monkeypatch):
         with pytest.raises(Stop):
             run_training(cfg, progress=False)
     return cfg.out_dir
+
+
+def test_every_shipped_training_config_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted((root / "configs" / "train").rglob("*.toml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = TrainConfig.load(path)
+        if cfg.init_from is not None:
+            assert (root / cfg.init_from / "model.safetensors").exists(), path
 
 
 def test_training_can_start_from_a_checkpoint(tmp_path):
