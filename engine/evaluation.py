@@ -55,11 +55,13 @@ def parse_length(text: str) -> int:
 
 @torch.no_grad()
 def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed: int = 0,
-                   piece: int = 1 << 16, on_progress: Callable[[int], None] | None = None) -> Point:
-    """Accuracy of `model` on `trials` prompts of `length` tokens."""
+                   piece: int = 1 << 16, on_progress: Callable[[int], None] | None = None,
+                   gap: int = 0) -> Point:
+    """Accuracy of `model` on `trials` prompts of `length` tokens; `gap`: at least that many bytes
+    between each needle and the question (e.g. the attention window, to measure the memory alone)."""
     tok = ByteTokenizer()
     rng = random.Random(zlib.crc32(f"{seed}:{task}:{length}".encode()))
-    samples = [make_sample(task, rng, length, depth=(i + 0.5) / trials) for i in range(trials)]
+    samples = [make_sample(task, rng, length, depth=(i + 0.5) / trials, gap=gap) for i in range(trials)]
     device = model.device
     ids = torch.tensor([tok.encode(s.prompt) for s in samples], dtype=torch.long, device=device)
     state = model.init_state(trials)
@@ -87,14 +89,14 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
 
 def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], trials: int, seed: int = 0,
              on_point: Callable[[Point], None] | None = None,
-             on_progress: Callable[[int], None] | None = None) -> list[Point]:
+             on_progress: Callable[[int], None] | None = None, gap: int = 0) -> list[Point]:
     """Every (task, length) point; lengths a task cannot fit in are skipped."""
     points = []
     for task in tasks:
         for length in lengths:
             if length < min_length(task):
                 continue
-            p = evaluate_point(model, task, length, trials, seed, on_progress=on_progress)
+            p = evaluate_point(model, task, length, trials, seed, on_progress=on_progress, gap=gap)
             points.append(p)
             if on_point:
                 on_point(p)

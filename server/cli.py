@@ -159,6 +159,9 @@ def evaluate(
         help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the generated prompts")] = 0,
+    gap: Annotated[int, typer.Option(min=0, help=(
+        "At least this many bytes between each needle and the question, e.g. the attention window "
+        "to measure the memory alone"))] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(
         help="Results JSON (default bench/results/passkey-DEVICE.json)")] = None,
@@ -197,7 +200,7 @@ def evaluate(
             err.print(f"[red]--model wants NAME=CHECKPOINT_DIR with a config.json, got {spec!r}[/red]")
             raise typer.Exit(2)
         models[name] = Path(path)
-    results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed,
+    results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed, "gap": gap,
                      "trials": trials, "lengths": length_list, "tasks": task_list, "models": {}}
     total = sum(trials * n for n in length_list) * len(task_list) * len(models)
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
@@ -222,7 +225,7 @@ def evaluate(
 
             bar.update(job, description=name)
             run_eval(net, task_list, length_list, trials, seed, on_point=report,
-                     on_progress=lambda n: bar.advance(job, n))
+                     on_progress=lambda n: bar.advance(job, n), gap=gap)
     out = out or Path("bench/results") / f"passkey-{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

@@ -294,6 +294,12 @@ def test_train_and_eval_commands(tmp_path):
     assert all(len(p["details"]) == 2 and 0 <= p["accuracy"] <= 1 for p in points)
     assert doc["machine"]["cpu_cores"] and doc["models"]["tiny"]["training"]["steps"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --gap: the needles stay that far from the question (the memory alone can answer)
+    res = runner.invoke(app, ["eval", "--model", f"tiny={ckpt}", "--lengths", "1k", "--trials", "2",
+                              "--tasks", "passkey", "--gap", "600", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["gap"] == 600 and len(doc["models"]["tiny"]["points"]) == 1
 
 
 def test_cli_rejects_bad_configs_and_options(tmp_path):
