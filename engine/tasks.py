@@ -180,14 +180,13 @@ def copy_block(rng: random.Random, length: int, gap: int = 0) -> Sample:
     parts: list[str] = []
     copies: list[tuple[int, int]] = []
     size = 0
+    lo = min(max(64, gap + 1), (length - 32) // 2)  # one block always fits
     while True:
-        lo = min(max(64, gap + 1), (length - 32) // 2)  # one block always fits
         target = rng.randint(lo, max(lo, min(4 * lo, (length - size) // 2)))
-        lines: list[str] = []
-        while sum(len(x) for x in lines) < target:
+        block = ""
+        while len(block) < target:
             alphabet = "0123456789" if rng.random() < 0.7 else "abcdefghijklmnopqrstuvwxyz0123456789"
-            lines.append("".join(rng.choice(alphabet) for _ in range(rng.randint(4, 16))) + "\n")
-        block = "".join(lines)
+            block += "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 16))) + "\n"
         if size + 2 * len(block) > length:
             break
         copies.append((size + len(block) + 1, size + 2 * len(block)))
