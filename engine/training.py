@@ -133,6 +133,9 @@ class TrainConfig(BaseModel):
     # Start from these weights (a checkpoint directory) instead of a fresh initialisation, e.g. a
     # second phase on longer gaps. Their shapes must fit `model`; its other knobs apply from here on.
     init_from: Path | None = None
+    # With init_from: weights the checkpoint lacks keep their fresh initialisation (e.g. attention
+    # added to a memory-only model); everything it has must still fit.
+    init_partial: bool = False
     # Backprop through the memory recurrence: "full", or "first_order" (no autograd through the inner
     # gradient's dependence on the weights; see memory.chunk_update). The forward pass is the same.
     inner_backprop: Literal["full", "first_order"] = "first_order"
@@ -234,9 +237,15 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     if cfg.init_from is not None:
         from .checkpoint import load_checkpoint
         try:
-            model.load_state_dict(load_checkpoint(cfg.init_from, device=device).state_dict())
+            keys = model.load_state_dict(load_checkpoint(cfg.init_from, device=device).state_dict(),
+                                         strict=not cfg.init_partial)
         except RuntimeError as e:
             raise ValueError(f"init_from {cfg.init_from} does not fit this run's model: {e}") from e
+        if keys.unexpected_keys:
+            raise ValueError(f"init_from {cfg.init_from} does not fit this run's model: it has "
+                             f"weights the model lacks: {keys.unexpected_keys}")
+        if keys.missing_keys:
+            (out / "fresh-weights.txt").write_text("\n".join(keys.missing_keys) + "\n")
     opt = make_optimizer(model, cfg.optim)
     step, wall = 0, 0.0
     trainer = out / "trainer.pt"

@@ -240,12 +240,13 @@ def _run_until(cfg: TrainConfig, steps: int, monkeypatch):
 
 def test_every_shipped_training_config_is_valid():
     root = Path(__file__).resolve().parents[1]
-    configs = sorted((root / "configs" / "train").rglob("*.toml"))
+    configs = {path: TrainConfig.load(path) for path in sorted((root / "configs" / "train").rglob("*.toml"))}
     assert len(configs) >= 3
-    for path in configs:
-        cfg = TrainConfig.load(path)
+    # A second phase starts from a shipped checkpoint or from what another shipped config writes.
+    produced = {cfg.out_dir / "model" for cfg in configs.values()}
+    for path, cfg in configs.items():
         if cfg.init_from is not None:
-            assert (root / cfg.init_from / "model.safetensors").exists(), path
+            assert cfg.init_from in produced or (root / cfg.init_from / "model.safetensors").exists(), path
 
 
 def test_training_can_start_from_a_checkpoint(tmp_path):
@@ -263,6 +264,30 @@ def test_training_can_start_from_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         run_training(tiny_train_config(tmp_path / "d", init_from=start, model=wider.model_dump()),
                      progress=False)
+
+
+def test_a_second_phase_can_add_attention_to_a_memory_only_model(tmp_path):
+    memory_only = dict(tiny_train_config(tmp_path).model.model_dump(), layers=["atlas"])
+    first = load_checkpoint(run_training(tiny_train_config(tmp_path / "a", steps=2, model=memory_only),
+                                         progress=False))
+    start = tmp_path / "a" / "run" / "model"
+    mag = dict(memory_only, layers=["mag"])
+    with pytest.raises(ValueError, match="does not fit"):  # not without asking
+        run_training(tiny_train_config(tmp_path / "b", init_from=start, model=mag), progress=False)
+    still = dict(steps=1, optim=dict(lr=1e-12, warmup_steps=1))
+    second = load_checkpoint(run_training(
+        tiny_train_config(tmp_path / "c", init_from=start, init_partial=True, model=mag, **still),
+        progress=False))
+    theirs = second.state_dict()
+    for name, p in first.state_dict().items():
+        assert torch.allclose(p, theirs[name], atol=1e-6), name
+    fresh = (tmp_path / "c" / "run" / "fresh-weights.txt").read_text().split()
+    assert fresh and all(".attn" in n or "attn_norm" in n for n in fresh)
+    assert set(fresh) == set(theirs) - set(first.state_dict())
+    # The other way round would drop trained weights: refused even when partial.
+    with pytest.raises(ValueError, match="does not fit"):
+        run_training(tiny_train_config(tmp_path / "d", init_from=tmp_path / "c" / "run" / "model",
+                                       init_partial=True, model=memory_only), progress=False)
 
 
 def test_bf16_training_runs(tmp_path):
