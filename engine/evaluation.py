@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import Tensor
 
 from .model import AtlasModel
-from .tasks import first_number, make_sample, min_length
+from .tasks import Sample, first_number, make_sample, min_length
 from .tokenizer import ByteTokenizer
 
 # Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits.
@@ -28,6 +29,13 @@ class Trial:
     value: str
     output: str
     correct: bool
+    # Teacher-forced loss (nats) of each byte of the value after the prompt, and of a decoy: another
+    # value of the task's own kind and length that is not in the prompt. value < decoy is retrieval,
+    # measured where greedy decoding still gets nothing right; equal means guessing from priors. By
+    # byte, because recalling the first digit from the question and continuing a recalled number
+    # from its first digits are separate skills.
+    value_nats: list[float]
+    decoy_nats: list[float]
 
 
 @dataclass
@@ -40,6 +48,10 @@ class Point:
     chance: float
     tokens_per_s: float
     wall_s: float
+    value_nats: float  # means over the trials' bytes
+    decoy_nats: float
+    value_nats_by_byte: list[float]  # means over the trials, by byte of the value
+    decoy_nats_by_byte: list[float]
     details: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -71,6 +83,7 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
         logits, state = model(ids[:, i:i + piece], state, all_logits=False)
         if on_progress:
             on_progress(min(piece, length - i) * trials)
+    prompt_end = logits, state
     outputs: list[list[int]] = [[] for _ in samples]
     for _ in range(max(len(s.answer) for s in samples) + 1):
         nxt = logits.argmax(-1)
@@ -78,13 +91,60 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
             out.append(t)
         logits, state = model(nxt[:, None], state, all_logits=False)
     wall = time.perf_counter() - start
+    decoys = [_decoy(s, seed) for s in samples]
+    nats = _value_nats(model, [s.answer for s in samples], [s.value for s in samples], *prompt_end)
+    decoy_answers = [s.answer.replace(s.value, d) for s, d in zip(samples, decoys, strict=True)]
+    decoy_nats = _value_nats(model, decoy_answers, decoys, *prompt_end)
     details = []
     for s, out in zip(samples, outputs, strict=True):
         text = tok.decode(out)
-        details.append(Trial(round(s.depth, 4), s.value, text, first_number(text) == s.value))
+        i = len(details)
+        details.append(Trial(round(s.depth, 4), s.value, text, first_number(text) == s.value,
+                             _rounded(nats[i]), _rounded(decoy_nats[i])))
     correct = sum(t.correct for t in details)
     return Point(task, length, trials, correct, correct / trials, CHANCE[task],
-                 round(trials * length / wall, 1), round(wall, 2), details)
+                 round(trials * length / wall, 1), round(wall, 2), _mean(sum(nats, [])),
+                 _mean(sum(decoy_nats, [])), _by_byte(nats), _by_byte(decoy_nats), details)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return round(sum(xs) / len(xs), 4)
+
+
+def _rounded(xs: Sequence[float]) -> list[float]:
+    return [round(x, 4) for x in xs]
+
+
+def _by_byte(per_trial: list[list[float]]) -> list[float]:
+    width = max(map(len, per_trial))
+    return [_mean([t[j] for t in per_trial if len(t) > j]) for j in range(width)]
+
+
+def _decoy(sample: Sample, seed: int) -> str:
+    """A value drawn like `sample.value`, as long, and different."""
+    rng = random.Random(zlib.crc32(f"{seed}:decoy:{sample.prompt[-64:]}:{sample.value}".encode()))
+    while True:
+        value = make_sample(sample.task, rng, min_length(sample.task)).value
+        if len(value) == len(sample.value) and value != sample.value:
+            return value
+
+
+def _value_nats(model: AtlasModel, answers: list[str], values: list[str], logits: Tensor,
+                state: dict) -> list[list[float]]:
+    """Per answer, the negative log-likelihood of each of its value's bytes, the answer fed in after
+    the prompt (`logits`: the prompt's last; `state`: after the prompt, left as it was)."""
+    tok = ByteTokenizer()
+    ids_of = [tok.encode(a) for a in answers]
+    width = max(map(len, ids_of))
+    ids = torch.tensor([a + [0] * (width - len(a)) for a in ids_of], device=logits.device)
+    forced, _ = model(ids[:, :-1], state, all_logits=True) if width > 1 else (logits[:, :0], None)
+    logp = torch.cat([logits[:, None], forced], 1).float().log_softmax(-1)
+    nll = -logp.gather(-1, ids[..., None])[..., 0]
+    out = []
+    for i, (answer, value) in enumerate(zip(answers, values, strict=True)):
+        start = len(tok.encode(answer[:answer.index(value)]))
+        out.append(nll[i, start:start + len(tok.encode(value))].tolist())
+    return out
 
 
 def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], trials: int, seed: int = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from atlas.engine import load_checkpoint
-from atlas.engine.evaluation import evaluate_point, parse_length
+from atlas.engine.evaluation import _decoy, evaluate_point, parse_length
 from atlas.engine.tasks import (
     NAMES,
     PASSKEY_FILLER,
@@ -351,6 +352,41 @@ def test_evaluate_point_scores_the_first_number_against_the_needle():
     assert p.trials == 3 and len(p.details) == 3
     assert p.correct == sum(d.correct for d in p.details)
     assert {round(d.depth, 4) for d in p.details} == {round((i + 0.5) / 3, 4) for i in range(3)}
+    scored = [x for d in p.details for x in d.value_nats]
+    assert len(scored) == sum(len(d.value) for d in p.details)
+    assert p.value_nats == pytest.approx(sum(scored) / len(scored), abs=1e-3)
+    assert p.value_nats_by_byte[0] == pytest.approx(sum(d.value_nats[0] for d in p.details) / 3, abs=1e-3)
+    assert min(scored) > 0.5  # an untrained model: no better than guessing
+    assert p.value_nats == pytest.approx(p.decoy_nats, rel=0.2)
+
+
+def test_value_nats_is_the_teacher_forced_loss_of_the_value():
+    """Fed the right answer after the prompt, the bundled model is nearly sure of a key it
+    retrieves; the figure is the mean loss over the value's bytes alone."""
+    import torch.nn.functional as F
+
+    from atlas.engine.api import BUNDLED_CHECKPOINT
+    from atlas.engine.tasks import passkey
+    from atlas.engine.tokenizer import ByteTokenizer
+
+    model = load_checkpoint(BUNDLED_CHECKPOINT)
+    p = evaluate_point(model, "passkey", 300, trials=2)
+    assert p.correct == 2 and p.value_nats < 0.5 < 2 < p.decoy_nats
+    for task in ("passkey", "multi_needle"):  # decoys: the task's own kind of value, as long, not it
+        sample = make_sample(task, random.Random(1), 600)
+        decoy = _decoy(sample, seed=0)
+        assert decoy.isdigit() and len(decoy) == len(sample.value) and decoy not in sample.prompt
+    # The same figure by hand for the first trial: the whole sequence in one call.
+    first = passkey(random.Random(zlib.crc32(b"0:passkey:300")), 300, depth=0.25)
+    assert first.value == p.details[0].value
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode(first.prompt + first.answer)])
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1], model.init_state(1))
+    at = 300 + first.answer.index(first.value)  # the value's first byte
+    nll = F.cross_entropy(logits[0, at - 1:at - 1 + len(first.value)], ids[0, at:at + len(first.value)],
+                          reduction="none")
+    assert nll.tolist() == pytest.approx(p.details[0].value_nats, abs=1e-3)
 
 
 def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path):
