@@ -130,6 +130,10 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; weights, W and S stay fp32
     out_dir: Path = Path("runs/atlas")
     checkpoint_every: int = Field(100, ge=1)
+    # End the run after this step's checkpoint, still on the learning-rate schedule of `steps` (a run
+    # is deterministic, so this reproduces a checkpoint taken part-way; running again with a later
+    # stop_after, or none, continues it).
+    stop_after: int | None = Field(None, ge=1)
     # Start from these weights (a checkpoint directory) instead of a fresh initialisation, e.g. a
     # second phase on longer gaps. Their shapes must fit `model`; its other knobs apply from here on.
     init_from: Path | None = None
@@ -234,8 +238,11 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     for block in model.blocks:
         if block.mixer.mem is not None:
             block.mixer.mem.first_order = cfg.inner_backprop == "first_order"
+    earlier: dict = {}  # the training record of init_from's checkpoint, kept in this run's
     if cfg.init_from is not None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, read_config
+
+        earlier = dict(read_config(cfg.init_from)[1].get("training") or {}, path=str(cfg.init_from))
         try:
             keys = model.load_state_dict(load_checkpoint(cfg.init_from, device=device).state_dict(),
                                          strict=not cfg.init_partial)
@@ -257,18 +264,22 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     _trim_log(out / "log.jsonl", step)  # steps after the checkpoint will be logged again
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name, unit="step")
+    end = min(cfg.steps, cfg.stop_after or cfg.steps)
+    bar = tqdm(total=end, initial=step, disable=not progress, desc=cfg.name, unit="step")
 
     def checkpoint() -> Path:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "wall_s": wall}, trainer)
         meta = {"training": {"name": cfg.name, "steps": step, "wall_s": round(wall, 1),
                              "device": str(device), "precision": cfg.precision, "seed": cfg.seed,
-                             "max_train_len": cfg.data.max_len, "tasks": cfg.data.tasks}}
+                             "max_train_len": max(cfg.data.max_len, earlier.get("max_train_len", 0)),
+                             "tasks": cfg.data.tasks}}
+        if earlier:
+            meta["training"]["init_from"] = earlier
         return save_checkpoint(model, out / "model", extra=meta)
 
     with (out / "log.jsonl").open("a") as log:
-        while step < cfg.steps:
+        while step < end:
             start = time.perf_counter()
             tokens, answer_mask, prompt_mask, length = task_batch(step, cfg.data, cfg.seed)
             tokens, answer_mask, prompt_mask = (t.to(device) for t in (tokens, answer_mask, prompt_mask))
@@ -290,7 +301,7 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
             log.flush()
             bar.update(1)
             bar.set_postfix(answer=f"{answer.item():.3f}", prompt=f"{prompt.item():.3f}", len=length)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == end:
                 checkpoint()
     bar.close()
     model.eval()

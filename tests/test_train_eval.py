@@ -250,6 +250,18 @@ def test_every_shipped_training_config_is_valid():
             assert cfg.init_from in produced or (root / cfg.init_from / "model.safetensors").exists(), path
 
 
+def test_stop_after_ends_a_run_part_way_on_its_schedule(tmp_path):
+    straight = load_checkpoint(run_training(tiny_train_config(tmp_path / "x"), progress=False))
+    cfg = tiny_train_config(tmp_path / "y", stop_after=2)
+    part = run_training(cfg, progress=False)
+    meta = json.loads((part / "config.json").read_text())["training"]
+    assert meta["steps"] == 2 and len((tmp_path / "y" / "run" / "log.jsonl").read_text().splitlines()) == 2
+    # Continued without stop_after, it is the straight run, bit for bit.
+    rest = load_checkpoint(run_training(tiny_train_config(tmp_path / "y"), progress=False))
+    for (n, p), q in zip(straight.state_dict().items(), rest.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+
+
 def test_training_can_start_from_a_checkpoint(tmp_path):
     first = load_checkpoint(run_training(tiny_train_config(tmp_path / "a", steps=2), progress=False))
     start = tmp_path / "a" / "run" / "model"
@@ -257,6 +269,9 @@ def test_training_can_start_from_a_checkpoint(tmp_path):
     second = load_checkpoint(run_training(tiny_train_config(tmp_path / "b", init_from=start, **still),
                                           progress=False))
     fresh = load_checkpoint(run_training(tiny_train_config(tmp_path / "c", **still), progress=False))
+    record = json.loads((tmp_path / "b" / "run" / "model" / "config.json").read_text())["training"]
+    assert record["steps"] == 1 and record["init_from"]["steps"] == 2  # both phases on record
+    assert record["init_from"]["path"] == str(start)
     for (n, p), q in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
     assert any(not torch.allclose(p, r, atol=1e-6)
