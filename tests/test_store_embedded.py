@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+import redis
 
 from atlas.engine.store import EmbeddedStore, StoreSettings, open_store
 
@@ -96,3 +97,30 @@ def test_appendfsync_policy_is_applied(tmp_path, policy):
     with open_store(settings(tmp_path, embedded_appendfsync=policy)) as store:
         cfg = store.client.config_get("append*")
         assert cfg["appendonly"] == "yes" and cfg["appendfsync"] == policy
+
+
+class _RefusedAtFirst:
+    """Stands in for the client during the start-up wait: a server whose socket file exists but
+    refuses `refusals` connections (bound, not yet listening), then answers."""
+
+    def __init__(self, refusals: int, start_timeout: float = 5.0) -> None:
+        self.refusals, self.start_timeout, self.pings = refusals, start_timeout, 0
+
+    def ping(self) -> bool:
+        self.pings += 1
+        if self.pings <= self.refusals:
+            raise redis.ConnectionError("Error 111 connecting to redis.sock. Connection refused.")
+        return True
+
+
+def test_start_up_waits_out_a_socket_that_is_not_listening_yet():
+    """The bind-before-listen moment of a starting server is retried, not reported as a failed start;
+    a server that never answers is still reported, after start_timeout."""
+    from atlas.engine.store.embedded import _EmbeddedRedis
+
+    client = _RefusedAtFirst(refusals=3)
+    _EmbeddedRedis._wait_for_server_start(client)
+    assert client.pings == 4
+    never = _RefusedAtFirst(refusals=10**6, start_timeout=0.3)
+    with pytest.raises(redis.ConnectionError):
+        _EmbeddedRedis._wait_for_server_start(never)

