@@ -96,9 +96,8 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
     decoy_answers = [s.answer.replace(s.value, d) for s, d in zip(samples, decoys, strict=True)]
     decoy_nats = _value_nats(model, decoy_answers, decoys, *prompt_end)
     details = []
-    for s, out in zip(samples, outputs, strict=True):
+    for i, (s, out) in enumerate(zip(samples, outputs, strict=True)):
         text = tok.decode(out)
-        i = len(details)
         details.append(Trial(round(s.depth, 4), s.value, text, first_number(text) == s.value,
                              _rounded(nats[i]), _rounded(decoy_nats[i])))
     correct = sum(t.correct for t in details)

@@ -238,7 +238,7 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     for block in model.blocks:
         if block.mixer.mem is not None:
             block.mixer.mem.first_order = cfg.inner_backprop == "first_order"
-    earlier: dict = {}  # the training record of init_from's checkpoint, kept in this run's
+    earlier: dict = {}  # init_from's training record, kept in this run's checkpoints
     if cfg.init_from is not None:
         from .checkpoint import load_checkpoint, read_config
 
