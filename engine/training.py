@@ -118,6 +118,23 @@ class DataConfig(BaseModel):
         return tasks
 
 
+class GateConfig(BaseModel):
+    """Costs on the memory's chunk gates, added to the loss. A prompt of at most 8k tokens is 128
+    chunks, too few for writing on filler or a slow leak of retention to hurt the answer, yet over
+    a million tokens (16,384 chunks) both wipe a needle out. These costs make every write and every
+    bit of forgetting pay for itself within the short prompts of training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Weight of the mean write gate eta_j / eta_max (0..1) over memory layers, heads and chunks.
+    write_cost: float = Field(0.0, ge=0)
+    # Weight of log(1 + horizon * (1 - alpha_j)) averaged over chunks: horizon * (1 - alpha_j) is
+    # about -log of what would survive `horizon_chunks` chunks like j. Logarithmic, so that a slow
+    # leak on every chunk costs about what one deliberate forgetting does (copy tasks use those).
+    forget_cost: float = Field(0.0, ge=0)
+    horizon_chunks: int = Field(16384, ge=1)
+
+
 class TrainConfig(BaseModel):
     """One training run, as read from a TOML or JSON file by `atlas train`."""
 
@@ -146,6 +163,7 @@ class TrainConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    gates: GateConfig = Field(default_factory=GateConfig)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -204,15 +222,30 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
 
 
 def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mask: Tensor,
-              lm_weight: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, answer loss, prompt loss): the mean cross-entropy of the answers plus lm_weight times
-    that of the prompt's next tokens."""
-    logits, _ = model(tokens[:, :-1], model.init_state(tokens.shape[0]))
+              lm_weight: float, gates: GateConfig | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The mean cross-entropy of the answers, plus lm_weight times that of the prompt's next tokens,
+    plus the gate costs; and its parts by name (answer, prompt, and with memory layers the mean
+    write gate `eta` (/ eta_max) and forgetting `forget` (1 - alpha) of the prompt's chunks)."""
+    mems = [block.mixer.mem for block in model.blocks if block.mixer.mem is not None]
+    for mem in mems:
+        mem.gate_log = []
+    try:
+        logits, _ = model(tokens[:, :-1], model.init_state(tokens.shape[0]))
+        logged = [g for mem in mems for g in mem.gate_log or []]
+    finally:
+        for mem in mems:
+            mem.gate_log = None
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     ce = ce.view_as(answer_mask.float())
-    answer = ce[answer_mask].mean()
-    prompt = ce[prompt_mask].mean()
-    return answer + lm_weight * prompt, answer, prompt
+    parts = {"answer": ce[answer_mask].mean(), "prompt": ce[prompt_mask].mean()}
+    total = parts["answer"] + lm_weight * parts["prompt"]
+    if logged:
+        g = torch.stack(logged).float()  # (layers x chunks, B, H, 3)
+        parts["eta"], parts["forget"] = g[..., 0].mean(), (1 - g[..., 1]).mean()
+        if gates is not None:
+            leak = torch.log1p(gates.horizon_chunks * (1 - g[..., 1])).mean()
+            total = total + gates.write_cost * parts["eta"] + gates.forget_cost * leak
+    return total, parts
 
 
 def _trim_log(path: Path, last_step: int) -> None:
@@ -287,20 +320,24 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
             for g in opt.param_groups:
                 g["lr"] = lr
             with autocast:
-                loss, answer, prompt = task_loss(model, tokens, answer_mask, prompt_mask, cfg.data.lm_weight)
+                loss, parts = task_loss(model, tokens, answer_mask, prompt_mask, cfg.data.lm_weight,
+                                        cfg.gates)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
             step += 1
             wall += time.perf_counter() - start
+            answer = parts["answer"]
             rec = {"step": step, "loss": round(loss.item(), 5), "answer_loss": round(answer.item(), 5),
-                   "prompt_loss": round(prompt.item(), 5), "length": length, "batch": tokens.shape[0],
+                   "prompt_loss": round(parts["prompt"].item(), 5),
+                   **{f"mean_{k}": round(v.item(), 7) for k, v in parts.items() if k in ("eta", "forget")},
+                   "length": length, "batch": tokens.shape[0],
                    "lr": lr, "grad_norm": round(float(grad_norm), 4), "wall_s": round(wall, 2)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(answer=f"{answer.item():.3f}", prompt=f"{prompt.item():.3f}", len=length)
+            bar.set_postfix(answer=f"{answer.item():.3f}", prompt=f"{parts['prompt'].item():.3f}", len=length)
             if step % cfg.checkpoint_every == 0 or step == end:
                 checkpoint()
     bar.close()

@@ -29,7 +29,7 @@ from atlas.engine.tasks import (
     passkey,
     recall,
 )
-from atlas.engine.training import DataConfig, TrainConfig, run_training, task_batch
+from atlas.engine.training import DataConfig, GateConfig, TrainConfig, run_training, task_batch, task_loss
 from atlas.server.cli import app
 
 from .helpers import tiny_config
@@ -248,6 +248,57 @@ def test_every_shipped_training_config_is_valid():
     for path, cfg in configs.items():
         if cfg.init_from is not None:
             assert cfg.init_from in produced or (root / cfg.init_from / "model.safetensors").exists(), path
+
+
+def _gate_grads(gates: GateConfig | None):
+    """task_loss's parts, and the gradient of its total on the gate biases (eta, alpha) of a
+    one-block memory model; the same weights and batch whatever the costs."""
+    from atlas.engine.model import AtlasModel
+
+    cfg = tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32, omega_window=2)
+    torch.manual_seed(0)
+    model = AtlasModel(cfg).double()
+    tokens, answer_mask, prompt_mask, _ = task_batch(0, DataConfig(min_len=300, max_len=300,
+                                                     tokens_per_batch=600, tasks={"passkey": 1.0}), seed=1)
+    total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates)
+    total.backward()
+    mem = model.blocks[0].mixer.mem
+    assert mem.gate_log is None  # recording is off outside task_loss
+    bias = mem.gates.bias.grad.view(4, cfg.n_heads)
+    return total, parts, bias[0], bias[1]
+
+
+def test_gate_costs_charge_writing_and_forgetting():
+    plain, parts, eta_grad, alpha_grad = _gate_grads(None)
+    assert 0 < parts["eta"] < 1 and 0 < parts["forget"] < 1
+    costed, parts2, eta_grad2, alpha_grad2 = _gate_grads(GateConfig(write_cost=2.0, forget_cost=0.5,
+                                                                    horizon_chunks=1000))
+    assert parts2["eta"] == parts["eta"]
+    assert costed > plain + 2.0 * parts["eta"]  # the forgetting cost is positive as well
+    # The costs push the write gate closed and retention up, on every head.
+    assert bool((eta_grad2 > eta_grad).all()) and bool((alpha_grad2 < alpha_grad).all())
+    # Without memory layers there is nothing to charge.
+    from atlas.engine.model import AtlasModel
+
+    swa = AtlasModel(tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32,
+                                 layers=["swa"]))
+    tokens = torch.randint(0, 256, (1, 40))
+    mask = torch.zeros(1, 39, dtype=torch.bool)
+    mask[:, -3:] = True
+    _, parts = task_loss(swa, tokens, mask, ~mask, 0.1, GateConfig(write_cost=1.0))
+    assert set(parts) == {"answer", "prompt"}
+
+
+def test_gate_costs_come_from_the_config_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('steps = 2\n[gates]\nwrite_cost = 0.5\nforget_cost = 0.1\nhorizon_chunks = 100\n')
+    assert TrainConfig.load(path).gates == GateConfig(write_cost=0.5, forget_cost=0.1, horizon_chunks=100)
+    path.write_text('[gates]\nwrite_costs = 0.5\n')
+    with pytest.raises(ValueError, match="write_costs"):
+        TrainConfig.load(path)
+    path.write_text('[gates]\nforget_cost = -1\n')
+    with pytest.raises(ValueError):
+        TrainConfig.load(path)
 
 
 def test_stop_after_ends_a_run_part_way_on_its_schedule(tmp_path):

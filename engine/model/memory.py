@@ -262,6 +262,9 @@ class AtlasMemory(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.first_order = False  # training option, see chunk_update
+        # Training: when a list, every committed chunk's gates (B, H, 3: eta / eta_max, alpha,
+        # theta) are appended to it, for the costs on writing and forgetting (training.gate_costs).
+        self.gate_log: list[Tensor] | None = None
         d_model, h, d, e = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mem_hidden
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.conv = nn.Parameter(torch.empty(3 * d_model, cfg.conv_kernel))
@@ -375,6 +378,8 @@ class AtlasMemory(nn.Module):
         vals = torch.cat([sel(st["tail_v"]), sel(v)], dim=2)
         gammas = torch.cat([sel(st["tail_gamma"]), sel(gamma)], dim=2)
         eta, alpha, theta = sel(chunk_gates).unbind(-1)
+        if self.gate_log is not None:
+            self.gate_log.append(sel(chunk_gates))
         momentum = tuple(sel(st["S" + n[1:]]) for n in names) if c.optimizer != "gd" else ()
         new_w, new_s = chunk_step(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
                                   eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps,
