@@ -120,19 +120,20 @@ class DataConfig(BaseModel):
 
 class GateConfig(BaseModel):
     """Costs on the memory's chunk gates, added to the loss. A prompt of at most 8k tokens is 128
-    chunks, too few for writing on filler or a slow leak of retention to hurt the answer, yet over
-    a million tokens (16,384 chunks) both wipe a needle out. These costs make every write and every
-    bit of forgetting pay for itself within the short prompts of training."""
+    chunks, too few for writing on filler or a slow leak of retention to hurt its answer, yet over a
+    million tokens (16,384 chunks) both wipe a needle out: Muon's orthogonalised update has the
+    same size however small the gradient, so even a faint write on every chunk of filler adds up.
+    Each cost is log(1 + horizon * x_j) averaged over chunks, x_j the write gate eta_j / eta_max or
+    the forgetting 1 - alpha_j: horizon * x_j is what `horizon_chunks` chunks like j would write or
+    forget in all. Logarithmic, so that its pull on the gate's logit stays the same until that total
+    is about 1 (where a plain mean would fade as the gate closes), and one chunk that must write
+    (or forget) costs a bounded amount."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # Weight of the mean write gate eta_j / eta_max (0..1) over memory layers, heads and chunks.
     write_cost: float = Field(0.0, ge=0)
-    # Weight of log(1 + horizon * (1 - alpha_j)) averaged over chunks: horizon * (1 - alpha_j) is
-    # about -log of what would survive `horizon_chunks` chunks like j. Logarithmic, so that a slow
-    # leak on every chunk costs about what one deliberate forgetting does (copy tasks use those).
     forget_cost: float = Field(0.0, ge=0)
-    horizon_chunks: int = Field(16384, ge=1)
+    horizon_chunks: int = Field(16384, ge=1)  # a million tokens of 64-token chunks
 
 
 class TrainConfig(BaseModel):
@@ -243,8 +244,9 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
         g = torch.stack(logged).float()  # (layers x chunks, B, H, 3)
         parts["eta"], parts["forget"] = g[..., 0].mean(), (1 - g[..., 1]).mean()
         if gates is not None:
-            leak = torch.log1p(gates.horizon_chunks * (1 - g[..., 1])).mean()
-            total = total + gates.write_cost * parts["eta"] + gates.forget_cost * leak
+            over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).mean()  # noqa: E731
+            total = total + gates.write_cost * over_horizon(g[..., 0])
+            total = total + gates.forget_cost * over_horizon(1 - g[..., 1])
     return total, parts
 
 

@@ -251,30 +251,36 @@ def test_every_shipped_training_config_is_valid():
 
 
 def _gate_grads(gates: GateConfig | None):
-    """task_loss's parts, and the gradient of its total on the gate biases (eta, alpha) of a
-    one-block memory model; the same weights and batch whatever the costs."""
+    """task_loss's total and parts, the gradient of the total on the gate biases (eta, alpha) of a
+    one-block memory model, and its chunk gates; the same weights and batch whatever the costs."""
     from atlas.engine.model import AtlasModel
 
     cfg = tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32, omega_window=2)
     torch.manual_seed(0)
     model = AtlasModel(cfg).double()
-    tokens, answer_mask, prompt_mask, _ = task_batch(0, DataConfig(min_len=300, max_len=300,
-                                                     tokens_per_batch=600, tasks={"passkey": 1.0}), seed=1)
+    data = DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0})
+    tokens, answer_mask, prompt_mask, _ = task_batch(0, data, seed=1)
     total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates)
     total.backward()
     mem = model.blocks[0].mixer.mem
     assert mem.gate_log is None  # recording is off outside task_loss
     bias = mem.gates.bias.grad.view(4, cfg.n_heads)
-    return total, parts, bias[0], bias[1]
+    mem.gate_log = []
+    with torch.no_grad():
+        model(tokens[:, :-1], model.init_state(tokens.shape[0]))
+    # One entry per committed chunk (an unfinished last chunk is never committed).
+    assert len(mem.gate_log) == (tokens.shape[1] - 1) // 16 and mem.gate_log[0].shape == (2, cfg.n_heads, 3)
+    return total.detach(), parts, bias[0], bias[1], torch.stack(mem.gate_log).float()
 
 
-def test_gate_costs_charge_writing_and_forgetting():
-    plain, parts, eta_grad, alpha_grad = _gate_grads(None)
-    assert 0 < parts["eta"] < 1 and 0 < parts["forget"] < 1
-    costed, parts2, eta_grad2, alpha_grad2 = _gate_grads(GateConfig(write_cost=2.0, forget_cost=0.5,
-                                                                    horizon_chunks=1000))
-    assert parts2["eta"] == parts["eta"]
-    assert costed > plain + 2.0 * parts["eta"]  # the forgetting cost is positive as well
+def test_gate_costs_charge_writing_and_forgetting_over_the_horizon():
+    plain, parts, eta_grad, alpha_grad, g = _gate_grads(None)
+    assert torch.allclose(parts["eta"], g[..., 0].mean())
+    assert torch.allclose(parts["forget"], (1 - g[..., 1]).mean())
+    costed, parts2, eta_grad2, alpha_grad2, _ = _gate_grads(GateConfig(write_cost=2.0, forget_cost=0.5,
+                                                                       horizon_chunks=1000))
+    expected = 2.0 * torch.log1p(1000 * g[..., 0]).mean() + 0.5 * torch.log1p(1000 * (1 - g[..., 1])).mean()
+    assert torch.allclose(costed - plain, expected)
     # The costs push the write gate closed and retention up, on every head.
     assert bool((eta_grad2 > eta_grad).all()) and bool((alpha_grad2 < alpha_grad).all())
     # Without memory layers there is nothing to charge.
