@@ -11,11 +11,11 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from tqdm import tqdm
 
@@ -118,6 +118,9 @@ class DataConfig(BaseModel):
         return tasks
 
 
+NonNegative = Annotated[float, Field(ge=0)]
+
+
 class GateConfig(BaseModel):
     """Costs on the memory's chunk gates, added to the loss. A prompt of at most 8k tokens is 128
     chunks, too few for writing on filler or a slow leak of retention to hurt its answer, yet over a
@@ -131,9 +134,19 @@ class GateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    write_cost: float = Field(0.0, ge=0)
-    forget_cost: float = Field(0.0, ge=0)
+    # One weight for every memory layer, or one per memory layer (in block order).
+    write_cost: NonNegative | list[NonNegative] = 0.0
+    forget_cost: NonNegative | list[NonNegative] = 0.0
     horizon_chunks: int = Field(16384, ge=1)  # a million tokens of 64-token chunks
+
+    def weights(self, n_layers: int) -> tuple[list[float], list[float]]:
+        """(write, forget) weight of each of `n_layers` memory layers."""
+        out = []
+        for name, cost in (("write_cost", self.write_cost), ("forget_cost", self.forget_cost)):
+            if isinstance(cost, list) and len(cost) != n_layers:
+                raise ValueError(f"gates.{name} lists {len(cost)} weights for {n_layers} memory layers")
+            out.append(cost if isinstance(cost, list) else [cost] * n_layers)
+        return out[0], out[1]
 
 
 class TrainConfig(BaseModel):
@@ -165,6 +178,11 @@ class TrainConfig(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _gate_costs_fit(self) -> TrainConfig:
+        self.gates.weights(sum(m != "swa" for m in self.model.mixers))
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -232,7 +250,7 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
         mem.gate_log = []
     try:
         logits, _ = model(tokens[:, :-1], model.init_state(tokens.shape[0]))
-        logged = [g for mem in mems for g in mem.gate_log or []]
+        logged = [torch.stack(mem.gate_log).float() for mem in mems if mem.gate_log]
     finally:
         for mem in mems:
             mem.gate_log = None
@@ -241,12 +259,14 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
     parts = {"answer": ce[answer_mask].mean(), "prompt": ce[prompt_mask].mean()}
     total = parts["answer"] + lm_weight * parts["prompt"]
     if logged:
-        g = torch.stack(logged).float()  # (layers x chunks, B, H, 3)
-        parts["eta"], parts["forget"] = g[..., 0].mean(), (1 - g[..., 1]).mean()
+        g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
+        eta, forget = g[..., 0], 1 - g[..., 1]
+        parts["eta"], parts["forget"] = eta.mean(), forget.mean()
+        parts.update({f"eta.{i}": e.mean() for i, e in enumerate(eta)})
         if gates is not None:
-            over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).mean()  # noqa: E731
-            total = total + gates.write_cost * over_horizon(g[..., 0])
-            total = total + gates.forget_cost * over_horizon(1 - g[..., 1])
+            write_w, forget_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
+            over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
+            total = total + (write_w * over_horizon(eta)).mean() + (forget_w * over_horizon(forget)).mean()
     return total, parts
 
 
@@ -331,9 +351,10 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
             step += 1
             wall += time.perf_counter() - start
             answer = parts["answer"]
+            gate_means = {f"mean_{k}": round(v.item(), 7) for k, v in parts.items()
+                          if k not in ("answer", "prompt")}
             rec = {"step": step, "loss": round(loss.item(), 5), "answer_loss": round(answer.item(), 5),
-                   "prompt_loss": round(parts["prompt"].item(), 5),
-                   **{f"mean_{k}": round(v.item(), 7) for k, v in parts.items() if k in ("eta", "forget")},
+                   "prompt_loss": round(parts["prompt"].item(), 5), **gate_means,
                    "length": length, "batch": tokens.shape[0],
                    "lr": lr, "grad_norm": round(float(grad_norm), 4), "wall_s": round(wall, 2)}
             log.write(json.dumps(rec) + "\n")

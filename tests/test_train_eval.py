@@ -281,6 +281,7 @@ def test_gate_costs_charge_writing_and_forgetting_over_the_horizon():
                                                                        horizon_chunks=1000))
     expected = 2.0 * torch.log1p(1000 * g[..., 0]).mean() + 0.5 * torch.log1p(1000 * (1 - g[..., 1])).mean()
     assert torch.allclose(costed - plain, expected)
+    assert torch.allclose(parts["eta.0"], parts["eta"])  # the one memory layer
     # The costs push the write gate closed and retention up, on every head.
     assert bool((eta_grad2 > eta_grad).all()) and bool((alpha_grad2 < alpha_grad).all())
     # Without memory layers there is nothing to charge.
@@ -304,6 +305,12 @@ def test_gate_costs_come_from_the_config_file(tmp_path):
         TrainConfig.load(path)
     path.write_text('[gates]\nforget_cost = -1\n')
     with pytest.raises(ValueError):
+        TrainConfig.load(path)
+    # One weight per memory layer: the default model has four.
+    path.write_text('[gates]\nwrite_cost = [0.5, 0.1, 0.1, 0.1]\n')
+    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], [0.0] * 4)
+    path.write_text('[gates]\nwrite_cost = [0.5, 0.1]\n')
+    with pytest.raises(ValueError, match="2 weights for 4 memory layers"):
         TrainConfig.load(path)
 
 
