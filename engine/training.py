@@ -245,7 +245,7 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
     """The mean cross-entropy of the answers, plus lm_weight times that of the prompt's next tokens,
     plus the gate costs; and its parts by name (answer, prompt, and with memory layers the mean
     write gate `eta` (/ eta_max) and forgetting `forget` (1 - alpha) of the prompt's chunks)."""
-    mems = [block.mixer.mem for block in model.blocks if block.mixer.mem is not None]
+    mems = model.memories
     for mem in mems:
         mem.gate_log = []
     try:
@@ -290,9 +290,8 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     model = AtlasModel(cfg.model).to(device)
-    for block in model.blocks:
-        if block.mixer.mem is not None:
-            block.mixer.mem.first_order = cfg.inner_backprop == "first_order"
+    for mem in model.memories:
+        mem.first_order = cfg.inner_backprop == "first_order"
     earlier: dict = {}  # init_from's training record, kept in this run's checkpoints
     if cfg.init_from is not None:
         from .checkpoint import load_checkpoint, read_config
@@ -350,17 +349,18 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
             opt.step()
             step += 1
             wall += time.perf_counter() - start
-            answer = parts["answer"]
             gate_means = {f"mean_{k}": round(v.item(), 7) for k, v in parts.items()
                           if k not in ("answer", "prompt")}
-            rec = {"step": step, "loss": round(loss.item(), 5), "answer_loss": round(answer.item(), 5),
+            rec = {"step": step, "loss": round(loss.item(), 5),
+                   "answer_loss": round(parts["answer"].item(), 5),
                    "prompt_loss": round(parts["prompt"].item(), 5), **gate_means,
                    "length": length, "batch": tokens.shape[0],
                    "lr": lr, "grad_norm": round(float(grad_norm), 4), "wall_s": round(wall, 2)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(answer=f"{answer.item():.3f}", prompt=f"{parts['prompt'].item():.3f}", len=length)
+            bar.set_postfix(answer=f"{rec['answer_loss']:.3f}", prompt=f"{rec['prompt_loss']:.3f}",
+                            len=length)
             if step % cfg.checkpoint_every == 0 or step == end:
                 checkpoint()
     bar.close()

@@ -117,6 +117,11 @@ class AtlasModel(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02)
 
     @property
+    def memories(self) -> list[AtlasMemory]:
+        """The ATLAS memory layers, in block order."""
+        return [block.mixer.mem for block in self.blocks if block.mixer.mem is not None]
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 

@@ -263,7 +263,7 @@ class AtlasMemory(nn.Module):
         self.cfg = cfg
         self.first_order = False  # training option, see chunk_update
         # Training: when a list, every committed chunk's gates (B, H, 3: eta / eta_max, alpha,
-        # theta) are appended to it, for the costs on writing and forgetting (training.gate_costs).
+        # theta) are appended to it, for the costs on writing and forgetting (training.GateConfig).
         self.gate_log: list[Tensor] | None = None
         d_model, h, d, e = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mem_hidden
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
