@@ -36,6 +36,9 @@ class Trial:
     # from its first digits are separate skills.
     value_nats: list[float]
     decoy_nats: list[float]
+    # The same for the byte after the value (the answer's "."): does the model know where the value
+    # ends? An answer with the right digits and one too many is wrong.
+    end_nats: float
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Point:
     decoy_nats: float
     value_nats_by_byte: list[float]  # means over the trials, by byte of the value
     decoy_nats_by_byte: list[float]
+    end_nats: float  # mean over the trials
     details: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -92,18 +96,18 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
         logits, state = model(nxt[:, None], state, all_logits=False)
     wall = time.perf_counter() - start
     decoys = [_decoy(s, seed) for s in samples]
-    nats = _value_nats(model, [s.answer for s in samples], [s.value for s in samples], *prompt_end)
+    nats, ends = _value_nats(model, [s.answer for s in samples], [s.value for s in samples], *prompt_end)
     decoy_answers = [s.answer.replace(s.value, d) for s, d in zip(samples, decoys, strict=True)]
-    decoy_nats = _value_nats(model, decoy_answers, decoys, *prompt_end)
+    decoy_nats, _ = _value_nats(model, decoy_answers, decoys, *prompt_end)
     details = []
     for i, (s, out) in enumerate(zip(samples, outputs, strict=True)):
         text = tok.decode(out)
         details.append(Trial(round(s.depth, 4), s.value, text, first_number(text) == s.value,
-                             _rounded(nats[i]), _rounded(decoy_nats[i])))
+                             _rounded(nats[i]), _rounded(decoy_nats[i]), round(ends[i], 4)))
     correct = sum(t.correct for t in details)
     return Point(task, length, trials, correct, correct / trials, CHANCE[task],
                  round(trials * length / wall, 1), round(wall, 2), _mean(sum(nats, [])),
-                 _mean(sum(decoy_nats, [])), _by_byte(nats), _by_byte(decoy_nats), details)
+                 _mean(sum(decoy_nats, [])), _by_byte(nats), _by_byte(decoy_nats), _mean(ends), details)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -129,9 +133,10 @@ def _decoy(sample: Sample, seed: int) -> str:
 
 
 def _value_nats(model: AtlasModel, answers: list[str], values: list[str], logits: Tensor,
-                state: dict) -> list[list[float]]:
-    """Per answer, the negative log-likelihood of each of its value's bytes, the answer fed in after
-    the prompt (`logits`: the prompt's last; `state`: after the prompt, left as it was)."""
+                state: dict) -> tuple[list[list[float]], list[float]]:
+    """Per answer, the negative log-likelihood of each of its value's bytes and of the byte after
+    the value, the answer fed in after the prompt (`logits`: the prompt's last; `state`: after the
+    prompt, left as it was). Every answer ends with a byte after its value (" 31415.")."""
     tok = ByteTokenizer()
     ids_of = [tok.encode(a) for a in answers]
     width = max(map(len, ids_of))
@@ -139,11 +144,13 @@ def _value_nats(model: AtlasModel, answers: list[str], values: list[str], logits
     forced, _ = model(ids[:, :-1], state, all_logits=True) if width > 1 else (logits[:, :0], None)
     logp = torch.cat([logits[:, None], forced], 1).float().log_softmax(-1)
     nll = -logp.gather(-1, ids[..., None])[..., 0]
-    out = []
+    out, ends = [], []
     for i, (answer, value) in enumerate(zip(answers, values, strict=True)):
         start = len(tok.encode(answer[:answer.index(value)]))
-        out.append(nll[i, start:start + len(tok.encode(value))].tolist())
-    return out
+        end = start + len(tok.encode(value))
+        out.append(nll[i, start:end].tolist())
+        ends.append(nll[i, end].item())
+    return out, ends
 
 
 def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], trials: int, seed: int = 0,

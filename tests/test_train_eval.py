@@ -441,7 +441,8 @@ def test_evaluate_point_scores_the_first_number_against_the_needle():
 
 def test_value_nats_is_the_teacher_forced_loss_of_the_value():
     """Fed the right answer after the prompt, the bundled model is nearly sure of a key it
-    retrieves; the figure is the mean loss over the value's bytes alone."""
+    retrieves; the figure is the mean loss over the value's bytes alone, with the byte after the
+    value (where the model must stop) apart."""
     import torch.nn.functional as F
 
     from atlas.engine.api import BUNDLED_CHECKPOINT
@@ -463,9 +464,11 @@ def test_value_nats_is_the_teacher_forced_loss_of_the_value():
     with torch.no_grad():
         logits, _ = model(ids[:, :-1], model.init_state(1))
     at = 300 + first.answer.index(first.value)  # the value's first byte
-    nll = F.cross_entropy(logits[0, at - 1:at - 1 + len(first.value)], ids[0, at:at + len(first.value)],
-                          reduction="none")
-    assert nll.tolist() == pytest.approx(p.details[0].value_nats, abs=1e-3)
+    n = len(first.value) + 1  # and the "." after it
+    nll = F.cross_entropy(logits[0, at - 1:at - 1 + n], ids[0, at:at + n], reduction="none")
+    assert nll[:-1].tolist() == pytest.approx(p.details[0].value_nats, abs=1e-3)
+    assert nll[-1].item() == pytest.approx(p.details[0].end_nats, abs=1e-3)
+    assert p.end_nats == pytest.approx(sum(d.end_nats for d in p.details) / 2, abs=1e-3)
 
 
 def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path):
