@@ -166,6 +166,9 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(
         help="Results JSON (default bench/results/passkey-DEVICE.json)")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw accuracy against length to this PNG")] = None,
+    update: Annotated[bool, typer.Option(help=(
+        "Add to an existing --out file made with the same seed, gap and trials: the models evaluated "
+        "now replace their entries, the others are kept"))] = False,
 ) -> None:
     """Accuracy against context length on pass-key and multi-needle retrieval."""
     import json
@@ -200,8 +203,28 @@ def evaluate(
             err.print(f"[red]--model wants NAME=CHECKPOINT_DIR with a config.json, got {spec!r}[/red]")
             raise typer.Exit(2)
         models[name] = Path(path)
-    results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed, "gap": gap,
+    out = out or Path("bench/results") / f"passkey-{dev.type}.json"
+    machine = describe_machine(dev)
+    results: dict = {"benchmark": "passkey", "machine": machine, "seed": seed, "gap": gap,
                      "trials": trials, "lengths": length_list, "tasks": task_list, "models": {}}
+    if update and out.exists():
+        try:
+            earlier = json.loads(out.read_text())
+            differ = [k for k in ("seed", "gap", "trials") if earlier[k] != results[k]]
+        except (ValueError, KeyError, TypeError) as e:
+            err.print(f"[red]--update: {out} is not an eval results file ({e})[/red]")
+            raise typer.Exit(2) from e
+        if differ:
+            err.print(f"[red]--update: {out} was made with other {', '.join(differ)} "
+                      f"({', '.join(f'{k}={earlier[k]}' for k in differ)})[/red]")
+            raise typer.Exit(2)
+        results["lengths"] = sorted(set(earlier["lengths"]) | set(length_list))
+        results["tasks"] = [t for t in TASKS if t in set(earlier["tasks"]) | set(task_list)]
+        for name, entry in earlier["models"].items():
+            results["models"][name] = {"machine": earlier["machine"], **entry}
+        for key in ("max_train_len", "swa_window"):
+            if key in earlier:
+                results[key] = earlier[key]
     total = sum(trials * n for n in length_list) * len(task_list) * len(models)
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                   console=err) as bar:
@@ -209,7 +232,7 @@ def evaluate(
         for name, path in models.items():
             net = load_checkpoint(path, device=dev)
             _, meta = read_config(path)
-            entry = {"path": str(path), "fingerprint": fingerprint(net),
+            entry = {"path": str(path), "machine": machine, "fingerprint": fingerprint(net),
                      "config": net.cfg.model_dump(mode="json"),
                      "parameters": sum(p.numel() for p in net.parameters()),
                      "training": meta.get("training"), "points": []}
@@ -229,7 +252,6 @@ def evaluate(
             bar.update(job, description=name)
             run_eval(net, task_list, length_list, trials, seed, on_point=report,
                      on_progress=lambda n: bar.advance(job, n), gap=gap)
-    out = out or Path("bench/results") / f"passkey-{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     err.print(f"results {out}")

@@ -399,6 +399,17 @@ def test_train_and_eval_commands(tmp_path):
     assert all(len(p["details"]) == 2 and 0 <= p["accuracy"] <= 1 for p in points)
     assert doc["machine"]["cpu_cores"] and doc["models"]["tiny"]["training"]["steps"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --update: another model joins the file, the first one's points stay
+    res = runner.invoke(app, ["eval", "--model", f"again={ckpt}", "--lengths", "300", "--trials", "2",
+                              "--tasks", "passkey", "--device", "cpu", "--out", str(out), "--update"])
+    assert res.exit_code == 0, res.output
+    merged = json.loads(out.read_text())
+    assert merged["models"]["tiny"]["points"] == points and merged["lengths"] == [300, 1024]
+    assert [p["length"] for p in merged["models"]["again"]["points"]] == [300]
+    assert all(m["machine"]["cpu_cores"] for m in merged["models"].values())
+    res = runner.invoke(app, ["eval", "--model", f"again={ckpt}", "--lengths", "300", "--trials", "3",
+                              "--tasks", "passkey", "--device", "cpu", "--out", str(out), "--update"])
+    assert res.exit_code == 2 and "trials=2" in res.output
     # --gap: the needles stay that far from the question (the memory alone can answer)
     res = runner.invoke(app, ["eval", "--model", f"tiny={ckpt}", "--lengths", "1k", "--trials", "2",
                               "--tasks", "passkey", "--gap", "600", "--device", "cpu", "--out", str(out)])
