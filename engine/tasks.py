@@ -38,7 +38,7 @@ _PLACE = ("before noon", "in the rain", "after the festival", "near the station"
           "at the edge of town", "during the winter", "without a word")
 
 TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures
-TRAIN_TASKS = (*TASKS, "recall", "copy", "copy_block")  # what training may mix
+TRAIN_TASKS = (*TASKS, "passkey_any_length", "recall", "copy", "copy_block")  # what training may mix
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,28 @@ def _place(head: str, body: str, needles: list[str], depths: list[float], tail: 
     return text
 
 
-def passkey(rng: random.Random, length: int, depth: float | None = None, gap: int = 0) -> Sample:
-    """Pass-key retrieval with a random key in [1, 50000] at `depth` (uniform if None) of the filler,
-    followed by at least `gap` bytes of it."""
-    key = str(rng.randint(1, 50000))
+def passkey(rng: random.Random, length: int, depth: float | None = None, gap: int = 0,
+            digits: int | None = None) -> Sample:
+    """Pass-key retrieval with a random key in [1, 50000] (or of `digits` digits) at `depth` (uniform
+    if None) of the filler, followed by at least `gap` bytes of it."""
+    key = str(rng.randint(1, 50000) if digits is None else rng.randint(10 ** (digits - 1), 10 ** digits - 1))
     depth = rng.random() if depth is None else depth
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     head = PASSKEY_PREAMBLE + "\n"
     prompt = _place(head, _filler(length), [needle], [depth], PASSKEY_QUESTION, length, gap)
     second = prompt.index(needle) + needle.index(f" {key} is") + 1
     return Sample("passkey", prompt, f" {key}.", key, depth, copies=((second, second + len(key)),))
+
+
+_ANY_LENGTH_DIGITS = 7
+
+
+def passkey_any_length(rng: random.Random, length: int, gap: int = 0) -> Sample:
+    """Training only: the pass-key task with keys of 1 to 7 digits, each length as likely. Most
+    standard keys have five digits, so a model can learn to stop after five from habit, and then
+    adds a digit to a four-digit key it recalls; here only the memory says where the key ends."""
+    sample = passkey(rng, length, gap=gap, digits=rng.randint(1, _ANY_LENGTH_DIGITS))
+    return replace(sample, task="passkey_any_length")
 
 
 def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None,
@@ -205,6 +217,8 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
         return passkey(rng, length, depth, gap)
     if task == "multi_needle":
         return multi_needle(rng, length, depth=depth, gap=gap)
+    if task == "passkey_any_length":
+        return passkey_any_length(rng, length, gap)
     if task == "recall":
         return recall(rng, length, gap)
     if task == "copy":
@@ -224,9 +238,10 @@ def _needles_room(n_needles: int, name_len: int) -> int:
 
 def min_length(task: str) -> int:
     """The shortest prompt a task fits in (no filler at all), with room for the longest key."""
-    if task == "passkey":
-        return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len("The pass key is 50000. Remember it. "
-                                                                        "50000 is the pass key.") + 1
+    if task in ("passkey", "passkey_any_length"):
+        key = "5" * (_ANY_LENGTH_DIGITS if task == "passkey_any_length" else 5)
+        return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len(f"The pass key is {key}. Remember it. "
+                                                                        f"{key} is the pass key.") + 1
     if task == "recall":
         return _needles_room(2, _MAX_MADE_UP)
     if task == "copy":

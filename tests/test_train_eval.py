@@ -6,6 +6,7 @@ import json
 import random
 import re
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_passkey_depth_is_respected_at_both_ends():
     assert last.prompt.index("The pass key is") > 19_000
 
 
+def test_passkey_any_length_draws_keys_of_one_to_seven_digits_alike():
+    samples = [make_sample("passkey_any_length", random.Random(seed), 2000) for seed in range(700)]
+    counts = Counter(len(s.value) for s in samples)
+    assert sorted(counts) == list(range(1, 8)) and min(counts.values()) > 70
+    for s in samples[:20]:
+        needle = f"The pass key is {s.value}. Remember it. {s.value} is the pass key."
+        assert s.task == "passkey_any_length" and s.prompt.count(needle) == 1 and s.answer == f" {s.value}."
+        assert len(s.prompt) == 2000 and s.prompt.endswith(PASSKEY_QUESTION) and s.value[0] != "0"
+
+
 def test_multi_needle_asks_for_one_of_several_names():
     s = multi_needle(random.Random(3), 6000, n_needles=4, depth=0.25)
     assert len(s.prompt) == 6000
@@ -66,7 +77,7 @@ def test_multi_needle_asks_for_one_of_several_names():
     assert s.answer == f" {s.value}."
 
 
-@pytest.mark.parametrize("task", [*TASKS, "recall"])
+@pytest.mark.parametrize("task", [*TASKS, "passkey_any_length", "recall"])
 def test_min_length_fits_and_shorter_is_refused(task):
     n = min_length(task)
     for seed in range(20):
@@ -110,12 +121,12 @@ def test_copy_block_scores_each_blocks_second_writing_beyond_the_gap(gap):
     assert int(answer_mask.sum()) >= 64  # a block that fits, however long the gap
 
 
-@pytest.mark.parametrize("task", ["passkey", "multi_needle", "recall"])
+@pytest.mark.parametrize("task", ["passkey", "passkey_any_length", "multi_needle", "recall"])
 def test_needle_gap_keeps_every_needle_beyond_it(task):
     gap = 700
     for seed in range(20):
         s = make_sample(task, random.Random(seed), 2000, gap=gap)
-        question = s.prompt.index("What is" if task != "passkey" else PASSKEY_QUESTION)
+        question = s.prompt.index(PASSKEY_QUESTION if task.startswith("passkey") else "What is")
         needles = [m.end() for m in re.finditer(r"(pass key is \d+\. Remember it\. \d+ is the pass key\."
                                                  r"|magic number for \w+ is \d+\.)", s.prompt)]
         assert len(s.prompt) == 2000 and needles and s.value in s.prompt[:needles[-1]]
