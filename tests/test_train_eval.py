@@ -507,3 +507,13 @@ def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="fingerprint"):
         load_checkpoint(tmp_path)
+
+
+def test_every_shipped_training_config_loads():
+    """The configs the docs tell people to run (and the experiments they cite) stay valid."""
+    root = Path(__file__).resolve().parent.parent / "configs" / "train"
+    configs = sorted(root.rglob("*.toml"))
+    assert len(configs) > 10
+    for path in configs:
+        cfg = TrainConfig.load(path)
+        assert cfg.init_from is None or str(cfg.init_from).startswith("runs/"), path
