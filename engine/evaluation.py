@@ -39,6 +39,10 @@ class Trial:
     # The same for the byte after the value (the answer's "."): does the model know where the value
     # ends? An answer with the right digits and one too many is wrong.
     end_nats: float
+    # The value's bytes come first, whatever follows: how Mohtashami & Jaggi score pass-key retrieval
+    # (they generate as many tokens as the key has, so an extra digit is not seen). `correct` is
+    # stricter: the model must also stop.
+    prefix_correct: bool
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Point:
     value_nats_by_byte: list[float]  # means over the trials, by byte of the value
     decoy_nats_by_byte: list[float]
     end_nats: float  # mean over the trials
+    prefix_correct: int  # trials whose output starts with the value (Trial.prefix_correct)
     details: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -102,12 +107,20 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
     details = []
     for i, (s, out) in enumerate(zip(samples, outputs, strict=True)):
         text = tok.decode(out)
-        details.append(Trial(round(s.depth, 4), s.value, text, first_number(text) == s.value,
-                             _rounded(nats[i]), _rounded(decoy_nats[i]), round(ends[i], 4)))
+        correct, prefix = score(text, s.value)
+        details.append(Trial(round(s.depth, 4), s.value, text, correct, _rounded(nats[i]),
+                             _rounded(decoy_nats[i]), round(ends[i], 4), prefix))
     correct = sum(t.correct for t in details)
     return Point(task, length, trials, correct, correct / trials, CHANCE[task],
                  round(trials * length / wall, 1), round(wall, 2), _mean(sum(nats, [])),
-                 _mean(sum(decoy_nats, [])), _by_byte(nats), _by_byte(decoy_nats), _mean(ends), details)
+                 _mean(sum(decoy_nats, [])), _by_byte(nats), _by_byte(decoy_nats), _mean(ends),
+                 sum(t.prefix_correct for t in details), details)
+
+
+def score(output: str, value: str) -> tuple[bool, bool]:
+    """(the answer's number is the value, the output starts with the value): Trial.correct and
+    Trial.prefix_correct."""
+    return first_number(output) == value, output.startswith(f" {value}")
 
 
 def _mean(xs: Sequence[float]) -> float:

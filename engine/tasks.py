@@ -38,7 +38,8 @@ _PLACE = ("before noon", "in the rain", "after the festival", "near the station"
           "at the edge of town", "during the winter", "without a word")
 
 TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures
-TRAIN_TASKS = (*TASKS, "passkey_any_length", "recall", "copy", "copy_block")  # what training may mix
+# what training may mix
+TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block")
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,12 @@ def _place(head: str, body: str, needles: list[str], depths: list[float], tail: 
 
 
 def passkey(rng: random.Random, length: int, depth: float | None = None, gap: int = 0,
-            digits: int | None = None) -> Sample:
-    """Pass-key retrieval with a random key in [1, 50000] (or of `digits` digits) at `depth` (uniform
-    if None) of the filler, followed by at least `gap` bytes of it."""
-    key = str(rng.randint(1, 50000) if digits is None else rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+            digits: int | None = None, key: str | None = None) -> Sample:
+    """Pass-key retrieval with a random key in [1, 50000] (or of `digits` digits, or `key`) at
+    `depth` (uniform if None) of the filler, followed by at least `gap` bytes of it."""
+    if key is None:
+        low, high = (1, 50000) if digits is None else (10 ** (digits - 1), 10 ** digits - 1)
+        key = str(rng.randint(low, high))
     depth = rng.random() if depth is None else depth
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     head = PASSKEY_PREAMBLE + "\n"
@@ -117,6 +120,22 @@ def passkey_any_length(rng: random.Random, length: int, gap: int = 0) -> Sample:
     adds a digit to a four-digit key it recalls; here only the memory says where the key ends."""
     sample = passkey(rng, length, gap=gap, digits=rng.randint(1, _ANY_LENGTH_DIGITS))
     return replace(sample, task="passkey_any_length")
+
+
+def _key_with_runs(rng: random.Random) -> str:
+    """1 to 7 digits; each digit after the first repeats the one before it with probability 1/2."""
+    key = [rng.choice("123456789")]
+    for _ in range(rng.randint(1, _ANY_LENGTH_DIGITS) - 1):
+        key.append(key[-1] if rng.random() < 0.5 else rng.choice([d for d in "0123456789" if d != key[-1]]))
+    return "".join(key)
+
+
+def passkey_runs(rng: random.Random, length: int, gap: int = 0) -> Sample:
+    """Training only: the pass-key task with keys of 1 to 7 digits that often repeat a digit
+    (80044, 99011, 5555). After a repeated digit the recent bytes look the same whether the key
+    goes on, repeats again or ends; only the memory knows how many times the digit came, and random
+    keys ask this rarely, so a model recalls them but miscounts their runs far away."""
+    return replace(passkey(rng, length, gap=gap, key=_key_with_runs(rng)), task="passkey_runs")
 
 
 def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None,
@@ -219,6 +238,8 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
         return multi_needle(rng, length, depth=depth, gap=gap)
     if task == "passkey_any_length":
         return passkey_any_length(rng, length, gap)
+    if task == "passkey_runs":
+        return passkey_runs(rng, length, gap)
     if task == "recall":
         return recall(rng, length, gap)
     if task == "copy":
@@ -238,8 +259,8 @@ def _needles_room(n_needles: int, name_len: int) -> int:
 
 def min_length(task: str) -> int:
     """The shortest prompt a task fits in (no filler at all), with room for the longest key."""
-    if task in ("passkey", "passkey_any_length"):
-        key = "5" * (_ANY_LENGTH_DIGITS if task == "passkey_any_length" else 5)
+    if task in ("passkey", "passkey_any_length", "passkey_runs"):
+        key = "5" * (5 if task == "passkey" else _ANY_LENGTH_DIGITS)
         return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len(f"The pass key is {key}. Remember it. "
                                                                         f"{key} is the pass key.") + 1
     if task == "recall":

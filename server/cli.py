@@ -244,7 +244,8 @@ def evaluate(
             def report(p, name=name, entry=entry) -> None:
                 entry["points"].append(p.to_dict())
                 err.print(f"{name:>14} {p.task:>12} {p.length:>9,} tokens: {p.correct}/{p.trials} "
-                          f"({100 * p.accuracy:.0f}%), value {p.value_nats:.2f} vs decoy {p.decoy_nats:.2f} "
+                          f"({100 * p.accuracy:.0f}%; value first {p.prefix_correct}), "
+                          f"value {p.value_nats:.2f} vs decoy {p.decoy_nats:.2f} "
                           f"nats/byte (first byte {p.value_nats_by_byte[0]:.2f} vs "
                           f"{p.decoy_nats_by_byte[0]:.2f}; its end {p.end_nats:.2f})  "
                           f"{p.tokens_per_s:,.0f} tok/s")

@@ -66,6 +66,19 @@ def test_passkey_any_length_draws_keys_of_one_to_seven_digits_alike():
         assert len(s.prompt) == 2000 and s.prompt.endswith(PASSKEY_QUESTION) and s.value[0] != "0"
 
 
+def test_passkey_runs_keys_repeat_digits_half_the_time():
+    samples = [make_sample("passkey_runs", random.Random(seed), 2000) for seed in range(700)]
+    assert sorted(Counter(len(s.value) for s in samples)) == list(range(1, 8))
+    pairs = [(a, b) for s in samples for a, b in zip(s.value, s.value[1:], strict=False)]
+    assert 0.4 < sum(a == b for a, b in pairs) / len(pairs) < 0.6
+    for s in samples[:20]:
+        needle = f"The pass key is {s.value}. Remember it. {s.value} is the pass key."
+        assert s.task == "passkey_runs" and s.prompt.count(needle) == 1 and s.answer == f" {s.value}."
+        assert len(s.prompt) == 2000 and s.prompt.endswith(PASSKEY_QUESTION) and s.value[0] != "0"
+        second = s.prompt.index(needle) + needle.index(f" {s.value} is") + 1
+        assert s.copies == ((second, second + len(s.value)),)
+
+
 def test_multi_needle_asks_for_one_of_several_names():
     s = multi_needle(random.Random(3), 6000, n_needles=4, depth=0.25)
     assert len(s.prompt) == 6000
@@ -77,7 +90,7 @@ def test_multi_needle_asks_for_one_of_several_names():
     assert s.answer == f" {s.value}."
 
 
-@pytest.mark.parametrize("task", [*TASKS, "passkey_any_length", "recall"])
+@pytest.mark.parametrize("task", [*TASKS, "passkey_any_length", "passkey_runs", "recall"])
 def test_min_length_fits_and_shorter_is_refused(task):
     n = min_length(task)
     for seed in range(20):
@@ -474,6 +487,7 @@ def test_value_nats_is_the_teacher_forced_loss_of_the_value():
     model = load_checkpoint(BUNDLED_CHECKPOINT)
     p = evaluate_point(model, "passkey", 300, trials=2)
     assert p.correct == 2 and p.value_nats < 0.5 < 2 < p.decoy_nats
+    assert p.prefix_correct == 2 and all(d.prefix_correct for d in p.details)
     for task in ("passkey", "multi_needle"):  # decoys: the task's own kind of value, as long, not it
         sample = make_sample(task, random.Random(1), 600)
         decoy = _decoy(sample, seed=0)
@@ -491,6 +505,16 @@ def test_value_nats_is_the_teacher_forced_loss_of_the_value():
     assert nll[:-1].tolist() == pytest.approx(p.details[0].value_nats, abs=1e-3)
     assert nll[-1].item() == pytest.approx(p.details[0].end_nats, abs=1e-3)
     assert p.end_nats == pytest.approx(sum(d.end_nats for d in p.details) / 2, abs=1e-3)
+
+
+def test_score_is_strict_about_where_the_value_ends_and_prefix_is_not():
+    from atlas.engine.evaluation import score
+
+    assert score(" 9901. T", "9901") == (True, True)
+    assert score(" 99011.", "9901") == (False, True)  # one digit too many: right by the prefix only
+    assert score(" 990. Th", "9901") == (False, False)
+    assert score(" yellow.", "9901") == (False, False)
+    assert score(" 8673.", "673") == (False, False)
 
 
 def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path):
