@@ -44,10 +44,12 @@ class StoreSettings(BaseSettings):
     cache_bytes: int = Field(2 * GiB, ge=0)
     #: Prefix of every key, so several deployments (or tests) can share one Redis.
     key_prefix: str = "atlas"
-    #: fsync policy of the embedded server's append-only file. ``everysec``: a crash of the server
-    #: process loses nothing acknowledged (the AOF is written before the reply); a crash of the
-    #: machine loses at most about one second of commits. ``always`` fsyncs every commit.
-    embedded_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    #: fsync policy of the embedded server's append-only file. ``always``: every commit is written
+    #: and fsynced before its reply, so no crash loses anything acknowledged. ``everysec`` fsyncs
+    #: in the background once a second, and while one is slow Redis holds back the write itself
+    #: (up to 2 s) but not the replies: a crash, even of the server process alone, can lose about
+    #: the last 2 s of acknowledged commits.
+    embedded_appendfsync: Literal["always", "everysec", "no"] = "always"
     #: Parts of a put that never commits (writer crashed) expire after this many seconds.
     pending_ttl_s: int = Field(3600, ge=1)
     #: A deleted session's fencing counter is kept this long, so a stale writer stays fenced off
