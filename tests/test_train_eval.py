@@ -266,12 +266,13 @@ def _run_until(cfg: TrainConfig, steps: int, monkeypatch):
 def test_every_shipped_training_config_is_valid():
     root = Path(__file__).resolve().parents[1]
     configs = {path: TrainConfig.load(path) for path in sorted((root / "configs" / "train").rglob("*.toml"))}
-    assert len(configs) >= 3
+    assert len(configs) > 10  # the configs the docs tell people to run, and the experiments they cite
     # A second phase starts from a shipped checkpoint or from what another shipped config writes.
     produced = {cfg.out_dir / "model" for cfg in configs.values()}
     for path, cfg in configs.items():
         if cfg.init_from is not None:
             assert cfg.init_from in produced or (root / cfg.init_from / "model.safetensors").exists(), path
+            assert str(cfg.init_from).startswith("runs/"), path
 
 
 def _gate_grads(gates: GateConfig | None):
@@ -532,12 +533,3 @@ def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path
     with pytest.raises(ValueError, match="fingerprint"):
         load_checkpoint(tmp_path)
 
-
-def test_every_shipped_training_config_loads():
-    """The configs the docs tell people to run (and the experiments they cite) stay valid."""
-    root = Path(__file__).resolve().parent.parent / "configs" / "train"
-    configs = sorted(root.rglob("*.toml"))
-    assert len(configs) > 10
-    for path in configs:
-        cfg = TrainConfig.load(path)
-        assert cfg.init_from is None or str(cfg.init_from).startswith("runs/"), path
