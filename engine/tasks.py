@@ -111,31 +111,32 @@ def passkey(rng: random.Random, length: int, depth: float | None = None, gap: in
     return Sample("passkey", prompt, f" {key}.", key, depth, copies=((second, second + len(key)),))
 
 
-_ANY_LENGTH_DIGITS = 7
+KEY_DIGITS = 7  # the longest key of passkey_any_length and passkey_runs, unless told
 
 
-def passkey_any_length(rng: random.Random, length: int, gap: int = 0) -> Sample:
-    """Training only: the pass-key task with keys of 1 to 7 digits, each length as likely. Most
-    standard keys have five digits, so a model can learn to stop after five from habit, and then
+def passkey_any_length(rng: random.Random, length: int, gap: int = 0, key_digits: int = KEY_DIGITS
+                       ) -> Sample:
+    """Training only: the pass-key task with keys of 1 to `key_digits` digits, each length as likely.
+    Most standard keys have five digits, so a model can learn to stop after five from habit, and then
     adds a digit to a four-digit key it recalls; here only the memory says where the key ends."""
-    sample = passkey(rng, length, gap=gap, digits=rng.randint(1, _ANY_LENGTH_DIGITS))
+    sample = passkey(rng, length, gap=gap, digits=rng.randint(1, key_digits))
     return replace(sample, task="passkey_any_length")
 
 
-def _key_with_runs(rng: random.Random) -> str:
-    """1 to 7 digits; each digit after the first repeats the one before it with probability 1/2."""
+def _key_with_runs(rng: random.Random, key_digits: int = KEY_DIGITS) -> str:
+    """1 to key_digits digits; each digit after the first repeats the one before it with probability 1/2."""
     key = [rng.choice("123456789")]
-    for _ in range(rng.randint(1, _ANY_LENGTH_DIGITS) - 1):
+    for _ in range(rng.randint(1, key_digits) - 1):
         key.append(key[-1] if rng.random() < 0.5 else rng.choice([d for d in "0123456789" if d != key[-1]]))
     return "".join(key)
 
 
-def passkey_runs(rng: random.Random, length: int, gap: int = 0) -> Sample:
+def passkey_runs(rng: random.Random, length: int, gap: int = 0, key_digits: int = KEY_DIGITS) -> Sample:
     """Training only: the pass-key task with keys of 1 to 7 digits that often repeat a digit
     (80044, 99011, 5555). After a repeated digit the recent bytes look the same whether the key
     goes on, repeats again or ends; only the memory knows how many times the digit came, and random
     keys ask this rarely, so a model recalls them but miscounts their runs far away."""
-    return replace(passkey(rng, length, gap=gap, key=_key_with_runs(rng)), task="passkey_runs")
+    return replace(passkey(rng, length, gap=gap, key=_key_with_runs(rng, key_digits)), task="passkey_runs")
 
 
 def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: float | None = None,
@@ -229,17 +230,18 @@ def copy_block(rng: random.Random, length: int, gap: int = 0) -> Sample:
 
 
 def make_sample(task: str, rng: random.Random, length: int, depth: float | None = None,
-                gap: int = 0) -> Sample:
+                gap: int = 0, key_digits: int = KEY_DIGITS) -> Sample:
     """One prompt of `length` bytes. `gap` (training): at least that many bytes of filler follow each
-    needle, e.g. the attention window, so that only the memory can answer."""
+    needle, e.g. the attention window, so that only the memory can answer. `key_digits`: the longest
+    key of passkey_any_length and passkey_runs."""
     if task == "passkey":
         return passkey(rng, length, depth, gap)
     if task == "multi_needle":
         return multi_needle(rng, length, depth=depth, gap=gap)
     if task == "passkey_any_length":
-        return passkey_any_length(rng, length, gap)
+        return passkey_any_length(rng, length, gap, key_digits)
     if task == "passkey_runs":
-        return passkey_runs(rng, length, gap)
+        return passkey_runs(rng, length, gap, key_digits)
     if task == "recall":
         return recall(rng, length, gap)
     if task == "copy":
@@ -260,7 +262,7 @@ def _needles_room(n_needles: int, name_len: int) -> int:
 def min_length(task: str) -> int:
     """The shortest prompt a task fits in (no filler at all), with room for the longest key."""
     if task in ("passkey", "passkey_any_length", "passkey_runs"):
-        key = "5" * (5 if task == "passkey" else _ANY_LENGTH_DIGITS)
+        key = "5" * (5 if task == "passkey" else KEY_DIGITS)
         return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len(f"The pass key is {key}. Remember it. "
                                                                         f"{key} is the pass key.") + 1
     if task == "recall":

@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .model import AtlasModel
-from .tasks import TRAIN_TASKS, make_sample, min_length
+from .tasks import KEY_DIGITS, TRAIN_TASKS, make_sample, min_length
 from .tokenizer import ByteTokenizer
 
 try:
@@ -107,6 +107,11 @@ class DataConfig(BaseModel):
     # At least this many bytes of filler after each needle (e.g. the attention window, so that
     # only the memory can answer); 0 places needles anywhere.
     needle_gap: int = Field(0, ge=0)
+    # The longest key of passkey_any_length and passkey_runs (standard keys, 1 to 50000, have five).
+    key_digits: int = Field(KEY_DIGITS, ge=1, le=9)
+    # Weight of the byte that ends each asked-for value (the answer's "."), against 1 for the
+    # answers' other bytes: the one decision no digit of the memory makes, where a key stops.
+    end_weight: float = Field(1.0, ge=0)
 
     @field_validator("tasks")
     @classmethod
@@ -130,23 +135,33 @@ class GateConfig(BaseModel):
     the forgetting 1 - alpha_j: horizon * x_j is what `horizon_chunks` chunks like j would write or
     forget in all. Logarithmic, so that its pull on the gate's logit stays the same until that total
     is about 1 (where a plain mean would fade as the gate closes), and one chunk that must write
-    (or forget) costs a bounded amount."""
+    (or forget) costs a bounded amount.
+
+    The momentum's gate theta_j has the same blind spot from the other side: with theta near 1 the
+    momentum S sums the gradients of about 1 / (1 - theta) chunks, and until then it keeps growing
+    with the prompt. A model trained on 128 chunks never sees it full, yet far into a long prompt
+    the needle's gradient is added to the sum of hundreds of chunks of filler gradients, and Muon
+    orthogonalises the sum. `momentum_cost` charges the logarithm of that span, -log(1 - theta_j),
+    averaged over chunks: a steady pull on the gate's logit (theta itself), so that the momentum
+    fills within the lengths seen in training."""
 
     model_config = ConfigDict(extra="forbid")
 
     # One weight for every memory layer, or one per memory layer (in block order).
     write_cost: NonNegative | list[NonNegative] = 0.0
     forget_cost: NonNegative | list[NonNegative] = 0.0
+    momentum_cost: NonNegative | list[NonNegative] = 0.0
     horizon_chunks: int = Field(16384, ge=1)  # a million tokens of 64-token chunks
 
-    def weights(self, n_layers: int) -> tuple[list[float], list[float]]:
-        """(write, forget) weight of each of `n_layers` memory layers."""
+    def weights(self, n_layers: int) -> tuple[list[float], list[float], list[float]]:
+        """(write, forget, momentum) weight of each of `n_layers` memory layers."""
         out = []
-        for name, cost in (("write_cost", self.write_cost), ("forget_cost", self.forget_cost)):
+        for name in ("write_cost", "forget_cost", "momentum_cost"):
+            cost = getattr(self, name)
             if isinstance(cost, list) and len(cost) != n_layers:
                 raise ValueError(f"gates.{name} lists {len(cost)} weights for {n_layers} memory layers")
             out.append(cost if isinstance(cost, list) else [cost] * n_layers)
-        return out[0], out[1]
+        return out[0], out[1], out[2]
 
 
 class TrainConfig(BaseModel):
@@ -199,21 +214,28 @@ def length_at(step: int, cfg: DataConfig, rng: random.Random) -> int:
     return int(round(cfg.min_len * (hi / cfg.min_len) ** rng.random()))
 
 
-def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | None = None
-               ) -> tuple[Tensor, Tensor, Tensor, int]:
+class TaskBatch(NamedTuple):
+    tokens: Tensor  # (B, W)
+    answer_mask: Tensor  # (B, W - 1) over predicted positions: the scored answers
+    prompt_mask: Tensor  # the prompt's other positions
+    length: int  # the step's prompt length
+    end_mask: Tensor  # the answers' last bytes, each ending an asked-for value (a subset of answer_mask)
+
+
+def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | None = None) -> TaskBatch:
     """The batch of `step` (a pure function of seed and step, so a resumed run sees the same data).
 
     Every prompt has the step's length, or its task's shortest if that is longer (rows are padded at
-    the end). Returns tokens (B, W), the answer mask and the prompt mask over predicted positions
-    (B, W - 1), and the step's length."""
+    the end)."""
     tok = tokenizer or ByteTokenizer()
     rng = random.Random(seed * 1_000_003 + step)
     length = length_at(step, cfg, rng)
     names, weights = zip(*cfg.tasks.items(), strict=True)
     batch = max(1, cfg.tokens_per_batch // length)
     tasks = rng.choices(names, weights, k=batch)
-    samples = [make_sample(t, rng, max(length, min_length(t)), gap=cfg.needle_gap) for t in tasks]
-    rows: list[tuple[list[int], list[tuple[int, int]]]] = []  # all ids, scored spans
+    samples = [make_sample(t, rng, max(length, min_length(t)), gap=cfg.needle_gap, key_digits=cfg.key_digits)
+               for t in tasks]
+    rows: list[tuple[list[int], list[tuple[int, int]], list[int]]] = []  # all ids, scored spans, ends
     for s in samples:
         ids = tok.encode(s.prompt)
         answer = tok.encode(s.answer)
@@ -224,27 +246,33 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
             reply_ids = tok.encode(reply)
             spans.append((len(ids), len(ids) + len(reply_ids)))
             ids += reply_ids
+        ends = [b - 1 for a, b in spans if b > a] if s.value else []
         if cfg.score_copies:
             spans += list(s.copies)
-        rows.append((ids, spans))
-    width = max(len(ids) for ids, _ in rows)
+        rows.append((ids, spans, ends))
+    width = max(len(ids) for ids, _, _ in rows)
     tokens = torch.full((batch, width), tok.encode(" ")[0], dtype=torch.long)
     answer_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
-    for i, (s, (ids, spans)) in enumerate(zip(samples, rows, strict=True)):
+    end_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
+    for i, (s, (ids, spans, ends)) in enumerate(zip(samples, rows, strict=True)):
         tokens[i, :len(ids)] = torch.tensor(ids)
         for a, b in spans:  # the logits at position p predict token p + 1
             answer_mask[i, a - 1:b - 1] = True
+        for e in ends:
+            end_mask[i, e - 1] = True
         prompt_mask[i, :len(s.prompt) - 1] = True
     prompt_mask &= ~answer_mask
-    return tokens, answer_mask, prompt_mask, length
+    return TaskBatch(tokens, answer_mask, prompt_mask, length, end_mask)
 
 
 def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mask: Tensor,
-              lm_weight: float, gates: GateConfig | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The mean cross-entropy of the answers, plus lm_weight times that of the prompt's next tokens,
-    plus the gate costs; and its parts by name (answer, prompt, and with memory layers the mean
-    write gate `eta` (/ eta_max) and forgetting `forget` (1 - alpha) of the prompt's chunks)."""
+              lm_weight: float, gates: GateConfig | None = None, end_mask: Tensor | None = None,
+              end_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """The mean cross-entropy of the answers (the bytes of end_mask weighing end_weight, the others
+    1), plus lm_weight times that of the prompt's next tokens, plus the gate costs; and its parts by
+    name (answer: the plain mean, prompt, end: the mean over end_mask, and with memory layers the
+    mean write gate `eta` (/ eta_max) and forgetting `forget` (1 - alpha) of the prompt's chunks)."""
     mems = model.memories
     for mem in mems:
         mem.gate_log = []
@@ -257,16 +285,24 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     ce = ce.view_as(answer_mask.float())
     parts = {"answer": ce[answer_mask].mean(), "prompt": ce[prompt_mask].mean()}
-    total = parts["answer"] + lm_weight * parts["prompt"]
+    answer = parts["answer"]
+    if end_mask is not None and end_mask.any():
+        parts["end"] = ce[end_mask].mean()
+        weight = answer_mask.float() + (end_weight - 1) * end_mask.float()
+        answer = (ce * weight).sum() / weight.sum().clamp_min(1e-9)
+    total = answer + lm_weight * parts["prompt"]
     if logged:
         g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
-        eta, forget = g[..., 0], 1 - g[..., 1]
+        eta, forget, theta = g[..., 0], 1 - g[..., 1], g[..., 2]
         parts["eta"], parts["forget"] = eta.mean(), forget.mean()
         parts.update({f"eta.{i}": e.mean() for i, e in enumerate(eta)})
+        parts.update({f"theta.{i}": t.mean() for i, t in enumerate(theta)})
         if gates is not None:
-            write_w, forget_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
+            write_w, forget_w, momentum_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
             over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
-            total = total + (write_w * over_horizon(eta)).mean() + (forget_w * over_horizon(forget)).mean()
+            span = -torch.log1p(-theta.clamp_max(1 - 1e-7)).flatten(1).mean(1)  # log of 1 / (1 - theta)
+            total = (total + (write_w * over_horizon(eta)).mean() + (forget_w * over_horizon(forget)).mean()
+                     + (momentum_w * span).mean())
     return total, parts
 
 
@@ -335,14 +371,15 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     with (out / "log.jsonl").open("a") as log:
         while step < end:
             start = time.perf_counter()
-            tokens, answer_mask, prompt_mask, length = task_batch(step, cfg.data, cfg.seed)
-            tokens, answer_mask, prompt_mask = (t.to(device) for t in (tokens, answer_mask, prompt_mask))
+            tokens, answer_mask, prompt_mask, length, end_mask = task_batch(step, cfg.data, cfg.seed)
+            tokens, answer_mask, prompt_mask, end_mask = (t.to(device) for t in (tokens, answer_mask,
+                                                                                  prompt_mask, end_mask))
             lr = lr_at(step, cfg.steps, cfg.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
             with autocast:
                 loss, parts = task_loss(model, tokens, answer_mask, prompt_mask, cfg.data.lm_weight,
-                                        cfg.gates)
+                                        cfg.gates, end_mask, cfg.data.end_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -350,10 +387,10 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
             step += 1
             wall += time.perf_counter() - start
             gate_means = {f"mean_{k}": round(v.item(), 7) for k, v in parts.items()
-                          if k not in ("answer", "prompt")}
-            rec = {"step": step, "loss": round(loss.item(), 5),
-                   "answer_loss": round(parts["answer"].item(), 5),
-                   "prompt_loss": round(parts["prompt"].item(), 5), **gate_means,
+                          if k not in ("answer", "prompt", "end")}
+            losses = {f"{k}_loss": round(parts[k].item(), 5)
+                      for k in ("answer", "prompt", "end") if k in parts}
+            rec = {"step": step, "loss": round(loss.item(), 5), **losses, **gate_means,
                    "length": length, "batch": tokens.shape[0],
                    "lr": lr, "grad_norm": round(float(grad_norm), 4), "wall_s": round(wall, 2)}
             log.write(json.dumps(rec) + "\n")

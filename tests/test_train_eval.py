@@ -129,7 +129,7 @@ def test_copy_block_scores_each_blocks_second_writing_beyond_the_gap(gap):
         assert gap < n <= 4 * max(64, gap + 1) + 16 and s.prompt[a - 1:b] == s.prompt[a - 1 - n:b - n]
         assert s.prompt[b - 1] == "\n" and a - 1 - n >= prev_end
         prev_end = b
-    tokens, answer_mask, _, _ = task_batch(0, DataConfig(min_len=256, max_len=256, tokens_per_batch=256,
+    tokens, answer_mask, *_ = task_batch(0, DataConfig(min_len=256, max_len=256, tokens_per_batch=256,
                                                          tasks={"copy_block": 1}, needle_gap=gap), seed=1)
     assert int(answer_mask.sum()) >= 64  # a block that fits, however long the gap
 
@@ -152,7 +152,7 @@ def test_needle_gap_keeps_every_needle_beyond_it(task):
 def test_task_batch_lengthens_prompts_a_task_does_not_fit_and_pads_rows():
     cfg = DataConfig(min_len=256, max_len=256, tokens_per_batch=4096,
                      tasks={"passkey": 1, "multi_needle": 1, "copy": 1})
-    tokens, answer_mask, prompt_mask, length = task_batch(0, cfg, seed=2)
+    tokens, answer_mask, prompt_mask, length, _ = task_batch(0, cfg, seed=2)
     assert length == 256 and tokens.shape[0] == 16
     seen = set()
     for i in range(16):
@@ -182,15 +182,17 @@ def test_task_batch_is_a_function_of_seed_and_step_with_answer_masks():
     cfg = DataConfig(min_len=512, max_len=2048, curriculum_steps=10, tokens_per_batch=2048)
     a = task_batch(7, cfg, seed=1)
     b = task_batch(7, cfg, seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a[3] == b[3]
-    tokens, answer_mask, prompt_mask, length = a
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a.length == b.length
+    assert torch.equal(a.end_mask, b.end_mask)
+    tokens, answer_mask, prompt_mask, length, end_mask = a
     assert 512 <= length <= 2048 and tokens.shape[0] == max(1, 2048 // length)
     for row in range(tokens.shape[0]):
         assert bytes(tokens[row, :length].tolist()).decode().endswith("is")
         assert not (answer_mask[row] & prompt_mask[row]).any()
         assert int((answer_mask[row] | prompt_mask[row])[:length - 1].sum()) == length - 1
+        assert not (end_mask[row] & ~answer_mask[row]).any()
     # the curriculum: early steps are short
-    assert task_batch(0, cfg, seed=1)[3] == 512
+    assert task_batch(0, cfg, seed=1).length == 512
 
 
 def scored(tokens, mask, row) -> str:
@@ -200,22 +202,62 @@ def scored(tokens, mask, row) -> str:
 
 def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
     cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"passkey": 1.0})
-    tokens, answer_mask, _, length = task_batch(0, cfg, seed=0)
+    tokens, answer_mask, _, length, end_mask = task_batch(0, cfg, seed=0)
     for row in range(2):
         key = bytes(tokens[row, length:].tolist()).decode().split(".")[0].strip()
         text = bytes(tokens[row].tolist()).decode()
         assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
         assert scored(tokens, answer_mask, row) == f"{key} {key}."
+        assert scored(tokens, end_mask, row) == "."  # the answer's end, not the needle's second key
     cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"multi_needle": 1.0})
-    tokens, answer_mask, _, length = task_batch(0, cfg, seed=0)
+    tokens, answer_mask, _, length, end_mask = task_batch(0, cfg, seed=0)
     text = bytes(tokens[0].tolist()).decode()
     needles = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", text[:length]))
     asked = re.findall(r"What is the special magic number for (\w+)\?", text)
     assert sorted(asked) == sorted(needles) and len(asked) == 4
     assert scored(tokens, answer_mask, 0) == "".join(f" {needles[n]}." for n in asked)
+    assert scored(tokens, end_mask, 0) == "...."  # every asked value's end
     plain = cfg.model_copy(update={"follow_ups": False})
-    tokens, answer_mask, _, length = task_batch(0, plain, seed=0)
+    tokens, answer_mask, _, length, end_mask = task_batch(0, plain, seed=0)
     assert scored(tokens, answer_mask, 0) == f" {needles[asked[0]]}."
+    assert scored(tokens, end_mask, 0) == "."
+    # Copies have no value and so no end.
+    copies = DataConfig(min_len=512, max_len=512, tokens_per_batch=1024, tasks={"copy_block": 1, "copy": 1})
+    batch = task_batch(0, copies, seed=0)
+    assert batch.answer_mask.any() and not batch.end_mask.any()
+
+
+def test_key_digits_bounds_the_keys_of_any_length_and_runs():
+    for task in ("passkey_any_length", "passkey_runs"):
+        keys = [make_sample(task, random.Random(seed), 1200, key_digits=5).value for seed in range(200)]
+        assert max(map(len, keys)) == 5 and min(map(len, keys)) == 1
+        assert max(len(make_sample(task, random.Random(seed), 1200).value) for seed in range(200)) == 7
+    cfg = DataConfig(min_len=1200, max_len=1200, tokens_per_batch=1200 * 16, key_digits=2,
+                     tasks={"passkey_any_length": 1, "passkey_runs": 1})
+    batch = task_batch(0, cfg, seed=4)
+    for row in range(16):
+        answer = scored(batch.tokens, batch.answer_mask, row)
+        assert re.fullmatch(r"(\d{1,2}) \1\.", answer), answer
+    with pytest.raises(ValueError):
+        DataConfig(key_digits=0)
+
+
+def test_end_weight_weighs_the_byte_that_ends_each_value():
+    from atlas.engine.model import AtlasModel
+
+    torch.manual_seed(0)
+    model = AtlasModel(tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32,
+                                   omega_window=2)).double()
+    tokens, answer_mask, prompt_mask, _, end_mask = task_batch(
+        0, DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0}), seed=1)
+    plain, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.0)
+    same, parts1 = task_loss(model, tokens, answer_mask, prompt_mask, 0.0, end_mask=end_mask)
+    heavy, parts4 = task_loss(model, tokens, answer_mask, prompt_mask, 0.0, end_mask=end_mask, end_weight=4.0)
+    assert torch.allclose(plain, same) and "end" not in parts
+    # The answer's loss is logged unweighted, the end's beside it; the total weighs the end 4 times.
+    assert torch.allclose(parts4["answer"], parts["answer"]) and torch.allclose(parts4["end"], parts1["end"])
+    n, m = int(answer_mask.sum()), int(end_mask.sum())
+    assert torch.allclose(heavy, (parts["answer"] * n + 3 * parts4["end"] * m) / (n + 3 * m))
 
 
 def tiny_train_config(tmp_path, **kw) -> TrainConfig:
@@ -284,7 +326,7 @@ def _gate_grads(gates: GateConfig | None):
     torch.manual_seed(0)
     model = AtlasModel(cfg).double()
     data = DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0})
-    tokens, answer_mask, prompt_mask, _ = task_batch(0, data, seed=1)
+    tokens, answer_mask, prompt_mask, *_ = task_batch(0, data, seed=1)
     total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates)
     total.backward()
     mem = model.blocks[0].mixer.mem
@@ -295,20 +337,24 @@ def _gate_grads(gates: GateConfig | None):
         model(tokens[:, :-1], model.init_state(tokens.shape[0]))
     # One entry per committed chunk (an unfinished last chunk is never committed).
     assert len(mem.gate_log) == (tokens.shape[1] - 1) // 16 and mem.gate_log[0].shape == (2, cfg.n_heads, 3)
-    return total.detach(), parts, bias[0], bias[1], torch.stack(mem.gate_log).float()
+    return total.detach(), parts, bias, torch.stack(mem.gate_log).float()
 
 
 def test_gate_costs_charge_writing_and_forgetting_over_the_horizon():
-    plain, parts, eta_grad, alpha_grad, g = _gate_grads(None)
+    plain, parts, grad, g = _gate_grads(None)
     assert torch.allclose(parts["eta"], g[..., 0].mean())
     assert torch.allclose(parts["forget"], (1 - g[..., 1]).mean())
-    costed, parts2, eta_grad2, alpha_grad2, _ = _gate_grads(GateConfig(write_cost=2.0, forget_cost=0.5,
-                                                                       horizon_chunks=1000))
-    expected = 2.0 * torch.log1p(1000 * g[..., 0]).mean() + 0.5 * torch.log1p(1000 * (1 - g[..., 1])).mean()
+    assert torch.allclose(parts["theta.0"], g[..., 2].mean())
+    costed, parts2, grad2, _ = _gate_grads(GateConfig(write_cost=2.0, forget_cost=0.5, momentum_cost=0.3,
+                                                      horizon_chunks=1000))
+    expected = (2.0 * torch.log1p(1000 * g[..., 0]).mean() + 0.5 * torch.log1p(1000 * (1 - g[..., 1])).mean()
+                - 0.3 * torch.log(1 - g[..., 2]).mean())
     assert torch.allclose(costed - plain, expected)
     assert torch.allclose(parts["eta.0"], parts["eta"])  # the one memory layer
-    # The costs push the write gate closed and retention up, on every head.
+    # The costs push the write gate closed, retention up and the momentum's span down, on every head.
+    (eta_grad, alpha_grad, theta_grad), (eta_grad2, alpha_grad2, theta_grad2) = grad[:3], grad2[:3]
     assert bool((eta_grad2 > eta_grad).all()) and bool((alpha_grad2 < alpha_grad).all())
+    assert bool((theta_grad2 > theta_grad).all())
     # Without memory layers there is nothing to charge.
     from atlas.engine.model import AtlasModel
 
@@ -333,7 +379,7 @@ def test_gate_costs_come_from_the_config_file(tmp_path):
         TrainConfig.load(path)
     # One weight per memory layer: the default model has four.
     path.write_text('[gates]\nwrite_cost = [0.5, 0.1, 0.1, 0.1]\n')
-    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], [0.0] * 4)
+    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], [0.0] * 4, [0.0] * 4)
     path.write_text('[gates]\nwrite_cost = [0.5, 0.1]\n')
     with pytest.raises(ValueError, match="2 weights for 4 memory layers"):
         TrainConfig.load(path)
