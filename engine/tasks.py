@@ -132,7 +132,7 @@ def _key_with_runs(rng: random.Random, key_digits: int = KEY_DIGITS) -> str:
 
 
 def passkey_runs(rng: random.Random, length: int, gap: int = 0, key_digits: int = KEY_DIGITS) -> Sample:
-    """Training only: the pass-key task with keys of 1 to 7 digits that often repeat a digit
+    """Training only: the pass-key task with keys of 1 to `key_digits` digits that often repeat a digit
     (80044, 99011, 5555). After a repeated digit the recent bytes look the same whether the key
     goes on, repeats again or ends; only the memory knows how many times the digit came, and random
     keys ask this rarely, so a model recalls them but miscounts their runs far away."""
@@ -259,10 +259,10 @@ def _needles_room(n_needles: int, name_len: int) -> int:
     return len(NEEDLES_PREAMBLE) + 1 + n_needles * needle + question
 
 
-def min_length(task: str) -> int:
+def min_length(task: str, key_digits: int = KEY_DIGITS) -> int:
     """The shortest prompt a task fits in (no filler at all), with room for the longest key."""
     if task in ("passkey", "passkey_any_length", "passkey_runs"):
-        key = "5" * (5 if task == "passkey" else KEY_DIGITS)
+        key = "5" * (5 if task == "passkey" else key_digits)
         return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len(f"The pass key is {key}. Remember it. "
                                                                         f"{key} is the pass key.") + 1
     if task == "recall":

@@ -233,8 +233,8 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     names, weights = zip(*cfg.tasks.items(), strict=True)
     batch = max(1, cfg.tokens_per_batch // length)
     tasks = rng.choices(names, weights, k=batch)
-    samples = [make_sample(t, rng, max(length, min_length(t)), gap=cfg.needle_gap, key_digits=cfg.key_digits)
-               for t in tasks]
+    samples = [make_sample(t, rng, max(length, min_length(t, cfg.key_digits)), gap=cfg.needle_gap,
+                           key_digits=cfg.key_digits) for t in tasks]
     rows: list[tuple[list[int], list[tuple[int, int]], list[int]]] = []  # all ids, scored spans, ends
     for s in samples:
         ids = tok.encode(s.prompt)
@@ -272,7 +272,8 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
     """The mean cross-entropy of the answers (the bytes of end_mask weighing end_weight, the others
     1), plus lm_weight times that of the prompt's next tokens, plus the gate costs; and its parts by
     name (answer: the plain mean, prompt, end: the mean over end_mask, and with memory layers the
-    mean write gate `eta` (/ eta_max) and forgetting `forget` (1 - alpha) of the prompt's chunks)."""
+    mean write gate `eta` (/ eta_max), forgetting `forget` (1 - alpha) and momentum gate `theta.i`
+    of the prompt's chunks)."""
     mems = model.memories
     for mem in mems:
         mem.gate_log = []

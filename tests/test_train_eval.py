@@ -238,6 +238,9 @@ def test_key_digits_bounds_the_keys_of_any_length_and_runs():
     for row in range(16):
         answer = scored(batch.tokens, batch.answer_mask, row)
         assert re.fullmatch(r"(\d{1,2}) \1\.", answer), answer
+    # The shortest prompt leaves room for the longest key asked for.
+    assert min_length("passkey_runs", 9) == min_length("passkey_runs") + 2 * 2
+    make_sample("passkey_runs", random.Random(0), min_length("passkey_runs", 9), key_digits=9)
     with pytest.raises(ValueError):
         DataConfig(key_digits=0)
 
