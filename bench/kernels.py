@@ -17,9 +17,12 @@ figure for an H200; the default kernel mode runs its products in tf32, whose pea
 
     python bench/kernels.py                              # B 1,8,32 x T 4k,64k
     python bench/kernels.py --batches 8 --lengths 4k --sweep
+    python bench/kernels.py --device cpu --batches 1 --lengths 160 --heads 2 --head-dim 16 --chunk 16 \
+        --no-compile --no-fla --out /tmp/k.json      # the same code path in Triton's interpreter
 
-Writes bench/results/kernels-<gpu>.json (machine, config, one row per B and T) and prints a table.
-Without a CUDA device it exits with a message.
+Writes bench/results/kernels-<gpu>.json (machine, config, one row per B and T, rewritten after every
+row so that a run cut short keeps what it measured) and prints a table. On CPU (`--device cpu`) the
+kernels run in Triton's interpreter: a check that the benchmark runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -75,10 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref-chunks", type=int, default=32, help="chunks timed for the PyTorch references")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode of the reference step")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the reference")
     p.add_argument("--no-fla", action="store_true", help="skip the flash-linear-attention column")
     p.add_argument("--sweep", action="store_true",
                    help="also time kernel tunings (num_warps, block_e, ns_block) at the first B and T")
     p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: Triton's interpreter, to check the script at small shapes")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -88,10 +95,20 @@ def parse_list(spec: str) -> list[int]:
     return [parse_length(x) for x in spec.split(",") if x.strip()]
 
 
-def cuda_time(fn: Callable[[], Any], reps: int) -> float:
-    """Best wall time of `reps` runs, in seconds, synchronised with CUDA events."""
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable[[], Any], reps: int, dev: str) -> float:
+    """Best wall time of `reps` runs, in seconds: CUDA events on a GPU, the host clock on CPU."""
     best = math.inf
     for _ in range(reps):
+        if dev != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -172,7 +189,7 @@ def load_fla() -> tuple[Callable | None, str]:
     return chunk_gated_delta_rule, "ok"
 
 
-def time_fla(fla: Callable, x: dict[str, Any], reps: int) -> float:
+def time_fla(fla: Callable, x: dict[str, Any], reps: int, dev: str) -> float:
     """chunk_gated_delta_rule on (B, T, H, d) bf16 with the same q, k, v, a log-decay g and beta."""
     q, k, v = (x[n].transpose(1, 2).contiguous() for n in ("q", "k", "v"))
     bsz, t, h, d = q.shape
@@ -181,8 +198,8 @@ def time_fla(fla: Callable, x: dict[str, Any], reps: int) -> float:
     h0 = torch.zeros(bsz, h, d, d, device=q.device, dtype=torch.float32)
     call = lambda: fla(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, output_final_state=True)
     call()
-    torch.cuda.synchronize()
-    return cuda_time(call, reps)
+    sync(dev)
+    return best_time(call, reps, dev)
 
 
 def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -190,32 +207,41 @@ def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
 
 
+# (num_warps, block_e, ns_block): the default (8, 64, whole-matrix Newton-Schulz) and one change at a
+# time from it, then the two warp counts with the blocked Newton-Schulz. Each costs a compile (~10 s).
+SWEEP = [(8, 64, 256), (8, 64, 64), (8, 32, 256), (8, 128, 256), (4, 64, 256), (4, 64, 64),
+         (16, 64, 256), (16, 64, 64)]
+
+
 def sweep(x: dict[str, Any], args: argparse.Namespace, flops: float, tokens: int) -> list[dict[str, Any]]:
     rows = []
-    for num_warps in (4, 8, 16):
-        for block_e in (32, 64, 128):
-            for ns_block in (64, 256):
-                tuning = dict(num_warps=num_warps, block_e=block_e, ns_block=ns_block)
-                try:
-                    run_kernel(x, args, **tuning)
-                    s = cuda_time(lambda t=tuning: run_kernel(x, args, **t), args.reps)
-                    rows.append(dict(tuning, seconds=s, tokens_per_s=tokens / s, tflops=flops / s / 1e12))
-                except Exception as exc:  # a tuning that does not compile or fit is a result too
-                    rows.append(dict(tuning, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-                print("  sweep", rows[-1], flush=True)
+    for num_warps, block_e, ns_block in SWEEP:
+        tuning = dict(num_warps=num_warps, block_e=block_e, ns_block=ns_block)
+        try:
+            run_kernel(x, args, **tuning)
+            s = best_time(lambda t=tuning: run_kernel(x, args, **t), args.reps, args.device)
+            rows.append(dict(tuning, seconds=s, tokens_per_s=tokens / s, tflops=flops / s / 1e12))
+        except Exception as exc:  # a tuning that does not compile or fit is a result too
+            rows.append(dict(tuning, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+        print("  sweep", rows[-1], flush=True)
     return rows
 
 
 def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | None, fla: Callable | None,
-            fla_status: str) -> dict[str, Any]:
+            fla_status: str, act: torch.dtype) -> dict[str, Any]:
     from atlas.kernels import chunk as kchunk
 
     h, d, b, c = args.heads, args.head_dim, args.chunk, args.window
     e = args.expansion * d
-    x = make_inputs(bsz, h, t, d, e, c, b, args.seed)
+    dev = args.device
+    x = make_inputs(bsz, h, t, d, e, c, b, args.seed, dev=dev, act=act)
     flops = scan_flops(bsz, h, t, d, e, b, c, args.ns_steps)
     tokens = bsz * t
-    row: dict[str, Any] = {"batch": bsz, "length": t, "tokens": tokens, "gflop": flops / 1e9}
+    # One program per (session, head), each a sequential loop over chunks: under one per
+    # multiprocessor, the rest of the chip idles whatever the kernel does.
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else None
+    row: dict[str, Any] = {"batch": bsz, "length": t, "tokens": tokens, "gflop": flops / 1e9,
+                           "programs": bsz * h, "multiprocessors": sms}
 
     def per(seconds: float) -> dict[str, float]:
         tflops = flops / seconds / 1e12
@@ -224,18 +250,19 @@ def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | Non
 
     t0 = time.perf_counter()
     reads = run_kernel(x, args)[0]  # compiles on first use
-    torch.cuda.synchronize()
+    sync(dev)
     row["kernel_first_call_s"] = time.perf_counter() - t0
-    row["kernel"] = per(cuda_time(lambda: run_kernel(x, args), args.reps))
+    row["kernel"] = per(best_time(lambda: run_kernel(x, args), args.reps, dev))
     row["kernel"]["tuning_ns_block_block_e"] = [v for k, v in kchunk._FITTED.items() if k[:2] == (d, e)]
     run_kernel(x, args, low_precision_dots=True)
-    row["kernel_bf16_dots"] = per(cuda_time(lambda: run_kernel(x, args, low_precision_dots=True), args.reps))
+    row["kernel_bf16_dots"] = per(best_time(lambda: run_kernel(x, args, low_precision_dots=True), args.reps,
+                                            dev))
 
     n_ref = min(args.ref_chunks, t // b)
     ref_tokens, ref_flops = bsz * n_ref * b, scan_flops(bsz, h, n_ref * b, d, e, b, c, args.ns_steps)
 
     def ref(step: Callable) -> dict[str, float]:
-        s = cuda_time(lambda: run_reference(step, x, args, n_ref), 1)
+        s = best_time(lambda: run_reference(step, x, args, n_ref), 1, dev)
         return {"seconds": s, "chunks_timed": n_ref, "tokens_per_s": ref_tokens / s,
                 "tflops": ref_flops / s / 1e12}
 
@@ -245,13 +272,13 @@ def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | Non
     row["kernel_vs_eager_reads_rel_rmse"] = rel_rmse(reads[:, :, :n_ref * b], eager_reads)
     if compiled is not None:
         try:
-            run_reference(compiled, x, args, 3)  # compile and warm up
+            run_reference(compiled, x, args, min(3, n_ref))  # compile and warm up
             row["compiled"] = ref(compiled)
         except Exception as exc:  # report, and keep the other columns
             row["compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if fla is not None:
         try:
-            s = time_fla(fla, x, args.reps)
+            s = time_fla(fla, x, args.reps, dev)
             row["fla"] = {"seconds": s, "tokens_per_s": tokens / s}
         except Exception as exc:
             row["fla"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -268,18 +295,39 @@ def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | Non
     return row
 
 
+def summary(row: dict[str, Any], peak: float) -> str:
+    fla_txt = f"{row['fla']['tokens_per_s']:.3g}" if "tokens_per_s" in row["fla"] else "-"
+    comp_txt = f"{row['compiled']['tokens_per_s']:.3g}" if "compiled" in row else "-"
+    ratios = row["ratios"]
+    vs = lambda r: "-" if r is None else f"{r:.2f}x"
+    return (f"B={row['batch']:3d} T={row['length']:6d}  kernel {row['kernel']['tokens_per_s']:.3g} tok/s "
+            f"{row['kernel']['tflops']:.1f} TFLOP/s ({100 * row['kernel']['fraction_of_peak']:.1f}% of "
+            f"{peak:.0f})  bf16-dots {row['kernel_bf16_dots']['tokens_per_s']:.3g}  "
+            f"eager {row['eager']['tokens_per_s']:.3g}  compiled {comp_txt}  fla {fla_txt}  "
+            f"kernel/eager {vs(ratios['kernel_vs_eager'])}  /compiled {vs(ratios['kernel_vs_compiled'])}  "
+            f"/fla {vs(ratios['kernel_vs_fla'])}  reads err {row['kernel_vs_eager_reads_rel_rmse']:.1e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (the fused kernels are Triton GPU kernels); none found. "
-              "Their CPU tests run with: TRITON_INTERPRET=1 pytest -q -k kernel", file=sys.stderr)
+    dev = args.device
+    if min(parse_list(args.lengths)) < args.chunk:
+        print(f"every length must hold at least one chunk ({args.chunk} tokens)", file=sys.stderr)
         return 2
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (the fused kernels are Triton GPU kernels); none found. "
+              "`--device cpu` runs it in Triton's interpreter at small shapes, a check and not a "
+              "measurement.", file=sys.stderr)
+        return 2
+    if dev == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, below
     from atlas import kernels
 
     if not kernels.available():
         print("bench/kernels.py needs Triton: pip install -e '.[gpu]'", file=sys.stderr)
         return 2
-    info = describe_machine("cuda")
+    act = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter has no bf16 dots
+    info = describe_machine(dev)
     info["triton"] = __import__("triton").__version__
     info["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     fla, fla_status = (None, "skipped (--no-fla)") if args.no_fla else load_fla()
@@ -287,37 +335,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fla column: {fla_status}", flush=True)
     compiled = None
     if not args.no_compile:
-        compiled = torch.compile(reference_step, mode=args.compile_mode, dynamic=False)
-    rows: list[dict[str, Any]] = []
-    for bsz in parse_list(args.batches):
-        for t in parse_list(args.lengths):
-            row = measure(bsz, t, args, compiled, fla, fla_status)
-            args.sweep = False  # one sweep, at the first point
-            rows.append(row)
-            fla_txt = f"{row['fla']['tokens_per_s']:.3g}" if "tokens_per_s" in row["fla"] else "-"
-            comp_txt = f"{row['compiled']['tokens_per_s']:.3g}" if "compiled" in row else "-"
-            print(f"B={bsz:3d} T={t:6d}  kernel {row['kernel']['tokens_per_s']:.3g} tok/s "
-                  f"{row['kernel']['tflops']:.1f} TFLOP/s ({100 * row['kernel']['fraction_of_peak']:.1f}% of "
-                  f"{args.peak_tflops:.0f})  bf16-dots {row['kernel_bf16_dots']['tokens_per_s']:.3g}  "
-                  f"eager {row['eager']['tokens_per_s']:.3g}  compiled {comp_txt}  fla {fla_txt}  "
-                  f"kernel/eager {row['ratios']['kernel_vs_eager']:.1f}x  "
-                  f"reads err {row['kernel_vs_eager_reads_rel_rmse']:.1e}", flush=True)
-            torch.cuda.empty_cache()
-
-    info["load_average_at_end"] = load_average()
-    gpu = torch.cuda.get_device_name().lower().replace(" ", "-")
-    out = args.out or RESULTS / f"kernels-{gpu}.json"
+        # dynamic=None: static for the first batch size, then one dynamic recompile for the others
+        compiled = torch.compile(reference_step, mode=args.compile_mode, backend=args.compile_backend)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu-interpreter"
+    out = args.out or RESULTS / f"kernels-{name.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     d = args.head_dim
-    out.write_text(json.dumps({
+    result = {
         "benchmark": "kernels", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
         "config": {"heads": args.heads, "head_dim": d, "mem_hidden": args.expansion * d,
                    "chunk": args.chunk, "window": args.window, "optimizer": "muon", "ns_steps": args.ns_steps,
-                   "activations": "bf16", "state": "fp32", "peak_tflops": args.peak_tflops, "reps": args.reps,
-                   "ref_chunks": args.ref_chunks,
-                   "compile_mode": None if args.no_compile else args.compile_mode},
-        "flops_formula": scan_flops.__doc__, "fla": fla_status, "results": rows,
-    }, indent=2) + "\n")
+                   "activations": str(act).removeprefix("torch."), "state": "float32",
+                   "peak_tflops": args.peak_tflops, "reps": args.reps, "ref_chunks": args.ref_chunks,
+                   "compile": None if args.no_compile else {"mode": args.compile_mode,
+                                                            "backend": args.compile_backend}},
+        "flops_formula": scan_flops.__doc__, "fla": fla_status, "complete": False, "results": [],
+    }
+    for bsz in parse_list(args.batches):
+        for t in parse_list(args.lengths):
+            row = measure(bsz, t, args, compiled, fla, fla_status, act)
+            args.sweep = False  # one sweep, at the first point
+            result["results"].append(row)
+            out.write_text(json.dumps(result, indent=2) + "\n")  # a run cut short keeps its rows
+            print(summary(row, args.peak_tflops), flush=True)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    info["load_average_at_end"] = load_average()
+    result["complete"] = True
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(summary(r, args.peak_tflops) for r in result["results"]))
     print(f"saved {out}")
     return 0
 

@@ -309,6 +309,34 @@ def test_kernel_compiles_for_hopper() -> None:
     assert out.stdout.count('"fits": true') == 3, out.stdout
 
 
+def test_kernel_benchmark_runs(tmp_path) -> None:
+    """bench/kernels.py end to end at a small shape (in the interpreter without CUDA): every column it
+    can fill here is filled, the sweep's tunings all run, the kernel's reads match the reference's,
+    and the JSON says what ran."""
+    import json
+    from pathlib import Path
+
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "kernels.py"),
+           "--device", DEVICE, "--batches", "1", "--lengths", "40", "--heads", "2", "--head-dim", "16",
+           "--chunk", "16", "--window", "3", "--ref-chunks", "2", "--reps", "1", "--no-fla",
+           "--compile-backend", "eager", "--sweep", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["config"]["compile"]["backend"] == "eager"
+    (row,) = result["results"]
+    assert (row["batch"], row["length"], row["tokens"], row["programs"]) == (1, 40, 40, 2)
+    assert row["kernel"]["tokens_per_s"] > 0 and row["kernel_bf16_dots"]["tokens_per_s"] > 0
+    assert row["eager"]["chunks_timed"] == 2 and "compiled_error" not in row
+    assert row["compiled"]["seconds"] > 0
+    assert row["kernel_vs_eager_reads_rel_rmse"] < 1e-2  # fp16 inputs, tf32 products
+    assert row["ratios"]["kernel_vs_eager"] > 0 and row["ratios"]["kernel_vs_fla"] is None
+    assert row["fla"] == {"skipped": "skipped (--no-fla)"}
+    assert len(row["sweep"]) == 8 and all("error" not in s for s in row["sweep"]), row["sweep"]
+    assert "B=  1 T=    40" in run.stdout
+
+
 @pytest.mark.parametrize("optimizer,depth", [("muon", 2), ("momentum", 1), ("gd", 2)])
 def test_kernel_engine_dispatch(monkeypatch: pytest.MonkeyPatch, kernel_env, optimizer: str,
                                 depth: int) -> None:
