@@ -10,6 +10,9 @@ Omega window c=8, muon with 5 Newton-Schulz steps, bf16 activations, fp32 state)
 - flash-linear-attention's `chunk_gated_delta_rule` (a d x d linear memory: a different model, here
   as a yardstick of a mature chunked recurrent kernel) at the same B, T, H, d, if `fla` imports.
 
+and, once per B, the decode-time read (one token per session, all heads) by its kernel and by the
+reference, as time per call and as the bandwidth of reading W1 and W2 once (the read's floor).
+
 The references cost the same per chunk whatever T (the state is constant-size), so they are timed on
 the first --ref-chunks chunks and reported per token. FLOPs are counted analytically (`scan_flops`)
 and the same count is used for every ATLAS column; the fraction is of --peak-tflops (790: a dense bf16
@@ -213,6 +216,32 @@ SWEEP = [(8, 64, 256), (8, 64, 64), (8, 32, 256), (8, 128, 256), (4, 64, 256), (
          (16, 64, 256), (16, 64, 64)]
 
 
+def measure_read(bsz: int, args: argparse.Namespace, act: torch.dtype) -> dict[str, Any]:
+    """The decode read M_W(x) of one token per (session, head): bound by reading W (2 d e fp32 values).
+    Repeated over one set of weights, so up to B=8 (16 MB) they come from L2, as they would for a
+    batch decoding step after step; the JSON gives the bytes, the reader the cache."""
+    from atlas import kernels
+
+    dev, h, d = args.device, args.heads, args.head_dim
+    e = args.expansion * d
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    weights = tuple(torch.randn(*shape, generator=g, device=dev) / math.sqrt(d)
+                    for shape in ((bsz, h, d, e), (bsz, h, e, d)))
+    x = F.normalize(torch.randn(bsz, h, 1, d, generator=g, device=dev), dim=-1).to(act)
+    got = kernels.memory_read(weights, x)
+    ref = memory_read(weights, x)
+    sync(dev)
+    reps = max(args.reps, 20) if dev == "cuda" else args.reps
+    bytes_read = bsz * h * 2 * d * e * 4
+    row: dict[str, Any] = {"batch": bsz, "bytes_of_weights": bytes_read, "rel_rmse": rel_rmse(got, ref)}
+    calls = {"kernel": lambda: kernels.memory_read(weights, x), "eager": lambda: memory_read(weights, x)}
+    for name, fn in calls.items():
+        sec = best_time(fn, reps, dev)
+        row[name] = {"seconds": sec, "gb_per_s": bytes_read / sec / 1e9}
+    row["kernel_vs_eager"] = row["eager"]["seconds"] / row["kernel"]["seconds"]
+    return row
+
+
 def sweep(x: dict[str, Any], args: argparse.Namespace, flops: float, tokens: int) -> list[dict[str, Any]]:
     rows = []
     for num_warps, block_e, ns_block in SWEEP:
@@ -350,8 +379,14 @@ def main(argv: list[str] | None = None) -> int:
                    "compile": None if args.no_compile else {"mode": args.compile_mode,
                                                             "backend": args.compile_backend}},
         "flops_formula": scan_flops.__doc__, "fla": fla_status, "complete": False, "results": [],
+        "decode_read": [],
     }
     for bsz in parse_list(args.batches):
+        read = measure_read(bsz, args, act)
+        result["decode_read"].append(read)
+        print(f"B={bsz:3d} decode read: kernel {1e6 * read['kernel']['seconds']:.1f} us "
+              f"({read['kernel']['gb_per_s']:.0f} GB/s of W)  eager {1e6 * read['eager']['seconds']:.1f} us  "
+              f"err {read['rel_rmse']:.1e}", flush=True)
         for t in parse_list(args.lengths):
             row = measure(bsz, t, args, compiled, fla, fla_status, act)
             args.sweep = False  # one sweep, at the first point

@@ -63,16 +63,20 @@ def configurations(full: bool, quick: bool = False) -> list[tuple[str, dict[str,
     """(kernel, settings) pairs: the serving shapes (d=64, e=256, b=64, c=8), bf16 activations."""
     base = dict(dtype="bf16", d=64, e=256, chunk=64, tail=7, opt=2, ns_block=256, block_e=64, dots="fp32",
                 precision="tf32", reads=True, counts=True)
+    from atlas.kernels import read
+
+    read_base = dict(dtype="bf16", d=64, e=256, block_e=read.READ_BLOCK_E, num_warps=read.READ_WARPS)
     if quick:
-        return [("scan2", base), ("scan1", dict(base, e=64)), ("read2", base)]
+        return [("scan2", base), ("scan1", dict(base, e=64)), ("read2", read_base)]
     out = [("scan2", base), ("scan2", dict(base, ns_block=64)),
-           ("scan2", dict(base, reads=False, counts=False)), ("scan1", dict(base, e=64)), ("read2", base)]
+           ("scan2", dict(base, reads=False, counts=False)), ("scan1", dict(base, e=64)),
+           ("read2", read_base)]
     if full:
         out += [("scan2", dict(base, dots="bf16")), ("scan2", dict(base, dtype="fp32")),
                 ("scan2", dict(base, opt=0)), ("scan2", dict(base, opt=1)),
                 ("scan2", dict(base, precision="tf32x3", ns_block=64)),
                 ("scan2", dict(base, ns_block=64, block_e=32)),
-                ("scan1", dict(base, e=64, opt=0))]
+                ("scan1", dict(base, e=64, opt=0)), ("read2", dict(read_base, block_e=64, num_warps=4))]
     return out
 
 
@@ -87,7 +91,8 @@ def check(kind: str, cfg: dict[str, Any], arch: int) -> dict[str, Any]:
     if kind == "read2":
         return compile_one(read._read2_kernel, {"x_ptr": act, "w1_ptr": "*fp32", "w2_ptr": "*fp32",
                                                 "out_ptr": "*fp32"},
-                           dict(D=d, E=e, BLOCK_D=next_pow2(d), BLOCK_E=min(64, e)), 4, 3, arch)
+                           dict(D=d, E=e, BLOCK_D=next_pow2(d), BLOCK_E=min(cfg["block_e"], e)),
+                           cfg["num_warps"], 3, arch)
     types = {n: act for n in ("q_ptr", "k_ptr", "v_ptr", "g_ptr", "tk_ptr", "tv_ptr", "tg_ptr", "out_ptr")}
     types.update({n: "*fp32" for n in ("eta_ptr", "alpha_ptr", "theta_ptr", "w_ptr", "s_ptr", "w1_ptr",
                                         "w2_ptr", "s1_ptr", "s2_ptr", "x_ptr")})

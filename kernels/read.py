@@ -4,6 +4,10 @@ One program per (session, head, row). It is a pair of matrix-vector products, bo
 (128 KB fp32 per head at d=64, e=256), so it streams W in e-blocks and reduces with broadcast sums
 rather than tl.dot (whose tiles need 16 rows). The reference is `naive.memory_read` beside this file
 and the engine's `memory_read`.
+
+Launch shape: 8 warps and e-blocks of 32 rows. Compiled for sm_90 that is 80 registers per thread and no
+spills, with every e-block's loads issued ahead of their use; 4 warps and blocks of 64 need 255
+registers and spill (`python -m atlas.kernels.compile_check` reports both).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import Tensor
 from ._common import _gelu, next_pow2
 
 Weights = tuple[Tensor, ...]
+READ_WARPS = 8
+READ_BLOCK_E = 32
 
 
 @triton.jit
@@ -52,7 +58,8 @@ def _read1_kernel(x_ptr, w_ptr, out_ptr, L, D: tl.constexpr, BLOCK_D: tl.constex
     tl.store(out_ptr + (pid * L + row) * D + offs_d, tl.sum(w * x[None, :], axis=1), mask=d_ok)
 
 
-def memory_read(weights: Weights, x: Tensor) -> Tensor:
+def memory_read(weights: Weights, x: Tensor, *, num_warps: int = READ_WARPS,
+                block_e: int = READ_BLOCK_E) -> Tensor:
     """M_W(x) for x (B, H, L, d) and weights (B, H, ...) as in the engine; returns fp32 (B, H, L, d)."""
     bsz, h, n, d = x.shape
     x = x.contiguous()
@@ -62,9 +69,9 @@ def memory_read(weights: Weights, x: Tensor) -> Tensor:
         return out
     grid = (bsz * h, n)
     if len(w) == 1:
-        _read1_kernel[grid](x, w[0], out, n, D=d, BLOCK_D=next_pow2(d), num_warps=4)
+        _read1_kernel[grid](x, w[0], out, n, D=d, BLOCK_D=next_pow2(d), num_warps=num_warps)
     else:
         e = w[0].shape[-1]
         _read2_kernel[grid](x, w[0], w[1], out, n, D=d, E=e, BLOCK_D=next_pow2(d),
-                            BLOCK_E=min(64, next_pow2(e)), num_warps=4)
+                            BLOCK_E=min(block_e, next_pow2(e)), num_warps=num_warps)
     return out

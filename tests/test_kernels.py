@@ -335,6 +335,9 @@ def test_kernel_benchmark_runs(tmp_path) -> None:
     assert row["fla"] == {"skipped": "skipped (--no-fla)"}
     assert len(row["sweep"]) == 8 and all("error" not in s for s in row["sweep"]), row["sweep"]
     assert "B=  1 T=    40" in run.stdout
+    (read,) = result["decode_read"]
+    assert read["batch"] == 1 and read["bytes_of_weights"] == 2 * 2 * 16 * 64 * 4
+    assert read["rel_rmse"] < 1e-5 and read["kernel"]["seconds"] > 0 and read["eager"]["gb_per_s"] > 0
 
 
 @pytest.mark.parametrize("optimizer,depth", [("muon", 2), ("momentum", 1), ("gd", 2)])

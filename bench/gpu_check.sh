@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Everything the fused kernels need checked on a CUDA machine, in one run, each stage under its own
+# time limit so that one stuck stage does not cost the others:
+#
+#   bench    bench/kernels.py at B in 1, 8, 32 and T in 4k, 64k (kernel, eager, torch.compile, fla),
+#            kept as OUTDIR/kernels.json and copied to bench/results/kernels-<gpu>.json
+#   tests    tests/test_kernels.py compiled on the GPU, the gpu-marked real-shape tests included
+#   sweep    bench/kernels.py --sweep at B=8, T=4k: eight tunings (num_warps, block_e, ns_block)
+#   profile  Nsight Compute on one launch of the chunk kernel (B=8, T=4k), if ncu is there
+#
+#   bench/gpu_check.sh [OUTDIR]                 # bench, then tests; OUTDIR default /tmp/gpu-check
+#   STAGES="sweep profile" bench/gpu_check.sh /tmp/out
+#
+# The default stages take about 9 minutes at most (limits BENCH_LIMIT=360 s, TESTS_LIMIT=200 s); the
+# benchmark rewrites its JSON after every row, so a stage cut short still leaves what it measured.
+#
+# On a host with no package index, put the wheels of bench/wheelhouse.sh in .whl (or WHEELS=dir):
+# they are installed into a private folder put first on PYTHONPATH, beside the project itself,
+# so the image's own packages are left as they are.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/gpu-check}
+stages=${STAGES:-bench tests}
+wheels=${WHEELS:-.whl}
+site=${SITE:-/tmp/atlas-site}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/atlas-triton-cache}
+
+if [ -d "$wheels" ] && compgen -G "$wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "$wheels"/*.whl || exit 1
+fi
+# The project as the `atlas` namespace (pyproject's package-dir), linked to this checkout: nothing to
+# build, and the code that runs is the code here.
+mkdir -p "$site/atlas"
+for part in engine kernels server; do ln -sfn "$PWD/$part" "$site/atlas/$part"; done
+export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "bench/gpu_check.sh needs a CUDA GPU; none found (on CPU: pytest -q -k kernel)" >&2
+  exit 2
+fi
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
+} 2>&1 | tee "$out/machine.txt"
+
+declare -A status
+run_stage() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  status[$name]="rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$out/$name.log"
+}
+
+for stage in $stages; do
+  case $stage in
+    bench) run_stage bench "${BENCH_LIMIT:-360}" python3 bench/kernels.py --out "$out/kernels.json"
+           gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
+           [ -f "$out/kernels.json" ] && cp "$out/kernels.json" "bench/results/kernels-$gpu.json" ;;
+    tests) xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
+           run_stage tests "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+             tests/test_kernels.py ;;
+    sweep) run_stage sweep "${SWEEP_LIMIT:-180}" python3 bench/kernels.py --batches 8 --lengths 4k --sweep \
+             --no-compile --no-fla --out "$out/kernels-sweep.json" ;;
+    profile) if command -v ncu >/dev/null; then
+               run_stage profile "${PROFILE_LIMIT:-240}" ncu --clock-control none --set full -k regex:_scan2 \
+                 -c 1 -o "$out/scan2" python3 bench/kernels.py --batches 8 --lengths 4k --reps 1 --ref-chunks 1 \
+                 --no-compile --no-fla --out "$out/kernels-profiled.json"
+             else status[profile]="no ncu"; fi ;;
+    *) echo "unknown stage $stage"; status[$stage]="unknown" ;;
+  esac
+done
+
+echo "== summary"
+for stage in $stages; do echo "$stage: ${status[$stage]:-not run}"; done
+[ -f "$out/tests.log" ] && tail -n 1 "$out/tests.log"
+[ -f "$out/kernels.json" ] && grep -c '"batch"' "$out/kernels.json" | sed 's/^/bench rows: /'
+grep -h "^B=" "$out/bench.log" 2>/dev/null | tail -n 6
