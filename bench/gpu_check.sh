@@ -7,6 +7,7 @@
 #   tests    tests/test_kernels.py compiled on the GPU, the gpu-marked real-shape tests included
 #   sweep    bench/kernels.py --sweep at B=8, T=4k: eight tunings (num_warps, block_e, ns_block)
 #   profile  Nsight Compute on one launch of the chunk kernel (B=8, T=4k), if ncu is there
+#   ingest   bench/ingest.py on CUDA with the default model, ATLAS_KERNELS=on against =off
 #
 #   bench/gpu_check.sh [OUTDIR]                 # bench, then tests; OUTDIR default /tmp/gpu-check
 #   STAGES="sweep profile" bench/gpu_check.sh /tmp/out
@@ -74,6 +75,11 @@ for stage in $stages; do
                  -c 1 -o "$out/scan2" python3 bench/kernels.py --batches 8 --lengths 4k --reps 1 --ref-chunks 1 \
                  --no-compile --no-fla --out "$out/kernels-profiled.json"
              else status[profile]="no ncu"; fi ;;
+    ingest) for mode in on off; do
+              ATLAS_KERNELS=$mode run_stage "ingest-kernels-$mode" "${INGEST_LIMIT:-150}" python3 bench/ingest.py \
+                --device cuda --lengths 4096,65536 --time-budget 90 --out "$out/ingest-kernels-$mode.json"
+              status[ingest]="${status[ingest]:-}${status[ingest]:+, }$mode ${status[ingest-kernels-$mode]}"
+            done ;;
     *) echo "unknown stage $stage"; status[$stage]="unknown" ;;
   esac
 done
@@ -81,5 +87,4 @@ done
 echo "== summary"
 for stage in $stages; do echo "$stage: ${status[$stage]:-not run}"; done
 [ -f "$out/tests.log" ] && tail -n 1 "$out/tests.log"
-[ -f "$out/kernels.json" ] && grep -c '"batch"' "$out/kernels.json" | sed 's/^/bench rows: /'
-grep -h "^B=" "$out/bench.log" 2>/dev/null | tail -n 6
+[ -f "$out/bench.log" ] && sed -n '/^== table/,$p' "$out/bench.log"

@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_at_end"] = load_average()
     result["complete"] = True
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print("== table")
     print("\n".join(summary(r, args.peak_tflops) for r in result["results"]))
     print(f"saved {out}")
     return 0
