@@ -330,7 +330,7 @@ def test_kernel_benchmark_runs(tmp_path) -> None:
     assert row["kernel"]["tokens_per_s"] > 0 and row["kernel_bf16_dots"]["tokens_per_s"] > 0
     assert row["eager"]["chunks_timed"] == 2 and "compiled_error" not in row
     assert row["compiled"]["seconds"] > 0
-    assert row["kernel_vs_eager_reads_rel_rmse"] < 1e-2  # fp16 inputs, tf32 products
+    assert row["kernel_vs_eager_reads_rel_rmse"] < 2e-2  # 16-bit reads (bf16 on CUDA), tf32 products
     assert row["ratios"]["kernel_vs_eager"] > 0 and row["ratios"]["kernel_vs_fla"] is None
     assert row["fla"] == {"skipped": "skipped (--no-fla)"}
     assert len(row["sweep"]) == 8 and all("error" not in s for s in row["sweep"]), row["sweep"]
