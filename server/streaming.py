@@ -31,9 +31,17 @@ from .metrics import Metrics
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# JSON leaves these unescaped, but str.splitlines (and so httpx's iter_lines) ends a line at each:
+# a generated U+2028 would cut a client's event in two. Escaped, every event is one line everywhere.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: Any) -> bytes:
-    """One event: ``data: {json}`` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    """One event: ``data: {json}`` on one line, and a blank line."""
+    if isinstance(data, str):
+        text = data
+    else:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS)
     return f"data: {text}\n\n".encode()
 
 

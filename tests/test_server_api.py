@@ -386,3 +386,16 @@ def test_lone_surrogates_are_refused_not_a_server_error(client) -> None:
     for path in ("/v1/completions",):
         r = client.post(path, content=body, headers={**ACME, "Content-Type": "application/json"})
         error(r, 422, "invalid_request")
+
+
+def test_sse_events_stay_one_line_for_any_text() -> None:
+    """Generated text may hold U+0085, U+2028 or U+2029, which JSON leaves as they are but
+    str.splitlines (httpx's iter_lines) breaks lines at: each event must still be one line."""
+    import json
+
+    from atlas.server.streaming import sse
+
+    text = "a\x85b\u2028c\u2029d\x0be\x1cf\r\ng"
+    event = sse({"text": text}).decode()
+    assert event.endswith("\n\n") and len(event.splitlines()) == 2 and event.splitlines()[1] == ""
+    assert json.loads(event.splitlines()[0].removeprefix("data: "))["text"] == text
