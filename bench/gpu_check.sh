@@ -3,7 +3,7 @@
 # time limit so that one stuck stage does not cost the others:
 #
 #   bench    bench/kernels.py at B in 1, 8, 32 and T in 4k, 64k (kernel, eager, torch.compile, fla),
-#            kept as OUTDIR/kernels.json and copied to bench/results/kernels-<gpu>.json
+#            as OUTDIR/kernels.json (committed as bench/results/kernels-<gpu>.json)
 #   tests    tests/test_kernels.py compiled on the GPU, the gpu-marked real-shape tests included
 #   sweep    bench/kernels.py --sweep at B=8, T=4k: eight tunings (num_warps, block_e, ns_block)
 #   profile  Nsight Compute on one launch of the chunk kernel (B=8, T=4k), if ncu is there
@@ -62,9 +62,7 @@ run_stage() {  # name, seconds, command...
 
 for stage in $stages; do
   case $stage in
-    bench) run_stage bench "${BENCH_LIMIT:-360}" python3 bench/kernels.py --out "$out/kernels.json"
-           gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
-           [ -f "$out/kernels.json" ] && cp "$out/kernels.json" "bench/results/kernels-$gpu.json" ;;
+    bench) run_stage bench "${BENCH_LIMIT:-360}" python3 bench/kernels.py --out "$out/kernels.json" ;;
     tests) xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
            run_stage tests "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
              tests/test_kernels.py ;;
