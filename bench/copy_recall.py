@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from atlas.engine.checkpoint import fingerprint, load_checkpoint, read_config
-from atlas.engine.machine import describe_machine
-from atlas.engine.tasks import copy_block
+from atlas.engine.machine import describe_machine, portable_path, with_portable_paths
 from atlas.engine.tokenizer import ByteTokenizer
+from atlas.training.tasks import copy_block
 
 
 @torch.no_grad()
@@ -39,7 +39,8 @@ def measure(path: Path, length: int, prompts: int, gap: int, seed: int) -> dict:
             repeat[i, a - 1:b - 1] = True
             first[i, a - 1 - n:b - 1 - n] = True
     _, meta = read_config(path)
-    return {"path": str(path), "fingerprint": fingerprint(model), "training": meta.get("training"),
+    return {"path": portable_path(path), "fingerprint": fingerprint(model),
+            "training": with_portable_paths(meta.get("training")),
             "repeat_nats_per_byte": round(ce[repeat].mean().item(), 4),
             "first_writing_nats_per_byte": round(ce[first].mean().item(), 4),
             "repeat_accuracy": round(right[repeat].float().mean().item(), 4),

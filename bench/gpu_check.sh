@@ -34,7 +34,9 @@ fi
 # The project as the `atlas` namespace (pyproject's package-dir), linked to this checkout: nothing to
 # build, and the code that runs is the code here.
 mkdir -p "$site/atlas"
-for part in engine kernels server; do ln -sfn "$PWD/$part" "$site/atlas/$part"; done
+for part in engine kernels server training; do
+  [ -d "$part" ] && ln -sfn "$PWD/$part" "$site/atlas/$part"
+done
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "bench/gpu_check.sh needs a CUDA GPU; none found (on CPU: pytest -q -k kernel)" >&2

@@ -2,8 +2,9 @@
 decodes, and that the session state stays the same size whatever the length.
 
 Ingestion speed is what a long-context server lives on (a 1M-token document must be read once, then
-only the constant-size state is kept), so this measures `Atlas.feed` on a real document at growing
-lengths with the default config (random weights: speed does not depend on them).
+only the constant-size state is kept), so this measures `Atlas.feed` on a document (--text, else
+generated prose) at growing lengths with the default config (random weights: speed does not depend
+on them, nor on the words).
 
     python bench/ingest.py                          # 1k, 4k, 16k, 64k tokens on the best device
     python bench/ingest.py --device cpu --lengths 1024,4096 --time-budget 300
@@ -15,23 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from documents import generated_text
 from rich.console import Console
 from rich.table import Table
 
 from atlas.engine import Atlas, ModelConfig, SamplingParams, SessionState
 from atlas.engine.api import resolve_device
-from atlas.engine.evaluation import parse_length
-from atlas.engine.machine import describe_machine, load_average
+from atlas.engine.machine import describe_machine, load_average, portable_path
+from atlas.training.evaluation import parse_length
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = REPO / "bench" / "results"
 
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated document lengths in tokens (k suffix allowed: 1k,4k)")
     p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens generated after each ingest")
     p.add_argument("--text", type=Path, default=None,
-                   help=f"document to ingest (default: {DEFAULT_TEXT} if present, else generated text)")
+                   help="document to ingest (default: generated text)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; skip a length whose predicted ingest time would overrun it (0: no limit)")
@@ -59,27 +59,10 @@ def parse_lengths(spec: str) -> list[int]:
     return sorted(set(out))
 
 
-def generated_text(n_chars: int, seed: int = 0) -> str:
-    """Plain English-like filler when the shared data set is absent (only speed is measured)."""
-    rng = random.Random(seed)
-    words = ("the of and to in a is that for it as was with be by on not he this are or his from at which "
-             "but have an they you were her she there been one all we their has would when if so no will "
-             "memory state chunk token stream window read write recall").split()
-    parts: list[str] = []
-    size = 0
-    while size < n_chars:
-        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(5, 16))).capitalize() + ". "
-        parts.append(sentence)
-        size += len(sentence)
-    return "".join(parts)
-
-
 def document_tokens(atlas: Atlas, path: Path | None, n: int, seed: int) -> tuple[list[int], str]:
     """At least n tokens of the document (repeated if it is shorter), and where they came from."""
-    if path is None and DEFAULT_TEXT.exists():
-        path = DEFAULT_TEXT
     if path is not None:
-        ids, source = atlas.encode(path.read_text(encoding="utf-8")), str(path)
+        ids, source = atlas.encode(path.read_text(encoding="utf-8")), portable_path(path)
     else:
         ids, source = atlas.encode(generated_text(n * 2, seed)), "generated"
     if not ids:

@@ -5,8 +5,8 @@ Omega window c=8, muon with 5 Newton-Schulz steps, bf16 activations, fp32 state)
 
 - the fused Triton kernel (`atlas.kernels.chunk_scan`) over the whole T, in its default mode (tf32
   products) and with 16-bit operands for the read and gradient products (`low_precision_dots`);
-- the eager PyTorch reference (`chunk_scan_reference`: the engine's chunk step looped per chunk);
-- that reference's one-chunk step under torch.compile, looped the same way;
+- the eager PyTorch reference (`chunk_scan_reference`, the engine's chunk step), called chunk by chunk;
+- that reference under torch.compile, called chunk by chunk the same way;
 - flash-linear-attention's `chunk_gated_delta_rule` (a d x d linear memory: a different model, here
   as a yardstick of a mature chunked recurrent kernel) at the same B, T, H, d, if `fla` imports.
 
@@ -43,9 +43,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from atlas.engine.evaluation import parse_length
 from atlas.engine.machine import describe_machine, load_average
-from atlas.engine.model.memory import chunk_update, memory_read, omega_counts
+from atlas.engine.model.memory import chunk_scan_reference, memory_read
+from atlas.training.evaluation import parse_length
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -157,28 +157,17 @@ def run_kernel(x: dict[str, Any], args: argparse.Namespace, **tuning: Any) -> tu
                               ns_steps=args.ns_steps, **tuning)
 
 
-def reference_step(weights, momentum, tails, q, k, v, gamma, counts, eta, alpha, theta, ns_steps: int):
-    """One chunk of `chunk_scan_reference` (reads, then the optimiser step; tails carried)."""
-    tk, tv, tg = tails
-    reads = memory_read(weights, q).to(q.dtype)
-    keys, vals, gammas = torch.cat([tk, k], 2), torch.cat([tv, v], 2), torch.cat([tg, gamma], 2)
-    weights, momentum = chunk_update(weights, momentum, keys, vals, gammas * counts, eta, alpha, theta,
-                                     "muon", ns_steps)
-    n, t = keys.shape[2], tk.shape[2]
-    return reads, weights, momentum, (keys[:, :, n - t:], vals[:, :, n - t:], gammas[:, :, n - t:])
-
-
 def run_reference(step: Callable, x: dict[str, Any], args: argparse.Namespace, chunks: int) -> torch.Tensor:
-    st, b = x["state"], args.chunk
-    weights, momentum = (st["W1"], st["W2"]), (st["S1"], st["S2"])
-    tails = (st["tail_k"], st["tail_v"], st["tail_gamma"])
-    counts = omega_counts(b, args.window, x["gamma"].dtype, x["gamma"].device)
+    """The reads of the first `chunks` chunks by `step` (`chunk_scan_reference`, eager or compiled) called
+    once per chunk, the state carried: a compiled call then covers one chunk, not an unrolled loop."""
+    state, b = x["state"], args.chunk
     reads = []
     for j in range(chunks):
-        sl = slice(j * b, (j + 1) * b)
-        r, weights, momentum, tails = step(weights, momentum, tails, x["q"][:, :, sl], x["k"][:, :, sl],
-                                           x["v"][:, :, sl], x["gamma"][:, :, sl], counts, x["eta"][..., j],
-                                           x["alpha"][..., j], x["theta"][..., j], args.ns_steps)
+        sl, gates = slice(j * b, (j + 1) * b), slice(j, j + 1)
+        r, new = step(x["q"][:, :, sl], x["k"][:, :, sl], x["v"][:, :, sl], x["gamma"][:, :, sl],
+                      x["eta"][..., gates], x["alpha"][..., gates], x["theta"][..., gates], state, b, "muon",
+                      args.ns_steps)
+        state = dict(state, **new)
         reads.append(r)
     return torch.cat(reads, 2)
 
@@ -295,9 +284,9 @@ def measure(bsz: int, t: int, args: argparse.Namespace, compiled: Callable | Non
         return {"seconds": s, "chunks_timed": n_ref, "tokens_per_s": ref_tokens / s,
                 "tflops": ref_flops / s / 1e12}
 
-    run_reference(reference_step, x, args, 1)
-    eager_reads = run_reference(reference_step, x, args, n_ref)
-    row["eager"] = ref(reference_step)
+    run_reference(chunk_scan_reference, x, args, 1)
+    eager_reads = run_reference(chunk_scan_reference, x, args, n_ref)
+    row["eager"] = ref(chunk_scan_reference)
     row["kernel_vs_eager_reads_rel_rmse"] = rel_rmse(reads[:, :, :n_ref * b], eager_reads)
     if compiled is not None:
         try:
@@ -365,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled = None
     if not args.no_compile:
         # dynamic=None: static for the first batch size, then one dynamic recompile for the others
-        compiled = torch.compile(reference_step, mode=args.compile_mode, backend=args.compile_backend)
+        compiled = torch.compile(chunk_scan_reference, mode=args.compile_mode, backend=args.compile_backend)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu-interpreter"
     out = args.out or RESULTS / f"kernels-{name.lower().replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,10 @@
 """Runtime throughput: aggregate decode and ingest tokens/s with N concurrent sessions, against the
-same work run one session after another, and the step latency of the scheduler.
+same work run one session after another, and the step latency of the worker.
 
     python bench/runtime.py --sessions 1,8,32,128 --decode-tokens 32 --ingest-bytes 1024
+    python bench/runtime.py --text book.txt      # each session reads its own part of that file
+
+Without --text the sessions read generated prose (speed does not depend on the words).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from documents import document
+
 from atlas.engine import Atlas, ModelConfig, SamplingParams
-from atlas.engine.machine import describe_machine
+from atlas.engine.machine import describe_machine, portable_path
 from atlas.engine.runtime import GenerationDone, Runtime, RuntimeSettings, percentile
 from atlas.engine.store import StoreSettings, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 async def body(data: bytes, piece: int = 4096):
@@ -74,12 +78,14 @@ def main() -> None:
     ap.add_argument("--sessions", default="1,8,32,128")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--ingest-bytes", type=int, default=1024)
+    ap.add_argument("--text", type=Path, default=None, help="text file to read (default: generated prose)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     atlas = Atlas.from_config(ModelConfig(), seed=0, device=args.device)
-    text = TEXT.read_bytes() if TEXT.exists() else b"The quick brown fox jumps over the lazy dog. " * 50_000
+    sessions = [int(x) for x in args.sessions.split(",")]
+    text = document(max(sessions) * args.ingest_bytes, args.text)
     device = str(atlas.device)
     info = describe_machine(atlas.device)
     rows = []
@@ -87,7 +93,7 @@ def main() -> None:
         store = open_store(StoreSettings(data_dir=Path(tmp), cache_bytes=0))
         rt = Runtime(atlas, store, RuntimeSettings(max_batch=128, max_requests=1024), cache_bytes=4 << 30)
         try:
-            for n in [int(x) for x in args.sessions.split(",")]:
+            for n in sessions:
                 docs = [text[i * args.ingest_bytes:(i + 1) * args.ingest_bytes] for i in range(n)]
                 seq = asyncio.run(measure(rt, n, docs, args.decode_tokens, concurrent=False))
                 con = asyncio.run(measure(rt, n, docs, args.decode_tokens, concurrent=True))
@@ -108,7 +114,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "runtime", "machine": info, "device": device,
                                "config": ModelConfig().model_dump(), "decode_tokens": args.decode_tokens,
-                               "ingest_bytes": args.ingest_bytes, "results": rows}, indent=2) + "\n")
+                               "ingest_bytes": args.ingest_bytes,
+                               "document": portable_path(args.text) if args.text else "generated",
+                               "results": rows}, indent=2) + "\n")
     print(f"saved {out}")
 
 

@@ -9,6 +9,7 @@ while ITL grows less than N.
     python bench/server.py                           # starts `atlas serve` (default model), N = 1, 16, 64
     python bench/server.py --clients 1,8 --max-tokens 16
     python bench/server.py --url http://host:8000 --api-key KEY --device cuda
+    python bench/server.py --text book.txt           # that document instead of generated prose
 
 Writes bench/results/server-<device>.json (machine, settings, one row per N) and prints a table.
 """
@@ -19,22 +20,19 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from documents import document
 from rich.console import Console
 from rich.table import Table
+from server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per completion")
     p.add_argument("--prompt", default="\nROMEO:", help="prompt after the document")
     p.add_argument("--doc-bytes", type=int, default=2048, help="document ingested into the session first")
+    p.add_argument("--text", type=Path, default=None,
+                   help="text file the document is cut from (default: generated prose)")
     p.add_argument("--url", default=None, help="benchmark this server instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("ATLAS_BENCH_API_KEY"), help="Bearer key for --url")
     p.add_argument("--model", default=None, help="checkpoint directory for the started server (ATLAS_MODEL)")
@@ -66,56 +66,6 @@ def machine(device: str) -> dict[str, Any]:
     info = describe_machine(local)
     del info["torch_threads"]  # this process's threads, not the server's (those are in settings)
     return {**info, "device": device, "note": "clients and server share this machine (loopback)"}
-
-
-# -- the server ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``atlas serve`` on a free loopback port with a throw-away data directory."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.port = free_port()
-        self.tmp = tempfile.TemporaryDirectory(prefix="atlas-bench-")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ATLAS_")}
-        env.update(ATLAS_DATA_DIR=str(Path(self.tmp.name) / "data"), ATLAS_DEVICE=args.device,
-                   ATLAS_MAX_TOKENS=str(max(4096, args.max_tokens)), ATLAS_LOG_LEVEL="warning")
-        if args.model:
-            env["ATLAS_MODEL"] = str(args.model)
-        if args.threads:
-            env["ATLAS_TORCH_THREADS"] = str(args.threads)
-        self.log = open(Path(self.tmp.name) / "server.log", "wb")
-        cmd = [sys.executable, "-m", "atlas.server.cli", "serve", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {(Path(self.tmp.name) / 'server.log').read_text()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("server did not become ready")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-        self.tmp.cleanup()
 
 
 # -- clients --------------------------------------------------------------------------------------------
@@ -186,8 +136,7 @@ async def bench(url: str, args: argparse.Namespace, levels: list[int], console: 
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
         model = (await http.get("/v1/models")).raise_for_status().json()["data"][0]
         sid = (await http.post("/v1/sessions")).raise_for_status().json()["id"]
-        text = DEFAULT_TEXT.read_bytes() if DEFAULT_TEXT.exists() else b"the quick brown fox. " * 4096
-        doc = (text * (args.doc_bytes // max(1, len(text)) + 1))[:args.doc_bytes]
+        doc = document(args.doc_bytes, args.text)
         t0 = time.perf_counter()
         r = await http.post(f"/v1/sessions/{sid}/ingest", content=doc, headers={"Content-Type": "text/plain"})
         r.raise_for_status()
@@ -210,9 +159,24 @@ async def bench(url: str, args: argparse.Namespace, levels: list[int], console: 
                                                    "atlas:engine_steps_total", "atlas:state_bytes"))}}
 
 
+def bench_started_server(args: argparse.Namespace, levels: list[int], console: Console) -> dict[str, Any]:
+    """The benchmark against an `atlas serve` started here, on a throw-away data directory."""
+    settings = {"ATLAS_DEVICE": args.device, "ATLAS_MAX_TOKENS": str(max(4096, args.max_tokens)),
+                "ATLAS_LOG_LEVEL": "warning"}
+    if args.model:
+        settings["ATLAS_MODEL"] = str(args.model)
+    with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
+        server = ServerProcess(Path(tmp), settings, threads=args.threads)
+        try:
+            server.start(timeout_s=300)
+            return asyncio.run(bench(server.url, args, levels, console))
+        finally:
+            server.stop(timeout_s=60)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from atlas.engine.machine import load_average  # after --help: it imports torch
+    from atlas.engine.machine import load_average, portable_path  # after --help: it imports torch
 
     console = Console()
     levels = sorted({int(x) for x in args.clients.split(",") if x.strip()})
@@ -225,19 +189,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     info = machine(device)
     if args.url is None:
-        server = Server(args)
-        try:
-            server.wait_ready()
-            out = asyncio.run(bench(server.url, args, levels, console))
-        finally:
-            server.close()
+        out = bench_started_server(args, levels, console)
     else:
         out = asyncio.run(bench(args.url, args, levels, console))
     result = {"benchmark": "server", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
               "settings": {"max_tokens": args.max_tokens, "requests_per_client": args.requests,
                            "prompt": args.prompt, "endpoint": "/v1/completions (stream, session fork)",
                            "server": args.url or "atlas serve (started by the benchmark)",
-                           "threads": args.threads},
+                           "threads": args.threads,
+                           "document": portable_path(args.text) if args.text else "generated"},
               **out}
     result["machine"]["load_average_at_end"] = load_average()
     path = args.out or RESULTS / f"server-{device}.json"

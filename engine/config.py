@@ -1,8 +1,7 @@
-"""Model configuration: every knob of MODEL.md in one pydantic model."""
+"""Model configuration: every knob of docs/model.md in one pydantic model."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Literal
 
@@ -29,7 +28,7 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
 
-    # ATLAS memory (MODEL.md notation in comments)
+    # ATLAS memory (docs/model.md notation in comments)
     mem_depth: Literal[1, 2] = 2  # 1: M(x) = W x; 2: M(x) = x + W1 gelu(W2 x)
     mem_expansion: int = Field(4, ge=1)  # e
     poly_degree: int = Field(2, ge=1)  # p
@@ -82,6 +81,3 @@ class ModelConfig(BaseModel):
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()

@@ -1,5 +1,6 @@
 """A description of the machine a figure was measured on (benchmarks and `atlas eval` save it beside
-their results: the figures mean little without the hardware, the thread count and the load)."""
+their results: the figures mean little without the hardware, the thread count and the load), and
+the paths those results may name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# The folder that holds engine/: the repository root in a checkout, the package in an installed copy.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _read_proc(path: str, key: str) -> str | None:
@@ -46,3 +50,25 @@ def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def portable_path(path: str | Path) -> str:
+    """`path` as results record it: relative to the repository root, else to the working directory,
+    else the file's name alone. Where a file lay on one machine means nothing on another, and a
+    results file is committed and read everywhere."""
+    resolved = Path(path).resolve()
+    for base in (SOURCE_ROOT, Path.cwd().resolve()):
+        if resolved.is_relative_to(base):
+            return resolved.relative_to(base).as_posix()
+    return resolved.name
+
+
+def with_portable_paths(record: Any) -> Any:
+    """A copy of a JSON-like record (a checkpoint's training record, say) with every value under a
+    "path" key made portable, however deeply nested (each phase's record holds the one before)."""
+    if isinstance(record, dict):
+        return {key: portable_path(value) if key == "path" and isinstance(value, str)
+                else with_portable_paths(value) for key, value in record.items()}
+    if isinstance(record, list):
+        return [with_portable_paths(item) for item in record]
+    return record

@@ -71,11 +71,6 @@ class SessionState:
         return self.tensors["tokens"].tolist()
 
     @property
-    def position(self) -> list[int]:
-        """Absolute position of each session's next token."""
-        return self.tensors["pos"].tolist()
-
-    @property
     def last_logits(self) -> Tensor:
         return self.tensors["last_logits"]
 

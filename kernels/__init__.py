@@ -7,7 +7,8 @@ before calling a kernel. Entry points:
 - `chunk_update`: the engine's one-chunk optimiser step, fused;
 - `memory_read`: the decode-time read, batched over sessions.
 
-`naive` holds plain PyTorch versions of the same functions.
+Their specification, and the constants they share with it, is the engine's reference chunk step
+(`engine/model/memory.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from typing import Any
 class KernelResourceError(RuntimeError):
     """No tuning of a kernel fits this device's shared memory for this shape (the shape is then
     reported unsupported, so callers fall back to the reference)."""
+
+
+MIN_TILE = 16  # tl.dot on a GPU takes tiles of at least 16 rows and columns
+
+
+def is_tile(n: int) -> bool:
+    """Whether n is a size tl.dot takes: a power of two >= MIN_TILE."""
+    return n >= MIN_TILE and n & (n - 1) == 0
 
 
 _UNFIT: set[tuple[int, int, int]] = set()
@@ -36,9 +45,8 @@ def available() -> bool:
 
 
 def supported(depth: int, d: int, e: int) -> bool:
-    """Memory shapes the chunk kernels take: tl.dot tiles are powers of two and at least 16 wide."""
-    ok = lambda n: n >= 16 and n & (n - 1) == 0
-    return depth in (1, 2) and ok(d) and (depth == 1 or ok(e)) and (depth, d, e) not in _UNFIT
+    """Memory shapes the chunk kernels take: d and e must be tl.dot tile sizes."""
+    return depth in (1, 2) and is_tile(d) and (depth == 1 or is_tile(e)) and (depth, d, e) not in _UNFIT
 
 
 def chunk_scan(*args: Any, **kwargs: Any) -> Any:

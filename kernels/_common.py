@@ -1,18 +1,18 @@
-"""Triton helpers shared by the chunk and read kernels: GELU (tanh form), its derivative, Newton-Schulz."""
+"""Triton helpers shared by the chunk and read kernels: GELU (tanh form), its derivative, Newton-Schulz.
+
+Their constants are the engine reference's (engine/model/memory.py), as compile-time values."""
 
 from __future__ import annotations
-
-import math
 
 import triton
 import triton.language as tl
 
-SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
-NS_N1 = tl.constexpr(3.4445)
-NS_N2 = tl.constexpr(-4.7750)
-NS_N3 = tl.constexpr(2.0315)
+from atlas.engine.model import memory as reference
 
-OPTIMIZERS = {"gd": 0, "momentum": 1, "muon": 2}
+SQRT_2_OVER_PI = tl.constexpr(reference.SQRT_2_OVER_PI)
+GELU_CUBIC = tl.constexpr(reference.GELU_CUBIC)
+NS_N1, NS_N2, NS_N3 = (tl.constexpr(c) for c in reference.NS_COEFFS)
+NS_EPS = tl.constexpr(reference.NS_EPS)
 
 
 def next_pow2(n: int) -> int:
@@ -29,14 +29,14 @@ def _tanh(x):
 
 @triton.jit
 def _gelu(h):
-    t = _tanh(SQRT_2_OVER_PI * (h + 0.044715 * h * h * h))
+    t = _tanh(SQRT_2_OVER_PI * (h + GELU_CUBIC * h * h * h))
     return 0.5 * h * (1.0 + t)
 
 
 @triton.jit
 def _gelu_grad(h):
-    t = _tanh(SQRT_2_OVER_PI * (h + 0.044715 * h * h * h))
-    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * h * h)
+    t = _tanh(SQRT_2_OVER_PI * (h + GELU_CUBIC * h * h * h))
+    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * h * h)
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _mm(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _newton_schulz(x, STEPS: tl.constexpr, PRECISION: tl.constexpr):
     """NS_k of a wide fp32 tile (rows <= cols) held in registers; the caller applies the final scale."""
-    x = x / (tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0)) + 1e-7)
+    x = x / (tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0)) + NS_EPS)
     for _ in range(0, STEPS):
         a = tl.dot(x, tl.trans(x), input_precision=PRECISION)
         b = NS_N2 * a + NS_N3 * tl.dot(a, a, input_precision=PRECISION)

@@ -1,6 +1,6 @@
 """The fused ATLAS chunk recurrence: one Triton program per (session, head) loops over the chunks.
 
-Per chunk j it computes, all at the chunk-start weights W_{j-1} (MODEL.md, "One ATLAS memory layer"):
+Per chunk j it computes, all at the chunk-start weights W_{j-1} (docs/model.md, "One ATLAS memory layer"):
 the reads M(phi(q_t)) of the chunk's tokens, the Omega weights of the c-1 tail tokens and the chunk's
 b tokens (gamma * multiplicity), the analytic gradients, the momentum, Newton-Schulz and the update.
 A trailing partial chunk (T not a multiple of b) is read at the final weights and not committed.
@@ -8,7 +8,7 @@ A trailing partial chunk (T not a multiple of b) is read at the final weights an
 Inputs are phi(q), phi(k), v (B, H, T, d) in fp32/fp16/bf16, gamma (B, H, T), the chunk gates
 eta (already times eta_max), alpha, theta (B, H, >= T // b), and the carried state. Projections,
 convolution, normalisation, phi, the gate sigmoids and the per-head RMS norm of the reads stay in
-PyTorch. The reference is `naive.chunk_scan` beside this file and the engine's chunk step.
+PyTorch. The reference is the engine's `chunk_scan_reference` (engine/model/memory.py).
 
 On-chip budget (see README.md): depth 1 keeps W and S (d x d fp32) in registers across the loop.
 Depth 2 (W1 d x e, W2 e x d, S1, S2: 256 KB fp32 per (session, head) at d=64, e=256) cannot stay on
@@ -18,7 +18,7 @@ through in e-blocks; only Newton-Schulz holds a whole (min(d,e) x max(d,e)) matr
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import triton
@@ -26,10 +26,11 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from . import KernelResourceError, supported, unfit
-from ._common import NS_N1, NS_N2, NS_N3, OPTIMIZERS, _gelu, _gelu_grad, _mm, _newton_schulz, next_pow2
+from atlas.engine.model.memory import Weights, ns_scale
 
-Weights = tuple[Tensor, ...]
+from . import MIN_TILE, KernelResourceError, is_tile, supported, unfit
+from ._common import NS_EPS, NS_N1, NS_N2, NS_N3, _gelu, _gelu_grad, _mm, _newton_schulz, next_pow2
+from .settings import PRECISIONS
 
 # ---------------------------------------------------------------------------------------------
 # Row loading shared by both depths
@@ -107,8 +108,8 @@ def _ns_update(s_base, w_base, x_base, alpha, eta, R: tl.constexpr, C: tl.conste
         for cb in range(0, C // NS_BLOCK):
             xb = tl.load(s_base + offs_r[:, None] * SR + (cb * NS_BLOCK + offs_c)[None, :] * SC)
             sq += tl.sum(tl.sum(xb * xb, axis=1), axis=0)
-        inv = 1.0 / (tl.sqrt(sq) + 1e-7)
-        # X_0 = S / (||S|| + 1e-7) is written to the scratch with its Gram matrix.
+        inv = 1.0 / (tl.sqrt(sq) + NS_EPS)
+        # X_0 = S / (||S|| + NS_EPS) is written to the scratch with its Gram matrix.
         a = tl.zeros([R, R], dtype=tl.float32)
         for cb in range(0, C // NS_BLOCK):
             cols = cb * NS_BLOCK + offs_c
@@ -346,7 +347,31 @@ def _scan1_kernel(
 # ---------------------------------------------------------------------------------------------
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-PRECISIONS = ("tf32", "tf32x3", "ieee")
+OPTIMIZERS = {"gd": 0, "momentum": 1, "muon": 2}  # the kernels' OPT codes
+SCAN_WARPS = 8
+SCAN_BLOCK_E = 64  # the e-block of the depth-2 passes
+NS_BLOCK_FALLBACK = 64  # Newton-Schulz's column block when the whole matrix does not fit on chip
+
+
+def scan_constants(*, d: int, chunk: int, tail: int, optimizer: str, ns_steps: int, has_counts: bool,
+                   has_reads: bool, dot_dtype: tl.dtype, precision: str) -> dict[str, Any]:
+    """The compile-time arguments both scan kernels take (`compile_check` builds its kernels from them)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    return dict(D=d, CHUNK=chunk, TAIL=tail, BLOCK_C=max(MIN_TILE, next_pow2(chunk)),
+                BLOCK_T=max(MIN_TILE, next_pow2(tail)), OPT=OPTIMIZERS[optimizer], NS_STEPS=ns_steps,
+                HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype, PRECISION=precision)
+
+
+def wide_views(d: int, e: int) -> dict[str, Any]:
+    """The depth-2 kernel's compile-time view of W1 (d, e) and W2 (e, d), both row-major, in the wide
+    orientation (R <= C) that Newton-Schulz works in: strides, and the scales of its results."""
+    wide1 = (e, 1) if d <= e else (1, e)  # W1 seen as (R, C)
+    wide2 = (1, d) if d <= e else (d, 1)  # W2, transposed when d <= e
+    return dict(E=e, R=min(d, e), C=max(d, e), S1_SR=wide1[0], S1_SC=wide1[1], S2_SR=wide2[0],
+                S2_SC=wide2[1], SCALE1=ns_scale(d, e), SCALE2=ns_scale(e, d))
 
 
 def _state_copy(t: Tensor) -> Tensor:
@@ -363,76 +388,76 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
             chunk: int, n_full: int, has_counts: bool, optimizer: str, ns_steps: int, precision: str,
             low_precision_dots: bool, block_e: int | None = None, ns_block: int | None = None,
             num_warps: int | None = None) -> tuple[Tensor | None, Weights, Weights]:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
     bsz, h, t, d = k.shape
     depth = len(weights)
     e = weights[0].shape[-1] if depth == 2 else d
-    if not supported(depth, d, e):
-        raise ValueError(f"unsupported memory shape: depth {depth}, d {d}, e {e} (powers of two >= 16)")
-    opt = OPTIMIZERS[optimizer]
-    k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
     has_reads = q is not None
+    tail = 0 if tails is None else tails[0].shape[2]
+    dot_dtype = _DOT_DTYPES.get(k.dtype, tl.float32) if low_precision_dots else tl.float32
+    consts = scan_constants(d=d, chunk=chunk, tail=tail, optimizer=optimizer, ns_steps=ns_steps,
+                            has_counts=has_counts, has_reads=has_reads, dot_dtype=dot_dtype,
+                            precision=precision)
+    if not supported(depth, d, e):
+        raise ValueError(f"unsupported memory shape: depth {depth}, d {d}, e {e} "
+                         f"(powers of two >= {MIN_TILE})")
+    k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
     q = q.contiguous() if has_reads else k  # k: a dummy pointer, never read
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if has_reads else k
-    tail = 0 if tails is None else tails[0].shape[2]
     tk, tv, tg = (k, v, g) if tail == 0 else (x.contiguous() for x in tails)  # dummies when there is no tail
     gates = [x.to(torch.float32).contiguous() for x in (eta, alpha, theta)]
     nc = gates[0].shape[-1]
     if nc < n_full:
         raise ValueError(f"{nc} chunk gates for {n_full} chunks")
+    gd = optimizer == "gd"
     w = tuple(_state_copy(x) for x in weights)
-    s = tuple(_state_copy(x) for x in momentum) if opt != 0 else w  # dummies for gd
-    result = (out if has_reads else None), w, (s if opt != 0 else ())
+    s = w if gd else tuple(_state_copy(x) for x in momentum)  # dummies for gd
+    result = (out if has_reads else None), w, (() if gd else s)
     if bsz * h == 0 or (t == 0 and has_reads):  # nothing to launch (and no pointers to give)
         return result
-    dot_dtype = _DOT_DTYPES.get(k.dtype, tl.float32) if low_precision_dots else tl.float32
-    common = dict(T=t, NC=nc, n_full=n_full, n_read=-(-t // chunk) if has_reads else n_full, CHUNK=chunk,
-                  TAIL=tail, BLOCK_C=max(16, next_pow2(chunk)), BLOCK_T=max(16, next_pow2(tail)), OPT=opt,
-                  NS_STEPS=ns_steps, HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype,
-                  PRECISION=precision)
-    grid = (bsz * h,)
+    inputs = (q, k, v, g, tk, tv, tg, *gates)
+    runtime = dict(T=t, NC=nc, n_full=n_full, n_read=-(-t // chunk) if has_reads else n_full)
     if depth == 1:
         try:
-            _scan1_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], s[0], out, D=d, **common,
-                                num_warps=num_warps or 8)
+            _scan1_kernel[(bsz * h,)](*inputs, w[0], s[0], out, **runtime, **consts,
+                                      num_warps=num_warps or SCAN_WARPS)
         except OutOfResources as exc:
             unfit(1, d, d)
             msg = f"the depth-1 chunk kernel does not fit on this device (d {d}): {exc}"
             raise KernelResourceError(msg) from exc
-        return result
-    rows, cols = min(d, e), max(d, e)
-    wide1 = (e, 1) if d <= e else (1, e)  # W1 (d, e) row-major, seen as (rows, cols)
-    wide2 = (1, d) if d <= e else (d, 1)  # W2 (e, d) row-major, transposed when d <= e
-    if block_e is not None and (block_e < 16 or block_e & (block_e - 1)):
-        raise ValueError("block_e must be a power of two >= 16")
-    args = dict(D=d, E=e, R=rows, C=cols, S1_SR=wide1[0], S1_SC=wide1[1],
-                S2_SR=wide2[0], S2_SC=wide2[1], SCALE1=math.sqrt(max(1.0, d / e)),
-                SCALE2=math.sqrt(max(1.0, e / d)), **common)
-    if ns_block is not None and (ns_block < 16 or ns_block & (ns_block - 1)):
-        raise ValueError("ns_block must be a power of two >= 16")
-    warps = num_warps or 8
+    else:
+        _launch_depth2(inputs, w, s, out, runtime, consts, e, programs=bsz * h, block_e=block_e,
+                       ns_block=ns_block, num_warps=num_warps)
+    return result
+
+
+def _launch_depth2(inputs: tuple[Tensor, ...], w: Weights, s: Weights, out: Tensor, runtime: dict[str, int],
+                   consts: dict[str, Any], e: int, *, programs: int, block_e: int | None,
+                   ns_block: int | None, num_warps: int | None) -> None:
+    for name, size in (("block_e", block_e), ("ns_block", ns_block)):
+        if size is not None and not is_tile(size):
+            raise ValueError(f"{name} must be a power of two >= {MIN_TILE}")
+    d = consts["D"]
+    args = dict(wide_views(d, e), **consts)
+    cols, warps = args["C"], num_warps or SCAN_WARPS
     # Tunings tried in order until one fits in shared memory: Newton-Schulz on the whole matrix in
     # registers, else in column blocks, then smaller e-blocks. Explicit arguments pin a tuning.
     pinned = bool(ns_block or block_e)
-    key = (d, e, warps, str(k.dtype), *sorted((n, str(v)) for n, v in common.items()
-                                                 if n not in ("T", "NC", "n_full", "n_read")))
+    act = inputs[1].dtype  # k's: the activations' pointer type is compiled in too
+    key = (d, e, warps, str(act), *sorted((n, str(x)) for n, x in consts.items()))
     if pinned:
-        ladder = [(min(ns_block or cols, cols), min(block_e or 64, e))]
+        ladder = [(min(ns_block or cols, cols), min(block_e or SCAN_BLOCK_E, e))]
     elif key in _FITTED:
         ladder = [_FITTED[key]]
     else:
-        nb = min(64, cols)
-        ladder = list(dict.fromkeys([(cols, min(64, e)), (nb, min(64, e)), (nb, min(32, e)), (nb, 16)]))
+        nb, be = min(NS_BLOCK_FALLBACK, cols), min(SCAN_BLOCK_E, e)
+        ladder = list(dict.fromkeys([(cols, be), (nb, be), (nb, min(32, e)), (nb, MIN_TILE)]))
     last: Exception | None = None
     for nb, be in ladder:
-        blocked = opt == 2 and nb < cols
-        scratch = torch.empty(bsz * h * d * e, dtype=torch.float32, device=k.device) if blocked else w[0]
+        blocked = consts["OPT"] == OPTIMIZERS["muon"] and nb < cols
+        scratch = torch.empty(programs * d * e, dtype=torch.float32, device=w[0].device) if blocked else w[0]
         try:
-            _scan2_kernel[grid](q, k, v, g, tk, tv, tg, *gates, w[0], w[1], s[0], s[1], scratch, out,
-                                NS_BLOCK=nb, BLOCK_E=be, **args, num_warps=warps, num_stages=1)
+            _scan2_kernel[(programs,)](*inputs, w[0], w[1], s[0], s[1], scratch, out, **runtime,
+                                       NS_BLOCK=nb, BLOCK_E=be, **args, num_warps=warps, num_stages=1)
         except OutOfResources as exc:
             if pinned:
                 raise
@@ -440,7 +465,7 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
             continue
         if not pinned:
             _FITTED[key] = (nb, be)
-        return result
+        return
     unfit(2, d, e)
     raise KernelResourceError(f"no tuning of the depth-2 chunk kernel fits on this device (d {d}, e {e}): "
                               f"{last}")
@@ -490,7 +515,7 @@ def chunk_update(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omeg
     # The kernel's row blocks are powers of two: N = b + c - 1 rows go as a chunk of the largest power
     # of two <= N and a short tail (71 = 64 + 7 rows at b=64, c=8), not as 128 padded rows.
     n = x.shape[2]
-    body = n if n <= 16 else 1 << (n.bit_length() - 1)
+    body = n if n <= MIN_TILE else 1 << (n.bit_length() - 1)
     tail = n - body
     tails = (x[:, :, :tail], v[:, :, :tail], omega[:, :, :tail]) if tail else None
     _, w, s = _launch(None, x[:, :, tail:], v[:, :, tail:], omega[:, :, tail:], tails, eta[..., None],

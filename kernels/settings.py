@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["tf32", "tf32x3", "ieee"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class KernelSettings(BaseSettings):
@@ -16,7 +19,7 @@ class KernelSettings(BaseSettings):
     kernels: Literal["auto", "on", "off"] = "auto"
     #: The kernels' fp32 products: tf32 (10-bit mantissa operands, fp32 accumulation), tf32x3
     #: (about fp32, three tf32 products) or ieee (fp32 FMA, slowest).
-    kernel_precision: Literal["tf32", "tf32x3", "ieee"] = "tf32"
+    kernel_precision: Precision = "tf32"
 
 
 @functools.cache

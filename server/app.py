@@ -1,10 +1,11 @@
 """The FastAPI app: ``create_app(settings, atlas=None, store=None)``.
 
 The app is thin: routes validate and authorise, then call the engine runtime. The lifespan builds
-the engine (model, store, runtime) and, on shutdown, drains: new requests get 503, in-flight ones
-get up to ``ATLAS_DRAIN_TIMEOUT_S`` to finish, then the runtime and the store are closed. The runtime
-saves each session at the end of every operation (and every ``ATLAS_CHECKPOINT_TOKENS`` of an
-ingest), so there is nothing dirty to flush at shutdown beyond waiting for those saves.
+the ``Services`` the routes depend on (model, store, runtime; ``dependencies.py``) and, on shutdown,
+drains: new requests get 503, in-flight ones get up to ``ATLAS_DRAIN_TIMEOUT_S`` to finish, then the
+runtime and the store are closed. The runtime saves each session at the end of every operation (and
+every ``ATLAS_CHECKPOINT_TOKENS`` of an ingest), so there is nothing dirty to flush at shutdown
+beyond waiting for those saves.
 
 Run it with ``atlas serve`` or ``python -m uvicorn atlas.server.app:create_app --factory``.
 """
@@ -16,10 +17,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,8 +27,10 @@ from atlas.engine import Atlas
 from atlas.engine.runtime import Runtime, RuntimeSettings
 from atlas.engine.store import StateStore, StoreSettings, open_store
 
+from .dependencies import Services, json_content
 from .errors import ApiError, install_handlers
 from .metrics import Metrics
+from .routes import completions, ops, playground, sessions
 from .settings import ServerSettings
 
 log = logging.getLogger("atlas.server")
@@ -37,27 +39,14 @@ log = logging.getLogger("atlas.server")
 OPS_PATHS = {"/health", "/ready", "/metrics"}
 
 
-@dataclass
-class Engine:
-    """What the routes work with, built once the model is loaded and the store answers."""
-
-    atlas: Atlas
-    store: StateStore
-    runtime: Runtime
-    model_id: str
-    state_bytes: int
-    created: int
-    owns_store: bool
-
-
 def default_model_id(settings: ServerSettings) -> str:
     if settings.model_id:
         return settings.model_id
     return Path(settings.model).resolve().name if settings.model else "atlas-demo"
 
 
-def build_engine(settings: ServerSettings, atlas: Atlas | None, store: StateStore | None,
-                 runtime_settings: RuntimeSettings | None) -> Engine:
+def build_services(settings: ServerSettings, atlas: Atlas | None, store: StateStore | None,
+                   runtime_settings: RuntimeSettings | None) -> Services:
     """Load the model, open the store, start the runtime (blocking; run in a thread)."""
     if settings.torch_threads:
         import torch
@@ -79,16 +68,16 @@ def build_engine(settings: ServerSettings, atlas: Atlas | None, store: StateStor
             store.close()
         raise
     state_bytes = len(atlas.save_state(atlas.new_state()))
-    return Engine(atlas, store, runtime, default_model_id(settings), state_bytes, int(time.time()),
-                  owns_store)
+    return Services(atlas, store, runtime, default_model_id(settings), state_bytes, int(time.time()),
+                    owns_store)
 
 
 async def drain(app: FastAPI, timeout_s: float) -> None:
     """Wait for in-flight requests and runtime work to finish, up to ``timeout_s``."""
-    eng: Engine | None = app.state.engine
+    services: Services | None = app.state.services
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        busy = app.state.inflight + (eng.runtime.stats.admitted if eng else 0)
+        busy = app.state.inflight + (services.runtime.stats.admitted if services else 0)
         if busy == 0:
             return
         await asyncio.sleep(0.05)
@@ -106,11 +95,10 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def start() -> None:
             try:
-                app.state.engine = await asyncio.to_thread(build_engine, settings, atlas, store,
-                                                           runtime_settings)
-                eng = app.state.engine
-                log.info("ready: model %s (%s) on %s, state %d bytes", eng.model_id,
-                         eng.atlas.fingerprint[:12], eng.atlas.device, eng.state_bytes)
+                services = await asyncio.to_thread(build_services, settings, atlas, store, runtime_settings)
+                app.state.services = services
+                log.info("ready: model %s (%s) on %s, state %d bytes", services.model_id,
+                         services.atlas.fingerprint[:12], services.atlas.device, services.state_bytes)
             except Exception as e:
                 log.exception("could not start the engine")
                 app.state.load_error = f"{type(e).__name__}: {e}"
@@ -127,48 +115,31 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
             app.state.draining = True
             await asyncio.shield(loader)  # a model still loading: let it finish so its store closes
             await drain(app, settings.drain_timeout_s)
-            eng: Engine | None = app.state.engine
-            if eng is not None:
-                await asyncio.to_thread(eng.runtime.close)
-                if eng.owns_store:
-                    await asyncio.to_thread(eng.store.close)
-            app.state.engine = None
+            services: Services | None = app.state.services
+            if services is not None:
+                await asyncio.to_thread(services.close)
+            app.state.services = None
             log.info("stopped")
 
     app = FastAPI(title="ATLAS inference server", version="0.1.0", lifespan=lifespan,
                   description="Streaming long-context inference for recurrent ATLAS models. "
                               "Errors: {\"error\": {\"code\", \"message\"}}.",
-                  openapi_url=None, docs_url=None, redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(json_content)])
     app.state.settings = settings
-    app.state.engine = None
+    app.state.services = None
     app.state.load_error = None
     app.state.draining = False
     app.state.inflight = 0
     app.state.create_locks = {}
-    app.state.metrics = Metrics(lambda: app.state.engine)
+    app.state.metrics = Metrics(lambda: app.state.services)
     install_handlers(app)
-
-    from .routes import completions, ops, playground, sessions
-
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(completions.router)
     app.include_router(playground.router)
     app.add_middleware(RequestGate)
     return app
-
-
-def engine(request: Request) -> Engine:
-    """FastAPI dependency: the engine, or 503 while loading or draining."""
-    app = request.app
-    if app.state.draining:
-        raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
-    eng: Engine | None = app.state.engine
-    if eng is None:
-        if app.state.load_error:
-            raise ApiError(503, "not_ready", f"the engine failed to start: {app.state.load_error}")
-        raise ApiError(503, "not_ready", "the model is loading", {"Retry-After": "1"})
-    return eng
 
 
 class RequestGate:
@@ -186,7 +157,7 @@ class RequestGate:
         settings: ServerSettings = fapp.state.settings
         path: str = scope["path"]
         if fapp.state.draining and path not in OPS_PATHS:
-            await ApiError(503, "shutting_down", "the server is shutting down",
+            await ApiError("shutting_down", "the server is shutting down",
                            {"Retry-After": "5", "Connection": "close"}).response()(scope, receive, send)
             return
         status = 500
@@ -194,7 +165,7 @@ class RequestGate:
         if limit is not None:
             length = _content_length(scope)
             if length is not None and length > limit:
-                await ApiError(413, "body_too_large", f"request body over {limit} bytes").response()(
+                await ApiError("body_too_large", f"request body over {limit} bytes").response()(
                     scope, receive, send)
                 return
             receive = _limited(receive, limit)

@@ -2,26 +2,22 @@
 
 With no keys configured every caller is tenant ``default``; such a server is meant for one user on
 one machine, so it refuses non-loopback clients unless ``ATLAS_ALLOW_REMOTE`` says otherwise (in
-case it was started behind ``--host 0.0.0.0`` by plain uvicorn, not ``atlas serve``).
+case it was started behind ``--host 0.0.0.0`` by plain uvicorn, not ``atlas serve``). Routes get the
+tenant through ``dependencies.get_tenant``.
 """
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
 from .errors import ApiError
 from .settings import ServerSettings, is_loopback
 
 DEFAULT_TENANT = "default"
 
-bearer = HTTPBearer(auto_error=False, description="API key from ATLAS_API_KEYS")
-
 
 def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+    return ApiError("unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
 
 def resolve_tenant(settings: ServerSettings, authorization: str | None, client_host: str | None) -> str:
@@ -44,9 +40,3 @@ def resolve_tenant(settings: ServerSettings, authorization: str | None, client_h
         raise _unauthorized("invalid API key")
     return tenant
 
-
-async def tenant(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-    """FastAPI dependency: the caller's tenant (declares the Bearer scheme in the OpenAPI too)."""
-    settings: ServerSettings = request.app.state.settings
-    client = request.client.host if request.client else None
-    return resolve_tenant(settings, request.headers.get("authorization"), client)

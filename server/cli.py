@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Annotated
@@ -9,6 +10,8 @@ from typing import Annotated
 import typer
 from atlas_client.cli import register as register_client_commands
 from rich.console import Console
+
+from atlas.training.cli import register as register_training_commands
 
 app = typer.Typer(help="ATLAS: streaming long-context inference for recurrent ATLAS models.",
                   no_args_is_help=True, add_completion=False)
@@ -21,16 +24,17 @@ def main() -> None:
     """ATLAS: streaming long-context inference for recurrent ATLAS models."""
 
 
-DEFAULT_DEMO_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
 @app.command()
 def demo(
-    text: Annotated[Path | None, typer.Option(help="Document to stream in (default: built-in text)")] = None,
+    text: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=(
+        "Document to stream in (default: a built-in one of TOKENS bytes with a pass key hidden "
+        "half-way)"))] = None,
     tokens: Annotated[int, typer.Option(help="Tokens of the document to read")] = 8192,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: bundled)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    question: Annotated[str, typer.Option(help="Prompt to continue after the document")] = "\nROMEO:",
+    question: Annotated[str | None, typer.Option(help=(
+        "Prompt to continue after the document (default: the pass-key question after the built-in "
+        "document, a new line after --text)"))] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
 ) -> None:
     """Stream a document into a session, save and restore its state, and continue it."""
@@ -38,12 +42,11 @@ def demo(
 
     from atlas.engine import Atlas, SamplingParams
 
+    doc, question = _demo_document(text, tokens, question)
     atlas = Atlas.load(checkpoint, device=device)
     cfg = atlas.config
     err.print(f"model {atlas.fingerprint[:12]}  {cfg.n_layers} layers x {cfg.mixers[0]}, "
               f"d_model {cfg.d_model}, chunk {cfg.chunk_size}, device {atlas.device}")
-    path = text or (DEFAULT_DEMO_TEXT if DEFAULT_DEMO_TEXT.exists() else None)
-    doc = path.read_text(encoding="utf-8", errors="replace") if path else _builtin_text()
     ids = atlas.encode(doc)
     while len(ids) < tokens:
         ids = ids + ids
@@ -69,6 +72,28 @@ def demo(
     for tok in gen:
         typer.echo(tok.text, nl=False)
     typer.echo()
+
+
+def _demo_document(text: Path | None, tokens: int, question: str | None) -> tuple[str, str]:
+    """The document `atlas demo` reads and the prompt it continues: --text, or a built-in pass-key
+    document (the bundled model's task: its answer comes from the memory, thousands of tokens on)."""
+    if text is not None:
+        doc = text.read_text(encoding="utf-8", errors="replace")
+        if not doc:
+            err.print(f"[red]--text {text} is empty[/red]")
+            raise typer.Exit(2)
+        return doc, "\n" if question is None else question
+    from atlas.training.tasks import PASSKEY_QUESTION, min_length, passkey
+
+    shortest = min_length("passkey") - len(PASSKEY_QUESTION)
+    if tokens < shortest:
+        err.print(f"[red]--tokens must be at least {shortest} for the built-in document[/red]")
+        raise typer.Exit(2)
+    # The question goes after the document, which is then `tokens` bytes (byte tokens) long.
+    sample = passkey(random.Random(0), tokens + len(PASSKEY_QUESTION), depth=0.5)
+    err.print(f"built-in document: {tokens:,} bytes of filler with the pass key {sample.value} "
+              "hidden half-way")
+    return sample.prompt.removesuffix(PASSKEY_QUESTION), PASSKEY_QUESTION if question is None else question
 
 
 @app.command()
@@ -120,152 +145,7 @@ def serve(
     Server(config).run()
 
 
-@app.command()
-def train(
-    config: Annotated[Path, typer.Argument(help="Training config (TOML or JSON): configs/train/demo.toml")],
-    out_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the loss log go")] = None,
-    steps: Annotated[int | None, typer.Option(help="Override the number of steps")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from out_dir/trainer.pt if it exists")] = True,
-) -> None:
-    """Train a model on the synthetic long-context tasks; checkpoints to OUT_DIR/model."""
-    from pydantic import ValidationError
-
-    from atlas.engine.training import TrainConfig, run_training
-
-    try:
-        cfg = TrainConfig.load(config)
-        given = dict(out_dir=out_dir, steps=steps, device=device)
-        overrides = {k: v for k, v in given.items() if v is not None}
-        cfg = TrainConfig(**{**cfg.model_dump(), **overrides})
-    except (OSError, ValueError, ValidationError) as e:
-        err.print(f"[red]bad training config {config}: {e}[/red]")
-        raise typer.Exit(2) from e
-    start = time.perf_counter()
-    path = run_training(cfg, resume=resume)
-    err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
-
-
-DEFAULT_LENGTHS = "1k,4k,16k,64k,256k,1M"
-
-
-@app.command(name="eval")
-def evaluate(
-    model: Annotated[list[str] | None, typer.Option(
-        help="NAME=CHECKPOINT_DIR, repeatable (default: demo=the bundled model)")] = None,
-    tasks: Annotated[str | None, typer.Option(
-        help="Comma-separated: passkey, multi_needle (default both)")] = None,
-    lengths: Annotated[str | None, typer.Option(
-        help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the generated prompts")] = 0,
-    gap: Annotated[int, typer.Option(min=0, help=(
-        "At least this many bytes between each needle and the question, e.g. the attention window "
-        "to measure the memory alone"))] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    out: Annotated[Path | None, typer.Option(
-        help="Results JSON (default bench/results/passkey-DEVICE.json)")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Also draw accuracy against length to this PNG")] = None,
-    update: Annotated[bool, typer.Option(help=(
-        "Add to an existing --out file made with the same seed, gap and trials: the models evaluated "
-        "now replace their entries, the others are kept"))] = False,
-) -> None:
-    """Accuracy against context length on pass-key and multi-needle retrieval."""
-    import json
-
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    from atlas.engine.api import BUNDLED_CHECKPOINT, resolve_device
-    from atlas.engine.checkpoint import fingerprint, load_checkpoint, read_config
-    from atlas.engine.evaluation import evaluate as run_eval
-    from atlas.engine.evaluation import parse_length
-    from atlas.engine.evaluation import plot as draw
-    from atlas.engine.machine import describe_machine
-    from atlas.engine.tasks import TASKS
-
-    dev = resolve_device(device)
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(TASKS)
-    if bad := [t for t in task_list if t not in TASKS]:
-        err.print(f"[red]unknown task(s) {bad}; choose from {list(TASKS)}[/red]")
-        raise typer.Exit(2)
-    try:
-        length_list = [parse_length(x) for x in (lengths or DEFAULT_LENGTHS).split(",") if x.strip()]
-    except ValueError as e:
-        err.print(f"[red]bad --lengths: {e}[/red]")
-        raise typer.Exit(2) from e
-    if lengths is None and dev.type == "cuda":
-        length_list.append(10 * (1 << 20))
-    specs = model or [f"demo={BUNDLED_CHECKPOINT}"]
-    models: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not (Path(path) / "config.json").exists():
-            err.print(f"[red]--model wants NAME=CHECKPOINT_DIR with a config.json, got {spec!r}[/red]")
-            raise typer.Exit(2)
-        models[name] = Path(path)
-    out = out or Path("bench/results") / f"passkey-{dev.type}.json"
-    machine = describe_machine(dev)
-    results: dict = {"benchmark": "passkey", "machine": machine, "seed": seed, "gap": gap,
-                     "trials": trials, "lengths": length_list, "tasks": task_list, "models": {}}
-    if update and out.exists():
-        try:
-            earlier = json.loads(out.read_text())
-            differ = [k for k in ("seed", "gap", "trials") if earlier[k] != results[k]]
-        except (ValueError, KeyError, TypeError) as e:
-            err.print(f"[red]--update: {out} is not an eval results file ({e})[/red]")
-            raise typer.Exit(2) from e
-        if differ:
-            err.print(f"[red]--update: {out} was made with other {', '.join(differ)} "
-                      f"({', '.join(f'{k}={earlier[k]}' for k in differ)})[/red]")
-            raise typer.Exit(2)
-        results["lengths"] = sorted(set(earlier["lengths"]) | set(length_list))
-        results["tasks"] = [t for t in TASKS if t in set(earlier["tasks"]) | set(task_list)]
-        for name, entry in earlier["models"].items():
-            results["models"][name] = {"machine": earlier["machine"], **entry}
-        for key in ("max_train_len", "swa_window"):
-            if key in earlier:
-                results[key] = earlier[key]
-    total = sum(trials * n for n in length_list) * len(task_list) * len(models)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                  console=err) as bar:
-        job = bar.add_task("eval", total=total)
-        for name, path in models.items():
-            net = load_checkpoint(path, device=dev)
-            _, meta = read_config(path)
-            entry = {"path": str(path), "machine": machine, "fingerprint": fingerprint(net),
-                     "config": net.cfg.model_dump(mode="json"),
-                     "parameters": sum(p.numel() for p in net.parameters()),
-                     "training": meta.get("training"), "points": []}
-            results["models"][name] = entry
-            results.setdefault("max_train_len", (meta.get("training") or {}).get("max_train_len", 8192))
-            if set(net.cfg.mixers) & {"swa", "mag"}:
-                results.setdefault("swa_window", net.cfg.swa_window)
-
-            def report(p, name=name, entry=entry) -> None:
-                entry["points"].append(p.to_dict())
-                err.print(f"{name:>14} {p.task:>12} {p.length:>9,} tokens: {p.correct}/{p.trials} "
-                          f"({100 * p.accuracy:.0f}%; value first {p.prefix_correct}), "
-                          f"value {p.value_nats:.2f} vs decoy {p.decoy_nats:.2f} "
-                          f"nats/byte (first byte {p.value_nats_by_byte[0]:.2f} vs "
-                          f"{p.decoy_nats_by_byte[0]:.2f}; its end {p.end_nats:.2f})  "
-                          f"{p.tokens_per_s:,.0f} tok/s")
-
-            bar.update(job, description=name)
-            run_eval(net, task_list, length_list, trials, seed, on_point=report,
-                     on_progress=lambda n: bar.advance(job, n), gap=gap)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    err.print(f"results {out}")
-    if plot:
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        draw(results, str(plot))
-        err.print(f"plot {plot}")
-
-
-def _builtin_text() -> str:
-    return ("ATLAS keeps a small neural memory that it trains while it reads, one optimiser step per "
-            "chunk of sixty-four tokens, so a long document costs no more memory than a short one.\n") * 64
-
+register_training_commands(app)  # train, eval (after serve, in `atlas --help` too)
 
 if __name__ == "__main__":
     app()

@@ -1,8 +1,10 @@
 """One error shape for every failure: ``{"error": {"code": "...", "message": "..."}}``.
 
-Engine and store errors carry a stable ``code``; this module maps each to its HTTP status (the table
-is in README.md, "HTTP API"). Inside an event stream, where the status line is already sent, the
-same object is sent as an event instead. Only a bug reaches the catch-all 500 ``internal_error``.
+``STATUS`` is the one table from error code to HTTP status (README.md, "Errors", lists it): the
+engine's errors (store, state, runtime) carry only their stable code, the routes raise
+:class:`ApiError` with one, and this module alone decides the status. Inside an event stream, where
+the status line is already sent, the same object is sent as an event instead. Only a bug reaches
+the catch-all 500 ``internal_error``.
 """
 
 from __future__ import annotations
@@ -16,25 +18,51 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from atlas.engine.runtime import QueueFullError, RuntimeFault
+from atlas.engine.runtime import RuntimeFault
 from atlas.engine.state import StateError
 from atlas.engine.store import StoreError
 
 log = logging.getLogger("atlas.server")
 
-#: Status of each store / state error code. A session whose stored state cannot be used (corrupt,
-#: another model's) is a conflict with the resource, not a server fault: the server lives on and
+#: The HTTP status of every error code. A session whose stored state cannot be used (corrupt,
+#: another model's) is a conflict with that resource, not a server fault: the server lives on and
 #: the client can delete or re-create the session.
-STORE_STATUS: dict[str, int] = {
+STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "client_disconnected": 400,
+    "unsupported_parameter": 400,
+    "max_tokens_too_large": 400,
+    "prompt_too_long": 400,
+    "unauthorized": 401,
+    "not_found": 404,
     "session_not_found": 404,
     "state_not_found": 404,
+    "model_not_found": 404,
+    "method_not_allowed": 405,
     "session_exists": 409,
+    "offset_gap": 409,
+    "lease_conflict": 409,
     "state_corrupt": 409,
     "state_invalid": 409,
     "foreign_model": 409,
-    "lease_conflict": 409,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_request": 422,
+    "queue_full": 429,
+    "too_many_sessions": 429,
+    "internal_error": 500,
+    "runtime_error": 500,
+    "not_ready": 503,
+    "shutting_down": 503,
     "store_unavailable": 503,
+    "store_error": 503,  # an unexpected reply from the store: treated like an unreachable one
 }
+
+#: Seconds a client should wait before retrying an engine error with this code.
+RETRY_AFTER: dict[str, int] = {"queue_full": 1, "store_unavailable": 1, "store_error": 1, "shutting_down": 5}
+
+#: The base classes of the errors the engine raises on purpose; each subclass carries a ``code``.
+ENGINE_ERRORS: tuple[type[Exception], ...] = (RuntimeFault, StoreError, StateError)
 
 #: Status codes Starlette raises itself (unknown route, wrong method, ...) -> our codes.
 HTTP_CODES: dict[int, str] = {
@@ -43,42 +71,47 @@ HTTP_CODES: dict[int, str] = {
 }
 
 
-class ApiError(Exception):
-    """An error the API returns on purpose, with its status and stable code."""
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    """An error the API returns on purpose: a code of ``STATUS`` and a message for people."""
+
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status = STATUS[code]  # a code missing from the table is a bug: fail where it is raised
         self.code = code
         self.message = message
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+    def body(self) -> dict[str, dict[str, str]]:
+        return error_body(self.code, self.message)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return error_response(self.status, self.code, self.message, self.headers)
 
 
 def to_api_error(exc: BaseException) -> ApiError | None:
     """The API error for an exception the engine, the store or FastAPI raises on purpose."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, RuntimeFault):
-        headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None
-        if exc.status == 503:
-            headers = {"Retry-After": "5"}
-        return ApiError(exc.status, exc.code, str(exc) or exc.code, headers)
-    if isinstance(exc, StoreError):
-        status = STORE_STATUS.get(exc.code, 503)
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return ApiError(status, exc.code, exc.message, headers)
-    if isinstance(exc, StateError):  # state bytes that passed the store's checks but not the model's
-        return ApiError(STORE_STATUS.get(exc.code, 409), exc.code, str(exc))
+    if isinstance(exc, ENGINE_ERRORS):
+        code: str = getattr(exc, "code", "")
+        if code not in STATUS:
+            log.error("engine error code %r has no HTTP status", code)
+            return None
+        retry = RETRY_AFTER.get(code)
+        return ApiError(code, str(exc) or code, {"Retry-After": str(retry)} if retry else None)
     if isinstance(exc, RequestValidationError | ValidationError):
-        return ApiError(422, "invalid_request", validation_message(exc))
+        return ApiError("invalid_request", validation_message(exc))
     if isinstance(exc, ClientDisconnect):
-        return ApiError(400, "client_disconnected", "the client went away before the request was read")
+        return ApiError("client_disconnected", "the client went away before the request was read")
     return None
 
 
@@ -90,38 +123,42 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def error_event(exc: BaseException) -> dict:
+def internal_error() -> ApiError:
+    return ApiError("internal_error", "internal error; see the server log")
+
+
+def error_event(exc: BaseException) -> dict[str, dict[str, str]]:
     """The error object sent inside an event stream (whose status line is already 200)."""
     err = to_api_error(exc)
     if err is None:
         log.exception("unexpected error in a stream", exc_info=exc)
-        err = ApiError(500, "internal_error", "internal error; see the server log")
+        err = internal_error()
     return err.body()
 
 
 def install_handlers(app: FastAPI) -> None:
     """Every failure leaves as the one JSON error shape."""
 
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
-        assert err is not None
+        if err is None:  # an engine error with a code missing from STATUS
+            return await unexpected(request, exc)
         return err.response()
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return ApiError(exc.status_code, code, message, dict(exc.headers or {})).response()
+        return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)  # e.g. a StoreError raised under a middleware
         if err is not None:
             return err.response()
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return ApiError(500, "internal_error", "internal error; see the server log").response()
+        return internal_error().response()
 
-    for cls in (ApiError, RuntimeFault, StoreError, StateError, RequestValidationError, ValidationError,
-                ClientDisconnect):
+    for cls in (ApiError, *ENGINE_ERRORS, RequestValidationError, ValidationError, ClientDisconnect):
         app.add_exception_handler(cls, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from atlas.engine.store import LATENCY_BUCKETS_S, LatencyStats
 
 if TYPE_CHECKING:
-    from .app import Engine
+    from .dependencies import Services
 
 #: Seconds; TTFT includes the prompt's prefill, so the buckets reach far.
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -34,7 +34,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     """The app's metrics and their registry."""
 
-    def __init__(self, engine: Callable[[], Engine | None]):
+    def __init__(self, services: Callable[[], Services | None]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("atlas:time_to_first_token_seconds", "Time from request to first token.",
@@ -56,7 +56,7 @@ class Metrics:
                                        ["finished_reason"], registry=r)
         self.http_requests = Counter("atlas:http_requests", "HTTP requests answered.",
                                      ["method", "route", "status"], registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(services))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -74,17 +74,17 @@ def _histogram(name: str, doc: str, stats: LatencyStats) -> HistogramMetricFamil
 class _EngineCollector(Collector):
     """Reads the runtime, store and cache counters at scrape time."""
 
-    def __init__(self, engine: Callable[[], Engine | None]):
-        self._engine = engine
+    def __init__(self, services: Callable[[], Services | None]):
+        self._services = services
 
     def describe(self) -> list:
         return []  # dynamic: nothing to check at registration
 
     def collect(self) -> Iterator:
-        eng = self._engine()
-        if eng is None:
+        services = self._services()
+        if services is None:
             return
-        rt = eng.runtime.stats
+        rt = services.runtime.stats
         yield GaugeMetricFamily("atlas:num_requests_running", "Requests on the device now.", rt.running)
         yield GaugeMetricFamily("atlas:num_requests_waiting", "Requests admitted, not on the device yet.",
                                 max(0, rt.admitted - rt.running))
@@ -94,14 +94,14 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("atlas:engine_prefill_tokens", "Tokens fed by ingest and prompt steps.",
                                   rt.ingest_tokens)
         yield GaugeMetricFamily("atlas:state_bytes", "Bytes of one session state (the same for any "
-                                "length).", eng.state_bytes)
-        c = eng.runtime.cache.stats
+                                "length).", services.state_bytes)
+        c = services.runtime.cache.stats
         yield CounterMetricFamily("atlas:cache_hits", "Hot cache hits.", c.hits)
         yield CounterMetricFamily("atlas:cache_misses", "Hot cache misses.", c.misses)
         yield CounterMetricFamily("atlas:cache_evictions", "Hot cache evictions.", c.evictions)
         yield GaugeMetricFamily("atlas:cache_bytes", "Bytes of states in the hot cache.", c.bytes)
         yield GaugeMetricFamily("atlas:cache_entries", "States in the hot cache.", c.entries)
-        s = eng.store.stats
+        s = services.store.stats
         yield _histogram("atlas:store_save_seconds", "Store commit latency.", s.saves)
         yield _histogram("atlas:store_load_seconds", "Store load latency.", s.loads)
         yield CounterMetricFamily("atlas:store_saved_bytes", "State bytes committed.", s.saves.bytes)

@@ -1,4 +1,4 @@
-"""Shared helpers for the tests."""
+"""The tests' small models, the texts they read, and the comparison of session states."""
 
 from __future__ import annotations
 
@@ -6,10 +6,20 @@ from pathlib import Path
 
 import torch
 
-from atlas.engine import Atlas, ModelConfig
+from atlas.engine import Atlas, ModelConfig, save_checkpoint
 from atlas.engine.state import is_cache_key
+from bench import documents
 
+#: Real texts beside the checkout on machines that have them (CI does; a fresh clone does not).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: Texts that ship with the tests, so that every test also runs on a fresh clone.
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def shared_text(name: str) -> Path | None:
+    """``name`` from the shared texts, if this machine has them."""
+    path = SHARED_DATA / name
+    return path if path.exists() else None
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -22,6 +32,26 @@ def tiny_config(**kw) -> ModelConfig:
 
 def tiny_atlas(dtype: torch.dtype = torch.float64, seed: int = 0, **kw) -> Atlas:
     return Atlas.from_config(tiny_config(**kw), seed=seed, device="cpu", dtype=dtype)
+
+
+#: A model that reads a few hundred thousand tokens a second on one CPU core: the server tests are
+#: about the protocol, and a 5 MB document must go through in seconds.
+FAST = dict(d_model=8, n_heads=1, n_layers=1, layers=["atlas"], omega_window=1, ns_steps=0, optimizer="gd",
+            mem_depth=1, poly_degree=1, mem_expansion=1, chunk_size=4096, swa_window=4096)
+
+
+def fast_atlas() -> Atlas:
+    return tiny_atlas(torch.float32, **FAST)
+
+
+def write_checkpoint(path: Path) -> Path:
+    """The FAST model saved at ``path``, for servers started as processes."""
+    return save_checkpoint(fast_atlas().model, path)
+
+
+def document(nbytes: int) -> bytes:
+    """ASCII text of exactly ``nbytes``: the shared Shakespeare repeated when present, else generated."""
+    return documents.document(nbytes, shared_text("tinyshakespeare.txt"))
 
 
 def same_session(got, ref) -> bool:

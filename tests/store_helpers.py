@@ -1,4 +1,5 @@
-"""Real redis-server processes for the store tests: free ports, temp dirs, always stopped."""
+"""Real redis-server processes for the store tests (one server, or a cluster of them), always
+stopped, and stores on them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import redis
 
 from atlas.engine.store import RedisStore, StoreSettings, connect
+from bench.server_process import free_port
 
 
 def redis_server_binary() -> str:
@@ -36,12 +38,8 @@ def _bindable(port: int) -> bool:
         return True
 
 
-def free_port(cluster: bool = False) -> int:
-    """A free TCP port; for a cluster node, also its bus port (+10000) and at most 55535."""
-    if not cluster:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+def free_cluster_port() -> int:
+    """A free TCP port whose cluster bus port (+10000) is free too, so at most 55535."""
     for _ in range(200):
         port = random.randint(20000, 55000)
         if _bindable(port) and _bindable(port + 10000):
@@ -56,7 +54,7 @@ class RedisServer:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.args = list(args)
-        self.port = port or free_port(cluster="--cluster-enabled" in args)
+        self.port = port or (free_cluster_port() if "--cluster-enabled" in args else free_port())
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -122,3 +120,33 @@ def make_store(url: str, prefix: str, *, cluster: bool = False, **settings: obje
     s = StoreSettings(redis_url=url, redis_cluster=cluster, key_prefix=prefix,
                       part_bytes=int(settings.pop("part_bytes", 64 << 10)), **settings)  # type: ignore[arg-type]
     return RedisStore(connect(url, cluster=cluster, timeout_s=10), s)
+
+
+def start_cluster(root: Path, masters: int = 3) -> list[RedisServer]:
+    """A Redis Cluster of ``masters`` nodes under ``root``, converged (skipped without redis-cli)."""
+    cli = os.environ.get("ATLAS_TEST_REDIS_CLI") or shutil.which("redis-cli")
+    if not cli:
+        pytest.skip("redis-cli is not installed")
+    nodes = [RedisServer(root / f"n{i}", "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                         "--appendonly", "no") for i in range(masters)]
+    try:
+        for n in nodes:
+            n.start()
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 15
+        for n in nodes:
+            client = redis.Redis(port=n.port)
+            try:
+                while client.cluster("info")["cluster_state"] != "ok":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cluster did not converge")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+    except BaseException:
+        for n in nodes:
+            n.kill()
+        raise
+    return nodes

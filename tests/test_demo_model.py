@@ -1,17 +1,22 @@
 """The shipped demo checkpoint: it loads, matches its recorded fingerprint, is what `atlas serve`
-serves by default, and answers a pass-key question through the server's OpenAI-compatible API."""
+serves by default, and answers a pass-key question through the server's OpenAI-compatible API; and
+`atlas demo`, which reads a document with it."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 
 import openai
+from typer.testing import CliRunner
 
 from atlas.engine import Atlas, fingerprint, load_checkpoint
 from atlas.engine.api import BUNDLED_CHECKPOINT
-from atlas.engine.tasks import first_number, passkey
+from atlas.server.cli import app
+from atlas.training.tasks import first_number, passkey
 
+from .helpers import TEST_DATA, shared_text
 from .server_helpers import running_server
 
 
@@ -38,3 +43,31 @@ def test_demo_model_answers_a_passkey_question_through_the_server(tmp_path):
                    .choices[0].text for s in samples]
     right = [first_number(a) == s.value for a, s in zip(answers, samples, strict=True)]
     assert sum(right) >= 5, list(zip([s.value for s in samples], answers, strict=True))
+
+
+def run_demo(*args: str) -> tuple[int, str]:
+    """`atlas demo` on the CPU: its exit code and its output with line breaks as spaces (the progress
+    lines wrap at the console's width)."""
+    res = CliRunner().invoke(app, ["demo", "--device", "cpu", "--max-tokens", "8", *args])
+    return res.exit_code, " ".join(res.output.split())
+
+
+def test_atlas_demo_recalls_the_pass_key_of_its_built_in_document():
+    code, out = run_demo("--tokens", "512")
+    assert code == 0, out
+    key = re.search(r"the pass key (\d+) hidden half-way", out).group(1)
+    assert "read 512 tokens" in out and "restored bit-exact: True" in out
+    assert f"What is the pass key? The pass key is {key}." in out  # the model's answer
+    code, out = run_demo("--tokens", "100")
+    assert code == 2 and "--tokens must be at least" in out
+
+
+def test_atlas_demo_continues_another_text(tmp_path):
+    text = shared_text("tinyshakespeare.txt") or TEST_DATA / "utf8-sample.txt"
+    code, out = run_demo("--text", str(text), "--tokens", "256", "--question", "QUESTION:")
+    assert code == 0, out
+    assert "read 256 tokens" in out and "restored bit-exact: True" in out and "QUESTION:" in out
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, out = run_demo("--text", str(empty))
+    assert code == 2 and "is empty" in out

@@ -43,11 +43,6 @@ FAST = settings(max_examples=60, deadline=None, database=None)
 SENTENCES = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "où est le café ?"]
 
 
-@pytest.fixture(scope="module")
-def atlas() -> Atlas:
-    return tiny_atlas(torch.float32)
-
-
 def fed(atlas: Atlas, n: int, seed: int = 0) -> SessionState:
     toks = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     return atlas.feed(atlas.new_state(), toks)[0]

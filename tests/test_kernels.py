@@ -29,7 +29,6 @@ if not CUDA:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
 from atlas.kernels import chunk as kchunk  # noqa: E402
-from atlas.kernels import naive  # noqa: E402
 from atlas.kernels import read as kread  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -246,23 +245,6 @@ def test_kernel_chunk_scan_in_pieces() -> None:
         r, state = run_kernel(dict(piece, state=state), chunk=8, optimizer="muon", precision="ieee")
         reads.append(r)
     check(errors((torch.cat(reads, 2), state), whole), {"reads": 1e-6, "state": 1e-6})
-
-
-def test_kernel_naive_reference_is_the_engine_reference() -> None:
-    """kernels/naive.py (the kernels' plain PyTorch twin) computes the engine's chunk step."""
-    for depth in (1, 2):
-        for optimizer in OPTIMIZERS:
-            case = make_case(depth, optimizer, length=37, chunk=8, window=4, device="cpu")
-            ref = run_reference(case, chunk=8, optimizer=optimizer)
-            st = case["state"]
-            ns = names(st)
-            reads, w, s, tails = naive.chunk_scan(
-                case["q"], case["k"], case["v"], case["gamma"], case["eta"], case["alpha"], case["theta"],
-                tuple(st[n] for n in ns), tuple(st["S" + n[1:]] for n in ns) if optimizer != "gd" else (),
-                st["tail_k"], st["tail_v"], st["tail_gamma"], chunk_size=8, optimizer=optimizer, ns_steps=5)
-            new = dict(zip(ns, w, strict=True), tail_k=tails[0], tail_v=tails[1], tail_gamma=tails[2])
-            new.update({"S" + n[1:]: x for n, x in zip(ns, s, strict=False)})
-            check(errors((reads, new), ref), {"reads": 1e-12})
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

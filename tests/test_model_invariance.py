@@ -1,5 +1,5 @@
-"""Streaming invariance (MODEL.md's contract): however the stream is cut, batched or saved, the
-logits and the final state are the same."""
+"""Streaming invariance (docs/model.md, "The streaming-invariance contract"): however the stream is
+cut, batched or saved, the logits and the final state are the same."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from atlas.engine.state import is_cache_key
 
 from .helpers import same_session, tiny_atlas
 
-# MODEL.md's tolerances, as norm-relative errors: Newton-Schulz amplifies rounding along small
-# singular directions, so single tiny elements may differ more than the whole does.
+# The contract's tolerances (docs/model.md), as norm-relative errors: Newton-Schulz amplifies rounding
+# along small singular directions, so single tiny elements may differ more than the whole does.
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
 
@@ -154,6 +154,7 @@ def test_rope_invariance_at_ten_million():
     assert_close(far, at_zero, torch.float32, "logits")
 
 
+@pytest.mark.slow
 def test_state_size_is_constant():
     atlas = tiny_atlas(torch.float32, chunk_size=64, swa_window=64, d_model=64)
     short, _ = atlas.feed(atlas.new_state(), [1] * 100)

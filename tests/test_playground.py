@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server_helpers import document, running_server, write_checkpoint
+from .helpers import document
+from .server_helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,10 +29,9 @@ if not Path(CHROMIUM).exists():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ckpt = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fast-atlas")
+def server(fast_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("playground")
-    with running_server(work, {"ATLAS_MODEL": str(ckpt), "ATLAS_API_KEYS": f"{KEY}:play",
+    with running_server(work, {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_API_KEYS": f"{KEY}:play",
                                "ATLAS_PROGRESS_INTERVAL_S": "0"}, graceful=False) as srv:
         yield srv
 

@@ -1,7 +1,7 @@
-"""The reference chunk step against MODEL.md, piece by piece, in float64.
+"""The reference chunk step against docs/model.md ("One ATLAS memory layer"), piece by piece, in float64.
 
 The streaming tests only show the model agrees with itself; these pin each function of the chunk
-step to the formula MODEL.md writes down, so the reference (and the kernels tested against it)
+step to the formula docs/model.md writes down, so the reference (and the kernels tested against it)
 computes the model the project defines, not merely a consistent one."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def autograd_grads(weights: tuple[Tensor, ...], x: Tensor, v: Tensor, omega: Ten
 
 
 def reference_ns(x: Tensor, steps: int) -> Tensor:
-    """NS_k exactly as MODEL.md words it, for one matrix at a time."""
+    """NS_k exactly as docs/model.md ("Newton-Schulz") words it, for one matrix at a time."""
     rows, cols = x.shape
     wide = x.T if rows > cols else x
     wide = wide / (torch.linalg.matrix_norm(wide) + 1e-7)

@@ -14,12 +14,7 @@ tokens, bytes_committed and a greedy continuation.
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,9 +27,13 @@ import torch
 
 from atlas.engine import Atlas, SamplingParams
 from atlas.engine.checkpoint import save_checkpoint
+from bench.server_process import ServerProcess
 
-from .helpers import SHARED_DATA, tiny_atlas
-from .store_helpers import RedisServer, free_port, redis_server_binary
+from .helpers import document, tiny_atlas
+from .store_helpers import RedisServer, redis_server_binary
+
+#: Two servers and a reference model load before the first test: minutes on a small machine.
+pytestmark = pytest.mark.slow
 
 LEASE_TTL_MS = 2000
 KEY = "replica-test-key"
@@ -50,68 +49,8 @@ P1, P2, P3 = 1200, 2000, 3600
 WEIGHT_SCALE = 10.0
 
 
-def _document(n: int) -> bytes:
-    """n bytes of text with multi-byte UTF-8 characters, so byte offsets fall inside characters."""
-    src = SHARED_DATA / "tinyshakespeare.txt"
-    if src.exists():
-        base = src.read_bytes()[:8192]
-    else:  # varied prose, so that different prefixes leave different states
-        rng = random.Random(0)
-        words = "the memory reads a chunk then another while sessions wait for answers from far back".split()
-        base = " ".join(rng.choice(words) + rng.choice(["", ",", ".", "\n"]) for _ in range(1600)).encode()
-    base = base.replace(b"e", "\u00e9".encode(), 40)
-    return (base * (n // len(base) + 1))[:n]
-
-
-DOC = _document(P3)
-
-
-# -- processes -------------------------------------------------------------------------------------
-
-class Replica:
-    """One ``atlas serve`` child process on a free loopback port."""
-
-    def __init__(self, name: str, workdir: Path, env: dict[str, str]):
-        self.name = name
-        self.port = free_port()
-        self.workdir = workdir / name
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.env = env
-        self.log_path = self.workdir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def spawn(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "atlas.server.cli", "serve", "--host", "127.0.0.1",
-                 "--port", str(self.port)],
-                env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.name} exited ({self.proc.returncode}):\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"replica {self.name} not ready after {timeout_s}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-
-    def sigkill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+#: Prose with multi-byte UTF-8 characters, so that byte offsets fall inside characters.
+DOC = document(P3).replace(b"e", "\u00e9".encode(), 40)[:P3]
 
 
 @dataclass
@@ -123,8 +62,8 @@ class Reference:
 
 @dataclass
 class Cluster:
-    a: Replica
-    b: Replica
+    a: ServerProcess
+    b: ServerProcess
     ref: Reference
 
 
@@ -152,26 +91,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 p.mul_(WEIGHT_SCALE)
     checkpoint = save_checkpoint(atlas.model, tmp / "model")
     redis = RedisServer(tmp / "redis", "--appendonly", "yes")
-    replicas: list[Replica] = []
+    replicas: list[ServerProcess] = []
     try:
         redis.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ATLAS_")}
-        env.update(ATLAS_MODEL=str(checkpoint), ATLAS_REDIS_URL=redis.url, ATLAS_API_KEYS=f"{KEY}:acme",
-                   ATLAS_DEVICE="cpu", ATLAS_TORCH_THREADS="1", ATLAS_LEASE_TTL_MS=str(LEASE_TTL_MS),
-                   ATLAS_CHECKPOINT_TOKENS="64", ATLAS_PROGRESS_INTERVAL_S="0",
-                   ATLAS_DATA_DIR=str(tmp / "data"), ATLAS_DRAIN_TIMEOUT_S="5")
-        replicas = [Replica("a", tmp, env), Replica("b", tmp, env)]
+        settings = {"ATLAS_MODEL": str(checkpoint), "ATLAS_REDIS_URL": redis.url,
+                    "ATLAS_API_KEYS": f"{KEY}:acme", "ATLAS_DEVICE": "cpu",
+                    "ATLAS_LEASE_TTL_MS": str(LEASE_TTL_MS), "ATLAS_CHECKPOINT_TOKENS": "64",
+                    "ATLAS_PROGRESS_INTERVAL_S": "0", "ATLAS_DATA_DIR": str(tmp / "data"),
+                    "ATLAS_DRAIN_TIMEOUT_S": "5"}
+        replicas = [ServerProcess(tmp / name, settings) for name in ("a", "b")]
         for r in replicas:
             r.spawn()
         ref = _reference(checkpoint)  # while the replicas load
         for r in replicas:
-            r.wait_ready()
+            r.wait_ready(timeout_s=90)
         # The check has teeth only if different states continue differently.
         assert len({tuple(c) for c in ref.continuation.values()}) == 3, ref.continuation
         yield Cluster(replicas[0], replicas[1], ref)
     finally:
         for r in replicas:
-            r.sigkill()
+            r.kill()
         redis.kill()
 
 
@@ -181,19 +120,19 @@ def _events(r: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
 
 
-def create(replica: Replica) -> str:
+def create(replica: ServerProcess) -> str:
     r = httpx.post(replica.url + "/v1/sessions", headers=AUTH, timeout=30)
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
 
-def get(replica: Replica, sid: str) -> dict:
+def get(replica: ServerProcess, sid: str) -> dict:
     r = httpx.get(f"{replica.url}/v1/sessions/{sid}", headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def ingest(replica: Replica, sid: str, body: bytes | Iterator[bytes], offset: int,
+def ingest(replica: ServerProcess, sid: str, body: bytes | Iterator[bytes], offset: int,
            timeout_s: float = 120.0) -> tuple[int, list[dict] | dict]:
     """(status, SSE events) on 200, else (status, the error body). An iterator body is sent
     chunked, as it is produced."""
@@ -206,7 +145,7 @@ def ingest(replica: Replica, sid: str, body: bytes | Iterator[bytes], offset: in
         return 200, _events(r)
 
 
-def ingest_ok(replica: Replica, sid: str, body: bytes, offset: int) -> dict:
+def ingest_ok(replica: ServerProcess, sid: str, body: bytes, offset: int) -> dict:
     status, events = ingest(replica, sid, body, offset)
     assert status == 200, events
     assert isinstance(events, list) and events and not any("error" in e for e in events), events
@@ -214,7 +153,7 @@ def ingest_ok(replica: Replica, sid: str, body: bytes, offset: int) -> dict:
     return events[-1]
 
 
-def continuation(replica: Replica, sid: str) -> list[int]:
+def continuation(replica: ServerProcess, sid: str) -> list[int]:
     """Greedy continuation of PROMPT; on a fork, so the session stays as it was."""
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     with httpx.stream("POST", f"{replica.url}/v1/sessions/{sid}/generate", json=body, headers=AUTH,
@@ -226,7 +165,7 @@ def continuation(replica: Replica, sid: str) -> list[int]:
     return [e["token"] for e in events if "token" in e]
 
 
-def store_conflicts(replicas: tuple[Replica, ...]) -> float | None:
+def store_conflicts(replicas: tuple[ServerProcess, ...]) -> float | None:
     """Writes refused by a lease so far, over the replicas (None if /metrics does not say)."""
     total = 0.0
     for replica in replicas:
@@ -238,7 +177,7 @@ def store_conflicts(replicas: tuple[Replica, ...]) -> float | None:
     return total
 
 
-def assert_session(replica: Replica, sid: str, n: int, ref: Reference) -> None:
+def assert_session(replica: ServerProcess, sid: str, n: int, ref: Reference) -> None:
     """The session holds DOC[:n] exactly as a single uninterrupted process would."""
     meta = get(replica, sid)
     assert (meta["tokens"], meta["bytes_committed"]) == (n, n), meta
@@ -278,7 +217,7 @@ def test_concurrent_writers_one_wins_the_other_gets_409(cluster: Cluster) -> Non
         for k in range(256, P1, 256):
             yield DOC[k:min(k + 256, P1)]
 
-    def run(i: int, replica: Replica) -> None:
+    def run(i: int, replica: ServerProcess) -> None:
         try:
             barrier.wait(10)
             results[i] = ingest(replica, sid, body(i), offset=0)
@@ -340,7 +279,7 @@ def test_replica_killed_mid_ingest_another_resumes(cluster: Cluster) -> None:
             assert time.monotonic() < deadline, "no checkpoint from A"
             assert uploader.is_alive(), outcome
             time.sleep(0.05)
-        a.sigkill()
+        a.kill()
         killed = time.monotonic()
     finally:
         stop.set()
@@ -365,6 +304,5 @@ def test_replica_killed_mid_ingest_another_resumes(cluster: Cluster) -> None:
     assert_session(b, sid, P3, ref)
 
     # A replica started afresh (cold cache) serves the session too.
-    a.spawn()
-    a.wait_ready()
+    a.start(timeout_s=90)
     assert_session(a, sid, P3, ref)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 import torch
@@ -15,23 +16,11 @@ from atlas.engine.runtime import (
     Runtime,
     RuntimeSettings,
 )
-from atlas.engine.store import LeaseConflictError, SessionNotFoundError, StoreSettings, open_store
+from atlas.engine.store import LeaseConflictError, SessionNotFoundError
 
-from .helpers import same_session, tiny_atlas
+from .helpers import same_session
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
-
-
-@pytest.fixture
-def atlas():
-    return tiny_atlas(torch.float32, chunk_size=16, swa_window=32)
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = open_store(StoreSettings(data_dir=tmp_path / "store", part_bytes=64 << 10))
-    yield s
-    s.close()
 
 
 @pytest.fixture
@@ -120,12 +109,19 @@ def test_runtime_offsets_overlap_is_idempotent_and_gap_refused(atlas, runtime, s
     assert same_session(atlas.load_state(data), atlas.feed(atlas.new_state(), list(text))[0])
 
 
-def test_runtime_utf8_split_across_requests(atlas, runtime, store, shared_data):
-    text = (shared_data / "utf8-demo.txt").read_bytes()[:3001]
+def inside_a_character(text: bytes, near: int) -> int:
+    """The first offset from ``near`` on that falls inside a multi-byte UTF-8 character."""
+    return next(i for i in range(near, len(text)) if text[i] & 0xC0 == 0x80)
+
+
+def test_runtime_utf8_split_across_requests(atlas, runtime, store, utf8_text):
+    cuts = [0, inside_a_character(utf8_text, 1000), inside_a_character(utf8_text, 2000),
+            inside_a_character(utf8_text, 3000)]
+    text = utf8_text[:cuts[-1]]  # the last request ends inside a character too
 
     async def main():
         sid = (await runtime.create_session("t")).id
-        for a, b in [(0, 1001), (1001, 2000), (2000, 3001)]:  # cuts fall inside characters
+        for a, b in itertools.pairwise(cuts):
             await ingest_all(runtime, sid, text[a:b], offset=a)
         return sid
 

@@ -3,38 +3,31 @@ limits, and one JSON error shape for every failure path."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import pkgutil
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
 from starlette.testclient import TestClient
 
 from atlas.engine.runtime import RuntimeSettings
-from atlas.engine.store import StoreSettings, open_store
 from atlas.server.app import create_app
+from atlas.server.errors import ENGINE_ERRORS, HTTP_CODES, STATUS
 from atlas.server.settings import ServerSettings
 
-from .server_helpers import document, fast_atlas, parse_sse
+from .helpers import document
+from .server_helpers import parse_sse
 
 KEYS = "k-acme:acme,k-globex:globex"
 ACME = {"Authorization": "Bearer k-acme"}
 GLOBEX = {"Authorization": "Bearer k-globex"}
 LOOPBACK = ("127.0.0.1", 50000)
-
-
-@pytest.fixture(scope="module")
-def atlas():
-    return fast_atlas()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    s = open_store(StoreSettings(data_dir=tmp_path_factory.mktemp("store"), part_bytes=64 << 10))
-    yield s
-    s.close()
 
 
 @contextmanager
@@ -47,8 +40,8 @@ def serve(atlas, store, client: tuple[str, int] = LOOPBACK, runtime: RuntimeSett
 
 
 @pytest.fixture(scope="module")
-def client(atlas, store):
-    with serve(atlas, store, max_tokens=64, max_body_bytes=1 << 20) as c:
+def client(fast_atlas, store):
+    with serve(fast_atlas, store, max_tokens=64, max_body_bytes=1 << 20) as c:
         yield c
 
 
@@ -240,15 +233,15 @@ def test_auth_and_tenant_isolation(client):
     assert client.get(f"/v1/sessions/{sid}", headers=ACME).json()["bytes_committed"] == 22
 
 
-def test_no_keys_serves_loopback_only(atlas, store):
-    with serve(atlas, store, api_keys="") as c:
+def test_no_keys_serves_loopback_only(fast_atlas, store):
+    with serve(fast_atlas, store, api_keys="") as c:
         sid = new_session(c, {})
         assert c.get(f"/v1/sessions/{sid}").status_code == 200  # tenant "default", any or no key
         assert c.get(f"/v1/sessions/{sid}", headers={"Authorization": "Bearer whatever"}).status_code == 200
-    with serve(atlas, store, client=("10.1.2.3", 4000), api_keys="") as c:
+    with serve(fast_atlas, store, client=("10.1.2.3", 4000), api_keys="") as c:
         error(c.get("/v1/sessions"), 401, "unauthorized")
         assert c.get("/health").status_code == 200
-    with serve(atlas, store, client=("10.1.2.3", 4000), api_keys="", allow_remote=True) as c:
+    with serve(fast_atlas, store, client=("10.1.2.3", 4000), api_keys="", allow_remote=True) as c:
         assert c.get("/v1/sessions").status_code == 200
 
 
@@ -309,10 +302,10 @@ def test_error_shapes(client):
                       headers={**ACME, "Content-Type": "application/json"}), 413, "body_too_large")
 
 
-def test_limits_sessions_queue_timeout(atlas, store):
+def test_limits_sessions_queue_timeout(fast_atlas, store):
     tenant_keys = f"k-{uuid.uuid4().hex}:t-{uuid.uuid4().hex}"
     h = {"Authorization": f"Bearer {tenant_keys.split(':')[0]}"}
-    with serve(atlas, store, api_keys=tenant_keys, max_sessions_per_tenant=2, request_timeout_s=0.3,
+    with serve(fast_atlas, store, api_keys=tenant_keys, max_sessions_per_tenant=2, request_timeout_s=0.3,
                max_tokens=1_000_000, runtime=RuntimeSettings(max_requests=2)) as c:
         a, _ = new_session(c, h), new_session(c, h)
         error(c.post("/v1/sessions", headers=h), 429, "too_many_sessions")
@@ -323,7 +316,7 @@ def test_limits_sessions_queue_timeout(atlas, store):
         r = c.post("/v1/completions", headers=h, json={"prompt": "x", "max_tokens": 1_000_000})
         assert r.json()["choices"][0]["finish_reason"] == "timeout"
         # a full runtime queue: 429 with Retry-After
-        rt = c.app.state.engine.runtime
+        rt = c.app.state.services.runtime
         rt.stats.admitted += 2  # two requests in progress elsewhere
         try:
             r = c.post(f"/v1/sessions/{a}/generate", json={"max_tokens": 1}, headers=h)
@@ -335,20 +328,21 @@ def test_limits_sessions_queue_timeout(atlas, store):
         assert generate(c, a, headers=h, max_tokens=1)[-1]["done"] is True
 
 
-def test_corrupt_state_is_a_clear_error_and_the_server_lives_on(atlas, store):
-    with serve(atlas, store) as c:
+def test_corrupt_state_is_a_clear_error_and_the_server_lives_on(fast_atlas, store):
+    with serve(fast_atlas, store) as c:
         sid, sid2 = new_session(c), new_session(c)
     # state bytes that pass the store's checksums but are not a state of this model
-    store.put(sid, b"not a safetensors file", fingerprint=atlas.fingerprint, tokens=5, bytes_committed=5)
+    store.put(sid, b"not a safetensors file", fingerprint=fast_atlas.fingerprint, tokens=5,
+              bytes_committed=5)
     # and a part damaged inside Redis: the store's checksum refuses it
-    store.put(sid2, atlas.save_state(atlas.new_state()), fingerprint=atlas.fingerprint)
+    store.put(sid2, fast_atlas.save_state(fast_atlas.new_state()), fingerprint=fast_atlas.fingerprint)
     raw = redis.Redis(unix_socket_path=store.socket_path)
     parts = [k for k in raw.scan_iter(match=f"*{{{sid2}}}*") if raw.type(k) == b"string"]
     assert parts
     for k in parts:
         raw.setrange(k, 0, b"garbage!")
     raw.close()
-    with serve(atlas, store) as c:  # a fresh runtime: nothing cached
+    with serve(fast_atlas, store) as c:  # a fresh runtime: nothing cached
         for s in (sid, sid2):
             error(c.post(f"/v1/sessions/{s}/generate", json={"max_tokens": 2}, headers=ACME), 409,
                   "state_corrupt")
@@ -362,7 +356,7 @@ def test_corrupt_state_is_a_clear_error_and_the_server_lives_on(atlas, store):
         assert generate(c, ok, max_tokens=2)[-1]["done"] is True
 
 
-def test_not_ready_and_draining(atlas, store, tmp_path):
+def test_not_ready_and_draining(fast_atlas, store, tmp_path):
     settings = ServerSettings(api_keys=KEYS, model=str(tmp_path / "no-such-checkpoint"))
     with TestClient(create_app(settings, store=store), client=LOOPBACK) as c:
         for _ in range(100):
@@ -372,7 +366,7 @@ def test_not_ready_and_draining(atlas, store, tmp_path):
         error(c.get("/ready"), 503, "not_ready")
         error(c.get("/health"), 503, "not_ready")
         error(c.get("/v1/sessions", headers=ACME), 503, "not_ready")
-    with serve(atlas, store) as c:
+    with serve(fast_atlas, store) as c:
         c.app.state.draining = True
         error(c.get("/v1/sessions", headers=ACME), 503, "shutting_down")
         error(c.get("/ready"), 503, "shutting_down")
@@ -399,3 +393,64 @@ def test_sse_events_stay_one_line_for_any_text() -> None:
     event = sse({"text": text}).decode()
     assert event.endswith("\n\n") and len(event.splitlines()) == 2 and event.splitlines()[1] == ""
     assert json.loads(event.splitlines()[0].removeprefix("data: "))["text"] == text
+
+
+def test_json_routes_refuse_other_content_types(client) -> None:
+    """``curl -d '{...}'`` without ``-H 'Content-Type: application/json'`` sends a form type: the
+    answer is a 415 that says what to send, not a puzzling 422."""
+    sid = new_session(client)
+    body = b'{"prompt": "x", "max_tokens": 2}'
+    curl = {**ACME, "User-Agent": "curl/8.5.0", "Accept": "*/*",
+            "Content-Type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
+    err = error(client.post(f"/v1/sessions/{sid}/generate", content=body, headers=curl), 415,
+                "unsupported_media_type")
+    assert "send Content-Type: application/json" in err["message"]
+    assert "application/x-www-form-urlencoded" in err["message"]
+    for path in (f"/v1/sessions/{sid}/generate", "/v1/completions", "/v1/sessions"):
+        for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data", None):
+            headers = {**ACME, "Content-Type": content_type} if content_type else ACME
+            err = error(client.post(path, content=body, headers=headers), 415, "unsupported_media_type")
+            assert "send Content-Type: application/json" in err["message"]
+    # JSON with parameters is JSON; a create without a body needs no type; ingest takes text
+    r = client.post(f"/v1/sessions/{sid}/generate", content=body,
+                    headers={**ACME, "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200 and parse_sse(r.text)[-1]["done"] is True
+    assert client.post("/v1/sessions", headers=ACME).status_code == 201
+    assert ingest(client, sid, b"plain text")[-1]["done"] is True
+
+
+def _subclasses(roots: tuple[type, ...]) -> set[type]:
+    seen, todo = set(roots), list(roots)
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+    return seen
+
+
+def test_every_error_code_has_one_http_status() -> None:
+    """The engine's errors carry only a code and the server's one table gives its status, so a new
+    error class cannot silently become a 500."""
+    import atlas.engine
+
+    for module in pkgutil.walk_packages(atlas.engine.__path__, "atlas.engine."):
+        importlib.import_module(module.name)  # every error class the engine defines is loaded
+    with_code = {c for c in _subclasses((Exception,))
+                 if c.__module__.startswith("atlas.engine") and hasattr(c, "code")}
+    engine_errors = _subclasses(ENGINE_ERRORS)
+    assert with_code <= engine_errors, "an engine error outside ENGINE_ERRORS falls through to 500"
+    for cls in engine_errors:
+        assert cls.code in STATUS, f"{cls.__qualname__}.code {cls.code!r} has no HTTP status"
+        assert not hasattr(cls, "status") and not hasattr(cls, "http_status"), cls
+    assert STATUS["state_corrupt"] == 409 and STATUS["store_unavailable"] == 503
+    assert all(STATUS[code] == status for status, code in HTTP_CODES.items())
+    # and every code the server raises itself
+    import atlas.server
+
+    raised = [(path.name, node.args[0].value)
+              for path in Path(atlas.server.__file__).parent.rglob("*.py")
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ApiError"
+              and node.args and isinstance(node.args[0], ast.Constant)]
+    assert len(raised) > 10 and all(code in STATUS for _, code in raised), raised

@@ -2,7 +2,7 @@
 
 Streaming, disconnects, SIGKILL and restarts, SIGTERM draining, the official ``openai`` client and a
 schemathesis run over the OpenAPI document all need a real server process; the model is a tiny fast
-checkpoint (tests/server_helpers.FAST) because the point here is the protocol.
+checkpoint (tests/helpers.FAST) because the point here is the protocol.
 """
 
 from __future__ import annotations
@@ -12,37 +12,23 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from .server_helpers import (
-    GRACEFUL,
-    ServerProcess,
-    document,
-    kill_embedded_redis,
-    parse_sse,
-    running_server,
-    sse_events,
-    stop_embedded_redis,
-    write_checkpoint,
-)
+from bench.server_process import GRACEFUL, ServerProcess
+
+from .helpers import document
+from .server_helpers import kill_embedded_redis, parse_sse, running_server, sse_events, stop_embedded_redis
 
 ACME = {"Authorization": "Bearer k-acme"}
-#: Exit status after SIGTERM and a clean drain: uvicorn re-raises the signal once it has shut down.
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "fast-atlas")
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def server(fast_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("main")
-    with running_server(work, {"ATLAS_MODEL": str(checkpoint), "ATLAS_MAX_TOKENS": "100000",
+    with running_server(work, {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_MAX_TOKENS": "100000",
                                "ATLAS_API_KEYS": "k-acme:acme,k-globex:globex",
                                "ATLAS_MAX_BODY_BYTES": str(8 << 20)}) as srv:
         yield srv
@@ -120,6 +106,7 @@ def test_openai_client_streams_from_a_session(server):
             model=model, prompt="x", extra_body={"session_id": sid})
 
 
+@pytest.mark.slow
 def test_5mb_in_one_request_equals_several_with_offsets(server):
     """One 5 MB request, and the same document in pieces with offsets (one piece sent twice, one
     overlapping), run at the same time: the same session."""
@@ -188,8 +175,9 @@ def test_client_disconnect_cancels_the_work(server):
         assert last["bytes_committed"] == last["tokens"] == 620_000
 
 
-def test_schemathesis_finds_no_server_errors(checkpoint, tmp_path):
-    srv = ServerProcess(tmp_path, {"ATLAS_MODEL": str(checkpoint), "ATLAS_API_KEYS": "k-acme:acme",
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(fast_checkpoint, tmp_path):
+    srv = ServerProcess(tmp_path, {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_API_KEYS": "k-acme:acme",
                                    "ATLAS_MAX_TOKENS": "16", "ATLAS_REQUEST_TIMEOUT_S": "5",
                                    "ATLAS_MAX_BODY_BYTES": "65536", "ATLAS_MAX_PROMPT_TOKENS": "4096"})
     srv.start()
@@ -220,12 +208,13 @@ def test_schemathesis_finds_no_server_errors(checkpoint, tmp_path):
             stop_embedded_redis(tmp_path / "data")
 
 
-def test_kill_9_mid_ingest_then_resume_restart_and_drain(checkpoint, tmp_path):
+@pytest.mark.slow
+def test_kill_9_mid_ingest_then_resume_restart_and_drain(fast_checkpoint, tmp_path):
     """SIGKILL the server (and its embedded Redis) in the middle of an ingest; restart; resume from
     ``bytes_committed``: the session equals an uninterrupted ingest. Then sessions survive a graceful
     restart, and SIGTERM lets a running generation finish."""
     data = tmp_path / "data"
-    srv = ServerProcess(tmp_path, {"ATLAS_MODEL": str(checkpoint), "ATLAS_CHECKPOINT_TOKENS": "8192",
+    srv = ServerProcess(tmp_path, {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_CHECKPOINT_TOKENS": "8192",
                                    "ATLAS_INGEST_CHUNKS_PER_STEP": "1", "ATLAS_LEASE_TTL_MS": "1500",
                                    "ATLAS_DRAIN_TIMEOUT_S": "20"},
                         host="0.0.0.0")  # no API keys: it must refuse and bind loopback only

@@ -10,40 +10,27 @@ import pytest
 
 from atlas.engine.store import LeaseConflictError, StateNotFoundError
 
-from .store_helpers import make_store, redis_server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as s:
-        yield s
+from .store_helpers import make_store
 
 
 @pytest.fixture
-def store(server):
-    s = make_store(server.url, f"t{uuid.uuid4().hex[:8]}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def other(server, store):
+def other(standalone_redis, redis_store):
     """A second store object (another replica) on the same keys."""
-    s = make_store(server.url, store.settings.key_prefix)
+    s = make_store(standalone_redis.url, redis_store.settings.key_prefix)
     yield s
     s.close()
 
 
-def test_second_writer_gets_a_conflict(store, other):
-    sid = store.create("acme").id
-    with store.lease(sid, "replica-a") as a:
+def test_second_writer_gets_a_conflict(redis_store, other):
+    sid = redis_store.create("acme").id
+    with redis_store.lease(sid, "replica-a") as a:
         assert a.held and a.fence == 1
         with pytest.raises(LeaseConflictError) as e:
             other.lease(sid, "replica-b")
-        assert e.value.code == "lease_conflict" and e.value.http_status == 409
+        assert e.value.code == "lease_conflict"
         assert "replica-a" in str(e.value)
         # the holder commits; a writer without the lease is refused, fenced or not
-        store.put(sid, b"from a", fingerprint="f", fence=a.fence)
+        redis_store.put(sid, b"from a", fingerprint="f", fence=a.fence)
         with pytest.raises(LeaseConflictError):
             other.put(sid, b"from b", fingerprint="f")
         with pytest.raises(LeaseConflictError):
@@ -57,75 +44,75 @@ def test_second_writer_gets_a_conflict(store, other):
     with other.lease(sid, "replica-b") as b:
         assert b.fence == 2
         other.put(sid, b"from b", fingerprint="f", fence=b.fence)
-    assert store.get(sid)[0] == b"from b"
+    assert redis_store.get(sid)[0] == b"from b"
     assert other.stats.conflicts >= 5
 
 
-def test_expired_holder_cannot_commit_after_another_took_the_lease(store, other):
-    sid = store.create("acme").id
-    store.put(sid, b"v0", fingerprint="f")
-    a = store.lease(sid, "slow-writer", ttl_ms=100)
+def test_expired_holder_cannot_commit_after_another_took_the_lease(redis_store, other):
+    sid = redis_store.create("acme").id
+    redis_store.put(sid, b"v0", fingerprint="f")
+    a = redis_store.lease(sid, "slow-writer", ttl_ms=100)
     time.sleep(0.15)  # a stalls past its TTL (GC pause, network partition...)
     assert not a.held
     b = other.lease(sid, "new-writer", ttl_ms=5_000)
     assert b.fence > a.fence
     with pytest.raises(LeaseConflictError):
-        store.put(sid, b"stale write", fingerprint="f", fence=a.fence)
+        redis_store.put(sid, b"stale write", fingerprint="f", fence=a.fence)
     with pytest.raises(LeaseConflictError):
         a.renew()
     a.release()  # must not release b's lease
     assert b.held
     other.put(sid, b"v1", fingerprint="f", fence=b.fence)
     b.release()
-    assert store.get(sid)[0] == b"v1"
+    assert redis_store.get(sid)[0] == b"v1"
     # even after b let go, a's fence stays stale: a later lease was granted
     with pytest.raises(LeaseConflictError):
-        store.put(sid, b"stale write", fingerprint="f", fence=a.fence)
-    assert store.get(sid)[0] == b"v1" and store.generation(sid) == 2
+        redis_store.put(sid, b"stale write", fingerprint="f", fence=a.fence)
+    assert redis_store.get(sid)[0] == b"v1" and redis_store.generation(sid) == 2
 
 
-def test_expired_lease_nobody_took_still_fences(store):
+def test_expired_lease_nobody_took_still_fences(redis_store):
     """Fencing is "no later lease was granted": a lapsed but unchallenged holder may still commit,
     and an unfenced writer may commit once the lease lapsed."""
-    sid = store.create("acme").id
-    a = store.lease(sid, ttl_ms=50)
+    sid = redis_store.create("acme").id
+    a = redis_store.lease(sid, ttl_ms=50)
     time.sleep(0.08)
-    store.put(sid, b"late but unchallenged", fingerprint="f", fence=a.fence)
-    store.put(sid, b"unfenced", fingerprint="f")
-    assert store.get(sid)[0] == b"unfenced"
+    redis_store.put(sid, b"late but unchallenged", fingerprint="f", fence=a.fence)
+    redis_store.put(sid, b"unfenced", fingerprint="f")
+    assert redis_store.get(sid)[0] == b"unfenced"
 
 
-def test_wait_for_the_lease(store, other):
-    sid = store.create("acme").id
-    a = store.lease(sid, ttl_ms=5_000)
+def test_wait_for_the_lease(redis_store, other):
+    sid = redis_store.create("acme").id
+    a = redis_store.lease(sid, ttl_ms=5_000)
     threading.Timer(0.1, a.release).start()
     t0 = time.monotonic()
     with other.lease(sid, wait_ms=3_000) as b:
         assert 0.05 < time.monotonic() - t0 < 2 and b.fence == a.fence + 1
-    c = store.lease(sid, ttl_ms=150)
+    c = redis_store.lease(sid, ttl_ms=150)
     with other.lease(sid, wait_ms=3_000) as d:  # waits for c to expire
         assert d.fence == c.fence + 1
     with pytest.raises(StateNotFoundError):
-        store.lease("no-such-session")
+        redis_store.lease("no-such-session")
 
 
-def test_fence_survives_delete_and_recreate(store, other):
-    sid = store.create("acme", sid=f"s-{uuid.uuid4().hex[:6]}").id
-    a = store.lease(sid)
-    store.delete(sid, fence=a.fence)
+def test_fence_survives_delete_and_recreate(redis_store, other):
+    sid = redis_store.create("acme", sid=f"s-{uuid.uuid4().hex[:6]}").id
+    a = redis_store.lease(sid)
+    redis_store.delete(sid, fence=a.fence)
     assert not a.held
-    store.create("acme", sid=sid)
+    redis_store.create("acme", sid=sid)
     with other.lease(sid) as b:
         assert b.fence > a.fence
     with pytest.raises(LeaseConflictError):
-        store.put(sid, b"zombie", fingerprint="f", fence=a.fence)
+        redis_store.put(sid, b"zombie", fingerprint="f", fence=a.fence)
 
 
-def test_leased_read_modify_write_loses_no_update(store, server):
+def test_leased_read_modify_write_loses_no_update(redis_store, standalone_redis):
     """Writers on several store objects each add 1, under the lease: no increment is lost."""
-    sid = store.create("acme").id
-    store.put(sid, (0).to_bytes(8, "big"), fingerprint="f")
-    stores = [make_store(server.url, store.settings.key_prefix) for _ in range(3)]
+    sid = redis_store.create("acme").id
+    redis_store.put(sid, (0).to_bytes(8, "big"), fingerprint="f")
+    stores = [make_store(standalone_redis.url, redis_store.settings.key_prefix) for _ in range(3)]
     errors: list[BaseException] = []
 
     def worker(s) -> None:
@@ -145,4 +132,4 @@ def test_leased_read_modify_write_loses_no_update(store, server):
     for s in stores:
         s.close()
     assert not errors, errors
-    assert int.from_bytes(store.get(sid)[0], "big") == 30
+    assert int.from_bytes(redis_store.get(sid)[0], "big") == 30

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from atlas.engine import AtlasModel
-from atlas.engine.training import OptimConfig, lm_loss, train
+from atlas.training.trainer import OptimConfig, lm_loss, train
 
 from .helpers import tiny_config
 
@@ -35,6 +36,7 @@ def test_training_gradients_reach_the_memory_update():
     assert mem.w2_init.grad.abs().sum() > 0 and mem.w1_init.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_training_loss_falls_on_copy_task():
     torch.manual_seed(0)
     # Copy distance 17 > attention window 12: only the memory can carry the symbols across.

@@ -1,9 +1,10 @@
 """The ATLAS long-term memory: the reference chunk step and the streaming layer around it.
 
-This file is the specification (MODEL.md). The functions in the first half are the chunk step
-(reads, Omega-weighted analytic gradients, momentum, Newton-Schulz, update); Triton kernels mirror
-them. `AtlasMemory` runs one chunk block of a stream through them and carries the state (weights,
-momentum, Omega tail, conv tail) from chunk to chunk; the LM drives it on the absolute chunk grid.
+The reference implementation of docs/model.md, "One ATLAS memory layer". The functions in the first
+half are the chunk step (reads, Omega-weighted analytic gradients, momentum, Newton-Schulz, update);
+Triton kernels mirror them. `AtlasMemory` runs one chunk block of a stream through them and carries
+the state (weights, momentum, Omega tail, conv tail) from chunk to chunk; the LM drives it on the
+absolute chunk grid.
 Everything is differentiable (training backprops through the chunk recurrence) and float64-capable.
 """
 
@@ -21,9 +22,13 @@ from atlas.kernels.settings import kernel_settings
 
 from ..config import ModelConfig
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _log = logging.getLogger(__name__)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# The chunk step's constants, defined here only: the Triton kernels (kernels/_common.py) import them.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # (n1, n2, n3) of the quintic Newton-Schulz iteration, as in Muon
+NS_EPS = 1e-7  # in the norm Newton-Schulz starts by dividing by: NS of a zero momentum stays zero
+GELU_CUBIC = 0.044715  # of the tanh-form GELU: x/2 (1 + tanh(sqrt(2/pi) (x + GELU_CUBIC x^3)))
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 Weights = tuple[Tensor, ...]  # (W1, W2) for depth 2, (W,) for depth 1; each (B, H, rows, cols)
 
@@ -39,9 +44,9 @@ def gelu(x: Tensor) -> Tensor:
 
 def gelu_grad(x: Tensor) -> Tensor:
     """d/dx of the tanh-form GELU."""
-    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x.pow(3))
+    inner = SQRT_2_OVER_PI * (x + GELU_CUBIC * x.pow(3))
     t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x * x)
 
 
 def feature_map(x: Tensor, coeffs: Tensor) -> Tensor:
@@ -79,19 +84,24 @@ def memory_grads(weights: Weights, x: Tensor, v: Tensor, omega: Tensor) -> Weigh
     return (d_w1, d_w2)
 
 
+def ns_scale(rows: int, cols: int) -> float:
+    """The factor Newton-Schulz's result is scaled by, for a (rows, cols) matrix (Muon's)."""
+    return math.sqrt(max(1.0, rows / cols))
+
+
 def newton_schulz(x: Tensor, steps: int) -> Tensor:
     """Approximate orthogonalisation of each matrix in x (..., rows, cols), as in Muon."""
     rows, cols = x.shape[-2:]
     dtype = torch.promote_types(x.dtype, torch.float32)  # never below fp32
     x = x.to(dtype)
     wide = x.mT if rows > cols else x
-    wide = wide / (torch.linalg.matrix_norm(wide, keepdim=True) + 1e-7)
+    wide = wide / (torch.linalg.matrix_norm(wide, keepdim=True) + NS_EPS)
     n1, n2, n3 = NS_COEFFS
     for _ in range(steps):
         a = wide @ wide.mT
         wide = n1 * wide + (n2 * a + n3 * (a @ a)) @ wide
     out = wide.mT if rows > cols else wide
-    return out * math.sqrt(max(1.0, rows / cols))
+    return out * ns_scale(rows, cols)
 
 
 def omega_counts(chunk: int, window: int, dtype: torch.dtype, device: torch.device) -> Tensor:

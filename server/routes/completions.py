@@ -10,30 +10,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 
-from ..app import Engine, engine
-from ..auth import tenant
+from ..dependencies import MetricsDep, Services, ServicesDep, SettingsDep, TenantDep, session_id
 from ..errors import ApiError, error_event
 from ..schemas import Completion, CompletionChoice, CompletionRequest, Usage
-from ..settings import ServerSettings
 from ..streaming import EventStream, Finished, generation, primed, sse
-from .common import GEN_ERRORS, prompt_ids, sampling, session_id
+from .common import JSON_GEN_ERRORS, prompt_ids, sampling
 
 router = APIRouter(tags=["openai"])
 
-RESPONSES = {**GEN_ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+RESPONSES = {**JSON_GEN_ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def _unsupported(name: str, why: str) -> ApiError:
-    return ApiError(400, "unsupported_parameter", f"{name}: {why}")
+    return ApiError("unsupported_parameter", f"{name}: {why}")
 
 
-def _check(req: CompletionRequest, eng: Engine) -> str | list[int]:
+def _check(req: CompletionRequest, services: Services) -> str | list[int]:
     """Refuse what we would otherwise silently get wrong; the prompt as text or ids."""
-    if req.model is not None and req.model != eng.model_id:
-        raise ApiError(404, "model_not_found", f"model {req.model!r} is not served here; "
-                       f"this server runs {eng.model_id!r} (GET /v1/models)")
+    if req.model is not None and req.model != services.model_id:
+        raise ApiError("model_not_found", f"model {req.model!r} is not served here; "
+                       f"this server runs {services.model_id!r} (GET /v1/models)")
     if req.n != 1:
         raise _unsupported("n", "only n=1 is supported")
     if req.best_of not in (None, 1):
@@ -55,18 +53,17 @@ def _check(req: CompletionRequest, eng: Engine) -> str | list[int]:
 
 
 @router.post("/v1/completions", response_model=Completion, responses=RESPONSES)
-async def completions(request: Request, req: CompletionRequest, who: str = Depends(tenant),
-                      eng: Engine = Depends(engine)):
+async def completions(req: CompletionRequest, who: TenantDep, services: ServicesDep,
+                      settings: SettingsDep, metrics: MetricsDep):
     """OpenAI's completions, streaming (``stream: true``, with ``stream_options.include_usage``) or
     not. ``finish_reason`` is ``stop``, ``length`` or ``timeout`` (ATLAS_REQUEST_TIMEOUT_S)."""
-    settings: ServerSettings = request.app.state.settings
-    prompt = _check(req, eng)
+    prompt = _check(req, services)
     params = sampling(req, 16, settings)  # OpenAI's default max_tokens
-    ids = prompt_ids(eng, prompt, settings)
+    ids = prompt_ids(services.atlas, prompt, settings)
     sid = req.session_id
     if sid is not None:
-        await eng.runtime.get_session(session_id(sid), who)
-    stream = await primed(generation(eng.runtime, request.app.state.metrics, sid, who, ids, params, False,
+        await services.runtime.get_session(session_id(sid), who)
+    stream = await primed(generation(services.runtime, metrics, sid, who, ids, params, False,
                                      settings.request_timeout_s))
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -77,7 +74,7 @@ async def completions(request: Request, req: CompletionRequest, who: str = Depen
                 if isinstance(item, Finished):
                     usage = Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
                                   total_tokens=item.prompt_tokens + item.completion_tokens)
-                    return Completion(id=cid, created=created, model=eng.model_id, usage=usage, choices=[
+                    return Completion(id=cid, created=created, model=services.model_id, usage=usage, choices=[
                         CompletionChoice(text="".join(text), finish_reason=item.finish_reason)])
                 text.append(item.text)
         finally:
@@ -87,7 +84,7 @@ async def completions(request: Request, req: CompletionRequest, who: str = Depen
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(text: str, finish_reason: str | None) -> bytes:
-        body = {"id": cid, "object": "text_completion", "created": created, "model": eng.model_id,
+        body = {"id": cid, "object": "text_completion", "created": created, "model": services.model_id,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
         if include_usage:
             body["usage"] = None
@@ -105,7 +102,7 @@ async def completions(request: Request, req: CompletionRequest, who: str = Depen
                     usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
                              "total_tokens": item.prompt_tokens + item.completion_tokens}
                     yield sse({"id": cid, "object": "text_completion", "created": created,
-                               "model": eng.model_id, "choices": [], "usage": usage})
+                               "model": services.model_id, "choices": [], "usage": usage})
         except Exception as e:
             yield sse(error_event(e))
         finally:

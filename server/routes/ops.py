@@ -7,21 +7,22 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..app import Engine, engine
-from ..auth import tenant
+from ..dependencies import MetricsDep, Services, ServicesDep, get_services, get_tenant
 from ..errors import ApiError
 from ..metrics import CONTENT_TYPE
 from ..schemas import ErrorBody, Health, ModelCard, ModelList
 
 router = APIRouter()
 ERRORS = {401: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+#: Routes that need a key but not the caller's tenant.
+AUTH = [Depends(get_tenant)]
 
 
 @router.get("/health", response_model=Health, tags=["ops"])
 async def health(request: Request) -> Health:
     """Liveness: the process answers (open, no key). 503 only if the engine failed to start."""
     if request.app.state.load_error:
-        raise ApiError(503, "not_ready", f"the engine failed to start: {request.app.state.load_error}")
+        raise ApiError("not_ready", f"the engine failed to start: {request.app.state.load_error}")
     return Health(status="ok")
 
 
@@ -29,41 +30,41 @@ async def health(request: Request) -> Health:
 async def ready(request: Request) -> Health:
     """Readiness (open, no key): the model is loaded and the store answers; 503 until then, and
     while draining."""
-    eng = engine(request)
+    services = get_services(request)
     try:
-        ok = await asyncio.wait_for(asyncio.to_thread(eng.store.ping), timeout=5)
+        ok = await asyncio.wait_for(asyncio.to_thread(services.store.ping), timeout=5)
     except Exception:  # noqa: BLE001 - any failure to answer is "not ready"
         ok = False
     if not ok:
-        raise ApiError(503, "store_unavailable", "the session store does not answer", {"Retry-After": "1"})
-    return Health(status="ready", model=eng.model_id)
+        raise ApiError("store_unavailable", "the session store does not answer", {"Retry-After": "1"})
+    return Health(status="ready", model=services.model_id)
 
 
-@router.get("/metrics", response_class=Response, responses=ERRORS, tags=["ops"])
-async def metrics(request: Request, _: str = Depends(tenant)) -> Response:
+@router.get("/metrics", response_class=Response, responses=ERRORS, tags=["ops"], dependencies=AUTH)
+async def metrics(app_metrics: MetricsDep) -> Response:
     """Prometheus text format."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(app_metrics.render(), media_type=CONTENT_TYPE)
 
 
-def model_card(eng: Engine) -> ModelCard:
-    return ModelCard(id=eng.model_id, created=eng.created, fingerprint=eng.atlas.fingerprint)
+def model_card(services: Services) -> ModelCard:
+    return ModelCard(id=services.model_id, created=services.created, fingerprint=services.atlas.fingerprint)
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["openai"])
-async def list_models(_: str = Depends(tenant), eng: Engine = Depends(engine)) -> ModelList:
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["openai"], dependencies=AUTH)
+async def list_models(services: ServicesDep) -> ModelList:
     """The one model this server runs."""
-    return ModelList(data=[model_card(eng)])
+    return ModelList(data=[model_card(services)])
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard,
-            responses={**ERRORS, 404: {"model": ErrorBody}}, tags=["openai"])
-async def get_model(model_id: str, _: str = Depends(tenant), eng: Engine = Depends(engine)) -> ModelCard:
-    if model_id != eng.model_id:
-        raise ApiError(404, "model_not_found", f"this server runs model {eng.model_id!r}")
-    return model_card(eng)
+            responses={**ERRORS, 404: {"model": ErrorBody}}, tags=["openai"], dependencies=AUTH)
+async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
+    if model_id != services.model_id:
+        raise ApiError("model_not_found", f"this server runs model {services.model_id!r}")
+    return model_card(services)
 
 
-@router.get("/openapi.json", include_in_schema=False)
-async def openapi(request: Request, _: str = Depends(tenant)) -> JSONResponse:
+@router.get("/openapi.json", include_in_schema=False, dependencies=AUTH)
+async def openapi(request: Request) -> JSONResponse:
     """The OpenAPI document (behind the same key as everything else)."""
     return JSONResponse(request.app.openapi())

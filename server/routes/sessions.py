@@ -7,13 +7,12 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
 from atlas.engine.runtime import IngestProgress
 
-from ..app import Engine, engine
-from ..auth import tenant
+from ..dependencies import MetricsDep, ServicesDep, SessionIdDep, SettingsDep, TenantDep
 from ..errors import ApiError, error_event
 from ..schemas import (
     GenerateDoneEvent,
@@ -24,62 +23,55 @@ from ..schemas import (
     SessionOut,
     Usage,
 )
-from ..settings import ServerSettings
 from ..streaming import EventStream, Finished, generation, primed, sse
-from .common import ERRORS, GEN_ERRORS, prompt_ids, sampling, session_id
+from .common import ERRORS, GEN_ERRORS, JSON_ERRORS, JSON_GEN_ERRORS, prompt_ids, sampling
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SSE_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 
-def _settings(request: Request) -> ServerSettings:
-    return request.app.state.settings
-
-
-@router.post("", status_code=201, response_model=SessionOut, responses=ERRORS)
-async def create_session(request: Request, body: SessionCreate | None = Body(None),
-                         who: str = Depends(tenant), eng: Engine = Depends(engine)) -> SessionOut:
+@router.post("", status_code=201, response_model=SessionOut, responses=JSON_ERRORS)
+async def create_session(request: Request, who: TenantDep, services: ServicesDep, settings: SettingsDep,
+                         body: SessionCreate | None = Body(None)) -> SessionOut:
     """A new empty session. 429 ``too_many_sessions`` once the tenant holds ATLAS_MAX_SESSIONS_PER_TENANT."""
-    limit = _settings(request).max_sessions_per_tenant
+    limit = settings.max_sessions_per_tenant
     locks: dict[str, asyncio.Lock] = request.app.state.create_locks
     async with locks.setdefault(who, asyncio.Lock()):  # one create at a time per tenant: the count holds
-        held = len(await eng.runtime.list_sessions(who))
+        held = len(await services.runtime.list_sessions(who))
         if held >= limit:
-            raise ApiError(429, "too_many_sessions",
+            raise ApiError("too_many_sessions",
                            f"this tenant holds {held} sessions, the limit is {limit}; delete some first")
-        meta = await eng.runtime.create_session(who, ttl_s=body.ttl_s if body else None)
+        meta = await services.runtime.create_session(who, ttl_s=body.ttl_s if body else None)
     return SessionOut.of(meta)
 
 
 @router.get("", response_model=SessionList, responses=ERRORS)
-async def list_sessions(who: str = Depends(tenant), eng: Engine = Depends(engine)) -> SessionList:
+async def list_sessions(who: TenantDep, services: ServicesDep) -> SessionList:
     """The caller's sessions, oldest first."""
-    return SessionList(data=[SessionOut.of(m) for m in await eng.runtime.list_sessions(who)])
+    return SessionList(data=[SessionOut.of(m) for m in await services.runtime.list_sessions(who)])
 
 
 @router.get("/{sid}", response_model=SessionOut, responses=ERRORS)
-async def get_session(sid: str = Depends(session_id), who: str = Depends(tenant),
-                      eng: Engine = Depends(engine)) -> SessionOut:
+async def get_session(sid: SessionIdDep, who: TenantDep, services: ServicesDep) -> SessionOut:
     """A session's counters: resume an ingest from ``bytes_committed``."""
-    return SessionOut.of(await eng.runtime.get_session(sid, who))
+    return SessionOut.of(await services.runtime.get_session(sid, who))
 
 
 @router.delete("/{sid}", status_code=204, response_class=Response, responses=GEN_ERRORS)
-async def delete_session(sid: str = Depends(session_id), who: str = Depends(tenant),
-                         eng: Engine = Depends(engine)) -> Response:
-    await eng.runtime.delete_session(sid, who)
+async def delete_session(sid: SessionIdDep, who: TenantDep, services: ServicesDep) -> Response:
+    await services.runtime.delete_session(sid, who)
     return Response(status_code=204)
 
 
 @router.post("/{sid}/fork", status_code=201, response_model=SessionOut, responses=GEN_ERRORS)
-async def fork_session(request: Request, sid: str = Depends(session_id), who: str = Depends(tenant),
-                       eng: Engine = Depends(engine)) -> SessionOut:
+async def fork_session(sid: SessionIdDep, who: TenantDep, services: ServicesDep,
+                       settings: SettingsDep) -> SessionOut:
     """A new session that starts from this one's committed state (copy-on-write: cheap)."""
-    limit = _settings(request).max_sessions_per_tenant
-    if len(await eng.runtime.list_sessions(who)) >= limit:
-        raise ApiError(429, "too_many_sessions", f"the limit is {limit} sessions; delete some first")
-    return SessionOut.of(await eng.runtime.fork(sid, who))
+    limit = settings.max_sessions_per_tenant
+    if len(await services.runtime.list_sessions(who)) >= limit:
+        raise ApiError("too_many_sessions", f"the limit is {limit} sessions; delete some first")
+    return SessionOut.of(await services.runtime.fork(sid, who))
 
 
 INGEST_BODY = {"requestBody": {"required": True, "description": "The document (UTF-8 text), streamed.",
@@ -88,25 +80,25 @@ INGEST_BODY = {"requestBody": {"required": True, "description": "The document (U
 
 @router.post("/{sid}/ingest", response_class=EventStream, openapi_extra=INGEST_BODY,
              responses={**GEN_ERRORS, 200: SSE_DOC, 413: ERRORS[404]})
-async def ingest(request: Request, sid: str = Depends(session_id),
+async def ingest(request: Request, sid: SessionIdDep, who: TenantDep, services: ServicesDep,
+                 settings: SettingsDep, metrics: MetricsDep,
                  offset: int | None = Query(None, ge=0, le=1 << 62,
                                             description="Where this body starts in the document "
-                                                        "(default: after what the session has)."),
-                 who: str = Depends(tenant), eng: Engine = Depends(engine)) -> EventStream:
+                                                        "(default: after what the session has).")
+                 ) -> EventStream:
     """Stream a document into the session. The body is read as it arrives (never held whole);
     events report progress (``bytes_committed``, ``tokens``, ``tokens_per_s``) and the last one,
     ``done: true``, the totals. Bytes before ``bytes_committed`` are skipped (a resumed upload is
     idempotent); an offset past it is 409 ``offset_gap``. If the client goes away, the session keeps
     what was read until then: resume from its ``bytes_committed``."""
-    settings = _settings(request)
     limit = settings.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "body_too_large", f"an ingest body may carry at most {limit} bytes; "
+        raise ApiError("body_too_large", f"an ingest body may carry at most {limit} bytes; "
                        "send the document in several requests with ?offset=")
-    meta = await eng.runtime.get_session(sid, who)
+    meta = await services.runtime.get_session(sid, who)
     if offset is not None and offset > meta.bytes_committed:
-        raise ApiError(409, "offset_gap", f"offset {offset} is past the {meta.bytes_committed} bytes the "
+        raise ApiError("offset_gap", f"offset {offset} is past the {meta.bytes_committed} bytes the "
                        f"session has; resume from {meta.bytes_committed}")
     body_read = asyncio.Event()
     over_limit = False
@@ -131,17 +123,16 @@ async def ingest(request: Request, sid: str = Depends(session_id),
             body_read.set()
 
     t0 = time.perf_counter()
-    progress = eng.runtime.ingest(sid, who, body(), offset=offset)
+    progress = services.runtime.ingest(sid, who, body(), offset=offset)
     try:
         first: IngestProgress = await progress.__anext__()
     except BaseException:
         await progress.aclose()
         raise
-    too_large = ApiError(413, "body_too_large", f"an ingest body may carry at most {limit} bytes; the "
+    too_large = ApiError("body_too_large", f"an ingest body may carry at most {limit} bytes; the "
                          "session keeps what was read before the limit (see its bytes_committed)")
     if first.done and over_limit:
         raise too_large
-    metrics = request.app.state.metrics
 
     async def events() -> AsyncIterator[bytes]:
         tokens, emitted = meta.tokens, 0.0
@@ -174,18 +165,17 @@ async def ingest(request: Request, sid: str = Depends(session_id),
     return EventStream(events(), body_read=body_read)
 
 
-@router.post("/{sid}/generate", response_class=EventStream, responses={**GEN_ERRORS, 200: SSE_DOC})
-async def generate(request: Request, req: GenerateRequest, sid: str = Depends(session_id),
-                   who: str = Depends(tenant), eng: Engine = Depends(engine)) -> EventStream:
+@router.post("/{sid}/generate", response_class=EventStream, responses={**JSON_GEN_ERRORS, 200: SSE_DOC})
+async def generate(req: GenerateRequest, sid: SessionIdDep, who: TenantDep, services: ServicesDep,
+                   settings: SettingsDep, metrics: MetricsDep) -> EventStream:
     """Continue the session after ``prompt``; events ``{"text", "token"}`` then
     ``{"done": true, "finish_reason", "usage", "session"}``. By default the exchange runs on a fork
     and the session stays as it was; ``commit: true`` appends prompt and answer to it."""
-    settings = _settings(request)
     params = sampling(req, 128, settings)
-    ids = prompt_ids(eng, req.prompt, settings)
-    await eng.runtime.get_session(sid, who)
-    stream = await primed(generation(eng.runtime, request.app.state.metrics, sid, who, ids, params,
-                                     req.commit, settings.request_timeout_s))
+    ids = prompt_ids(services.atlas, req.prompt, settings)
+    await services.runtime.get_session(sid, who)
+    stream = await primed(generation(services.runtime, metrics, sid, who, ids, params, req.commit,
+                                     settings.request_timeout_s))
 
     async def events() -> AsyncIterator[bytes]:
         try:

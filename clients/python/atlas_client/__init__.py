@@ -3,7 +3,8 @@
 Speaks HTTP only (httpx + pydantic); it never imports torch or the server.
 """
 
-from .client import AsyncAtlasClient, AsyncTokenStream, AtlasClient, TokenStream
+from ._core import AsyncTokenStream
+from .client import AsyncAtlasClient, AtlasClient, TokenStream
 from .errors import AtlasError, Busy, Conflict, NotFound, Unauthorized, Unreachable
 from .models import GenerateDone, IngestProgress, Session, Token, Usage
 

@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._core import DEFAULT_URL
 from .client import AtlasClient
 from .errors import AtlasError, Busy, Conflict, NotFound, Unauthorized, Unreachable
 from .models import IngestProgress
@@ -40,7 +41,6 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ATLAS_API_KEY",
                                             help="API key, sent as Bearer (ATLAS_API_KEY)")]
 Retries = Annotated[int, typer.Option("--retries", envvar="ATLAS_RETRIES",
                                       help="Retries on 429/503 and unreachable server (ATLAS_RETRIES)")]
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def exit_code(e: AtlasError) -> int:
@@ -113,9 +113,21 @@ def ingest(
         err.print(f"session {sid}: {last.tokens:,} tokens, {last.bytes_committed:,} bytes committed")
 
 
+def _prompt(prompt: str | None) -> str:
+    """The prompt as given; '-', or none with stdin not a terminal, reads stdin (escapes and
+    newlines stay as they are: ``printf '\\nQ: who?\\nA:' | atlas ask SID -``)."""
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if prompt is None:
+        raise typer.BadParameter("give a prompt, '-', or pipe one on stdin", param_hint="PROMPT")
+    return prompt
+
+
 def ask(
     session: Annotated[str, typer.Argument(help="Session id")],
-    question: Annotated[str, typer.Argument(help="Prompt read after the session's document")],
+    prompt: Annotated[str | None, typer.Argument(
+        help="Prompt read after the session's document; '-' (or none, with stdin piped) reads stdin",
+        show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0: greedy")] = 0.7,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (reproducible answers)")] = None,
@@ -124,8 +136,9 @@ def ask(
     url: Url = DEFAULT_URL, api_key: ApiKey = None, retries: Retries = 5,
 ) -> None:
     """Ask a session a question; the answer streams to stdout as it is generated."""
+    text = _prompt(prompt)
     with _client(url, api_key, retries) as c:
-        stream = c.generate(session, question, max_tokens=max_tokens, temperature=temperature, seed=seed,
+        stream = c.generate(session, text, max_tokens=max_tokens, temperature=temperature, seed=seed,
                             commit=commit)
         for tok in stream:
             sys.stdout.write(tok.text)

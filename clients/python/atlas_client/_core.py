@@ -1,0 +1,410 @@
+"""The client's calls, written once for ``AtlasClient`` and ``AsyncAtlasClient``.
+
+``Calls`` holds what to send, when to retry and how to read the answers, as coroutines over an I/O
+object. ``AsyncIO`` awaits an ``httpx.AsyncClient``. ``BlockingIO`` calls an ``httpx.Client`` and
+never suspends, so the sync client runs the very same coroutines to their end in the caller's
+thread (``result``), with no event loop. The decisions that need no I/O at all (backoff, where an
+ingest resumes, what an event means) are plain classes and functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import httpx
+
+from ._source import IngestSource, Source
+from .errors import RETRYABLE_CODES, AtlasError, Busy, Unreachable, error_from_body, error_from_response
+from .models import GenerateDone, IngestProgress, Session, Token, Usage
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+T = TypeVar("T")
+AC = TypeVar("AC", bound="AsyncClosing")
+ProgressCallback = Callable[[IngestProgress], None]
+Events = AsyncGenerator[dict[str, Any], None]
+#: Reads one event of a token stream: the token to yield (or None) and how the stream has ended so far.
+EventReader = Callable[[dict[str, Any], GenerateDone | None], tuple[Token | None, GenerateDone | None]]
+
+
+def result(step: Awaitable[T]) -> T:
+    """The value of a coroutine over ``BlockingIO``: it never suspends, so one ``send`` runs it to
+    its end in this thread."""
+    steps = step.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as end:
+        return end.value
+    steps.close()
+    raise RuntimeError("a call over BlockingIO suspended: it awaited something that is not BlockingIO")
+
+
+class BlockingIO:
+    """``httpx.Client`` behind coroutines that never suspend."""
+
+    def __init__(self, **options: Any):
+        self.http = httpx.Client(**options)
+
+    async def send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        return self.http.send(request, stream=stream)
+
+    async def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        for line in response.iter_lines():
+            yield line
+
+    def body(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        return pieces
+
+    async def read(self, response: httpx.Response) -> None:
+        response.read()
+
+    async def close(self, response: httpx.Response) -> None:
+        response.close()
+
+    async def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def aclose(self) -> None:
+        self.http.close()
+
+
+class AsyncIO:
+    """``httpx.AsyncClient``, awaited."""
+
+    def __init__(self, **options: Any):
+        self.http = httpx.AsyncClient(**options)
+
+    async def send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        return await self.http.send(request, stream=stream)
+
+    def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        return response.aiter_lines()
+
+    async def body(self, pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
+        # httpx.AsyncClient sends only an async body; the pieces are read on the event loop's thread
+        for piece in pieces:
+            yield piece
+
+    async def read(self, response: httpx.Response) -> None:
+        await response.aread()
+
+    async def close(self, response: httpx.Response) -> None:
+        await response.aclose()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class Retry:
+    """Failures in a row, and how long to wait after each: exponential backoff with jitter, where a
+    server's Retry-After is a floor, never ignored."""
+
+    def __init__(self, limit: int, base_s: float, cap_s: float = 8.0):
+        self.limit, self.base_s, self.cap_s = limit, base_s, cap_s
+        self.failures = 0
+
+    def wait_s(self, error: AtlasError) -> float:
+        """Seconds to wait before trying again after ``error``; raises it when it is not worth
+        retrying (the server refused for good, or too many failures in a row)."""
+        self.failures += 1
+        retryable = isinstance(error, (Busy, Unreachable)) or error.code in RETRYABLE_CODES
+        if not retryable or self.failures > self.limit:
+            raise error
+        delay = min(self.cap_s, self.base_s * 2 ** (self.failures - 1)) * (0.5 + random.random() / 2)
+        return max(delay, error.retry_after or 0.0)
+
+
+class Upload:
+    """Where an ingest stands: the document offset its current request starts at, what that request
+    has sent, and the progress reports both make. Each request's body starts where the server's
+    ``bytes_committed`` says, so a resumed upload makes the same session as an uninterrupted one."""
+
+    def __init__(self, sid: str, source: Source, start: int, offset: int, request_bytes: int,
+                 on_progress: ProgressCallback | None):
+        self.sid, self.source, self.start, self.offset = sid, source, start, offset
+        self.request_bytes, self.on_progress = request_bytes, on_progress
+        self.sent = self.resumes = self.tokens = 0
+        self.tokens_per_s = 0.0
+        self.exhausted = False  # the last request's body reached the end of the source
+
+    def body(self) -> Iterator[bytes]:
+        """The next request's bytes: the source from ``offset``, at most ``request_bytes``."""
+        self.sent, self.exhausted = 0, False
+        for piece in self.source.pieces(self.offset - self.start):
+            piece = piece[:self.request_bytes - self.sent]
+            yield piece
+            self.sent += len(piece)
+            self._report({"bytes_committed": self.offset, "tokens": self.tokens,
+                          "tokens_per_s": self.tokens_per_s})
+            if self.sent >= self.request_bytes:
+                return
+        self.exhausted = True
+
+    def event(self, event: dict[str, Any]) -> IngestProgress:
+        """A progress event of the current request, reported; the source may drop what it confirms."""
+        progress = self._report(event)
+        self.tokens, self.tokens_per_s = progress.tokens, progress.tokens_per_s
+        self.source.confirm(progress.bytes_committed - self.start)
+        return progress
+
+    def finished(self, last: IngestProgress) -> bool:
+        """A request ended with ``last``: the next starts there. True when the source is all in."""
+        self.offset = last.bytes_committed
+        self.source.confirm(self.offset - self.start)
+        return self.exhausted
+
+    def resume(self, committed: int) -> None:
+        """A request failed: the next starts at what the server has committed."""
+        self.offset = committed
+        self.resumes += 1
+
+    def _report(self, fields: dict[str, Any]) -> IngestProgress:
+        sent = max(self.offset + self.sent, fields.get("bytes_committed", 0))
+        progress = IngestProgress(**{"session_id": self.sid, **fields, "bytes_sent": sent,
+                                     "resumes": self.resumes})
+        if self.on_progress:
+            self.on_progress(progress)
+        return progress
+
+
+def sid_of(session: str | Session) -> str:
+    return session.id if isinstance(session, Session) else session
+
+
+def sampling_body(prompt: str, max_tokens: int | None, temperature: float, top_p: float, top_k: int,
+                  seed: int | None, stop: str | list[str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    for k, v in (("max_tokens", max_tokens), ("seed", seed), ("stop", stop)):
+        if v is not None:
+            body[k] = v
+    return body
+
+
+def generate_event(event: dict[str, Any],
+                   done: GenerateDone | None) -> tuple[Token | None, GenerateDone | None]:
+    """One event of /generate: a token, or the last one, which says how it ended."""
+    if event.get("done"):
+        return None, GenerateDone(**event)
+    return Token(**event), done
+
+
+def completion_event(event: dict[str, Any],
+                     done: GenerateDone | None) -> tuple[Token | None, GenerateDone | None]:
+    """One /v1/completions chunk: a token and/or (usage, finish reason) the end of the stream."""
+    if event.get("usage"):
+        usage = Usage(**event["usage"])
+        done = done.model_copy(update={"usage": usage}) if done else GenerateDone(finish_reason="length",
+                                                                                 usage=usage)
+    token = None
+    for choice in event.get("choices") or []:
+        if choice.get("text"):
+            token = Token(text=choice["text"])
+        if choice.get("finish_reason"):
+            done = GenerateDone(finish_reason=choice["finish_reason"], usage=done.usage if done else None)
+    return token, done
+
+
+class AsyncClosing:
+    """Closed at the end of an ``async with`` block."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: AC) -> AC:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncTokenStream(AsyncClosing):
+    """Tokens as they are generated (``async for``); ``done`` says how it ended once they are all
+    read. Closing it early (or leaving an ``async with`` block) closes the connection, which cancels
+    the work. The request leaves at the first read."""
+
+    def __init__(self, events: Events, read: EventReader):
+        self.done: GenerateDone | None = None
+        self._tokens = self._read(events, read)
+
+    async def _read(self, events: Events, read: EventReader) -> AsyncGenerator[Token, None]:
+        async with aclosing(events):
+            async for event in events:
+                token, self.done = read(event, self.done)
+                if token is not None:
+                    yield token
+
+    def __aiter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __anext__(self) -> Token:
+        return await self._tokens.__anext__()
+
+    async def aclose(self) -> None:
+        await self._tokens.aclose()
+
+    async def text(self) -> str:
+        """The whole answer as one string."""
+        return "".join([t.text async for t in self])
+
+
+class Calls(AsyncClosing):
+    """The server's HTTP API as typed calls, over ``io``. ``url`` / ``api_key`` default to
+    ATLAS_URL / ATLAS_API_KEY."""
+
+    def __init__(self, io: type[BlockingIO] | type[AsyncIO], url: str | None, api_key: str | None, *,
+                 timeout: float, retries: int, backoff: float, transport: Any):
+        self.url = (url or os.environ.get("ATLAS_URL") or DEFAULT_URL).rstrip("/")
+        self.retries, self.backoff = retries, backoff
+        key = api_key if api_key is not None else os.environ.get("ATLAS_API_KEY")
+        self._io = io(base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else {},
+                      transport=transport, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    async def aclose(self) -> None:
+        await self._io.aclose()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def _unreachable(self, e: httpx.TransportError, code: str) -> Unreachable:
+        return Unreachable(0, code, f"{self.url}: {str(e) or type(e).__name__}")
+
+    async def _attempt(self, method: str, path: str, *, stream: bool = False, **kw: Any) -> httpx.Response:
+        """One request; a failed connection or an error answer raised as an AtlasError."""
+        try:
+            response = await self._io.send(self._io.http.build_request(method, path, **kw), stream)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise self._unreachable(e, "unreachable") from e
+        except httpx.TransportError as e:
+            raise self._unreachable(e, "connection_lost") from e
+        if not response.is_success:
+            await self._io.read(response)
+            raise error_from_response(response)
+        return response
+
+    async def _send(self, method: str, path: str, *, stream: bool = False, **kw: Any) -> httpx.Response:
+        """One request, retried on 429/503 and on connections that never opened (any drop, for a GET)."""
+        retry = Retry(self.retries, self.backoff)
+        while True:
+            try:
+                return await self._attempt(method, path, stream=stream, **kw)
+            except AtlasError as e:
+                if e.code == "connection_lost" and method != "GET":
+                    raise  # it may have run: only the caller knows whether to repeat it
+                await self._io.sleep(retry.wait_s(e))
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        response = await self._send(method, path, **kw)
+        return response.json() if response.content else None
+
+    async def _events(self, send: Callable[[], Awaitable[httpx.Response]]) -> Events:
+        """The ``data:`` events of the event stream that ``send`` answers, up to ``[DONE]`` or its
+        end. An error event is raised; a dropped connection is Unreachable ``connection_lost``."""
+        response = await send()
+        try:
+            async for line in self._io.lines(response):
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise error_from_body(0, event)
+                yield event
+        except httpx.TransportError as e:
+            raise self._unreachable(e, "connection_lost") from e
+        finally:
+            await self._io.close(response)
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    async def create_session(self, ttl_s: int | None = None) -> Session:
+        return Session(**await self._json("POST", "/v1/sessions", json={"ttl_s": ttl_s} if ttl_s else None))
+
+    async def list_sessions(self) -> list[Session]:
+        return [Session(**s) for s in (await self._json("GET", "/v1/sessions"))["data"]]
+
+    async def get_session(self, session: str | Session) -> Session:
+        return Session(**await self._json("GET", f"/v1/sessions/{sid_of(session)}"))
+
+    async def delete_session(self, session: str | Session) -> None:
+        await self._send("DELETE", f"/v1/sessions/{sid_of(session)}")
+
+    async def fork(self, session: str | Session) -> Session:
+        return Session(**await self._json("POST", f"/v1/sessions/{sid_of(session)}/fork"))
+
+    # -- ingest --------------------------------------------------------------------------------------
+
+    async def ingest(self, source: IngestSource, session: str | Session | None = None, *,
+                     start: int | None = 0, on_progress: ProgressCallback | None = None,
+                     piece_bytes: int = 1 << 20, request_bytes: int = 8 << 20,
+                     max_retries: int | None = None) -> IngestProgress:
+        """Stream ``source`` into ``session`` (a new one when None) and return the final progress.
+
+        ``start`` is the document offset where the source begins (0: it is the whole document, and
+        bytes the session already has are skipped, so running it again resumes; None: append after
+        what the session has). The body goes in requests of ``request_bytes``; after a dropped
+        connection or a 429/503 it resumes from the session's ``bytes_committed`` with backoff, up to
+        ``max_retries`` failures in a row (default: the client's ``retries`` + 5).
+        """
+        src = Source(source, piece_bytes)
+        sid = sid_of(session) if session is not None else (await self.create_session()).id
+        have = (await self.get_session(sid)).bytes_committed if session is not None else 0
+        start = have if start is None else start
+        upload = Upload(sid, src, start, max(start, have), request_bytes, on_progress)
+        retry = Retry(self.retries + 5 if max_retries is None else max_retries, self.backoff)
+        while True:
+            try:
+                last = await self._ingest_request(upload)
+            except AtlasError as e:
+                await self._io.sleep(retry.wait_s(e))
+                upload.resume((await self.get_session(sid)).bytes_committed)
+                continue
+            retry.failures = 0  # the limit is on failures in a row
+            if upload.finished(last):
+                return last
+
+    async def _ingest_request(self, upload: Upload) -> IngestProgress:
+        """One request of an ingest, its body from ``upload.offset``; returns its last event."""
+        send = lambda: self._attempt(  # no retry here: the body is spent; ``ingest`` resumes instead
+            "POST", f"/v1/sessions/{upload.sid}/ingest", stream=True, params={"offset": upload.offset},
+            content=self._io.body(upload.body()), headers={"Content-Type": "text/plain"})
+        last: IngestProgress | None = None
+        async with aclosing(self._events(send)) as events:
+            async for event in events:
+                progress = upload.event(event)
+                last = progress if progress.done else last
+        if last is None:
+            raise Unreachable(0, "connection_lost", "the ingest stream ended without its last event")
+        return last
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    def generate(self, session: str | Session, prompt: str = "", *, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: str | list[str] | None = None, commit: bool = False) -> AsyncTokenStream:
+        """Continue the session after ``prompt``, token by token (on a fork unless ``commit``)."""
+        body = {**sampling_body(prompt, max_tokens, temperature, top_p, top_k, seed, stop), "commit": commit}
+        path = f"/v1/sessions/{sid_of(session)}/generate"
+        return AsyncTokenStream(self._events(lambda: self._send("POST", path, json=body, stream=True)),
+                                generate_event)
+
+    def complete(self, prompt: str, session: str | Session | None = None, *, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: str | list[str] | None = None) -> AsyncTokenStream:
+        """OpenAI-style completion (``/v1/completions``), on a fork of ``session`` when given."""
+        body = {**sampling_body(prompt, max_tokens, temperature, top_p, top_k, seed, stop), "stream": True,
+                "stream_options": {"include_usage": True}}
+        if session is not None:
+            body["session_id"] = sid_of(session)
+        return AsyncTokenStream(self._events(lambda: self._send("POST", "/v1/completions", json=body,
+                                                                stream=True)), completion_event)

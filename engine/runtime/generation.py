@@ -1,0 +1,45 @@
+"""One generation request: a prompt fed into a state, then tokens sampled until a stop.
+
+The task relays the tokens the worker samples as they come; it ends with a `GenerationDone` that
+carries the state after the exchange (the caller decides whether to commit it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..api import Atlas
+from ..sampling import SamplingParams
+from ..state import SessionState
+from .jobs import Control, GenerationDone, GenerationJob
+from .worker import Worker
+
+
+class GenerationTask:
+    def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams, *, atlas: Atlas,
+                 worker: Worker, events: asyncio.Queue, control: Control) -> None:
+        self.state = state
+        self.prompt = prompt
+        self.params = params
+        self.atlas = atlas
+        self.worker = worker
+        self.events = events
+        self.control = control
+
+    async def run(self) -> GenerationDone:
+        """Stream the tokens into `events`; the final `GenerationDone` is returned, not sent."""
+        job = GenerationJob(self.state, self.prompt, self.params, self.atlas.tokenizer)
+        self.control.attach(job)
+        self.worker.submit(job)
+        while True:
+            await job.changed()
+            for tok in self.worker.take_output(job):
+                self.events.put_nowait(tok)
+            if job.error is not None:
+                raise job.error
+            if job.finished:
+                return GenerationDone(job.finish_reason or "length", len(self.prompt), job.generated,
+                                      state=job.state)
+
+
+__all__ = ["GenerationTask"]

@@ -1,0 +1,117 @@
+"""What the worker thread and the asyncio side share: jobs, their cancellation handle, and the events
+a request streams back.
+
+A job is the work of one request. The asyncio side fills its input and waits on it; the worker
+advances its state. Fields the two both touch are guarded by the worker's condition variable; the
+worker wakes the owner through the owner's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..api import GeneratedToken
+from ..sampling import SamplingParams, StopMatcher
+from ..state import SessionState
+from ..store import SessionMeta
+from ..tokenizer import Tokenizer
+
+
+@dataclass
+class IngestProgress:
+    session_id: str
+    bytes_committed: int  # document bytes in the session (committed to the store when done)
+    tokens: int  # tokens in the session
+    tokens_per_s: float  # rate of this request
+    done: bool = False
+
+
+@dataclass
+class GenerationDone:
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    session: SessionMeta | None = None  # the session after a committed exchange
+    state: SessionState | None = field(default=None, repr=False)
+
+
+class Job:
+    """Tokens to feed into one session's state. Must be created inside the owner's event loop."""
+
+    def __init__(self, state: SessionState) -> None:
+        self.state = state
+        self.tokens = state.tokens[0]  # cached: reading it from the tensor would sync the device
+        self.input: deque[int] = deque()  # tokens waiting to be fed
+        self.closed = False  # no more input will come
+        self.cancelled = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the job samples tokens once its input is fed (or only feeds)."""
+        return False
+
+    def wake(self) -> None:
+        """Tell the owner something changed; safe from any thread."""
+        self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+    async def until_finished(self) -> None:
+        while not self.finished:
+            await self.changed()
+
+
+class GenerationJob(Job):
+    """Feeds a prompt, then samples one token per step until a stop, `max_tokens` or a cancel."""
+
+    def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams,
+                 tokenizer: Tokenizer) -> None:
+        super().__init__(state)
+        self.input.extend(prompt)
+        self.closed = True
+        self.params = params
+        self.generator = params.generator(state.device)
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopMatcher(params.stop)
+        self.out: deque[GeneratedToken] = deque()  # sampled tokens not yet taken by the owner
+        self.last: int | None = None  # sampled, emitted, not yet fed
+        self.generated = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def decodes(self) -> bool:
+        return True
+
+
+class Control:
+    """The caller's handle on a running request: cancels its job from the event loop, also before
+    the job exists (a caller that left while the request waited for its session)."""
+
+    def __init__(self, cv: threading.Condition) -> None:
+        self._cv = cv
+        self.job: Job | None = None
+        self.cancelled = False
+
+    def attach(self, job: Job) -> None:
+        with self._cv:
+            self.job = job
+            job.cancelled = self.cancelled
+
+    def cancel(self) -> None:
+        with self._cv:
+            self.cancelled = True
+            if self.job is not None and not self.job.finished:
+                self.job.cancelled = True
+            self._cv.notify_all()
+
+
+__all__ = ["Control", "GenerationDone", "GenerationJob", "IngestProgress", "Job"]

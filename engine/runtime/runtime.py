@@ -1,0 +1,209 @@
+"""The runtime: owns the model and the device and serves many sessions at once.
+
+The public face of the engine for the server. It looks sessions up (a tenant sees only its own),
+admits requests (`max_requests`), keeps one operation at a time per session (a per-session lock) and
+one writer per session across replicas (the store's lease, renewed while the work runs), and runs
+each request as its own task: `IngestTask` or `GenerationTask`, whose jobs the `Worker` thread steps
+on the device.
+
+States are values (engine/state.py), so the worker and the saver never share anything mutable: a
+checkpoint saves the state object of that moment while the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from ..api import Atlas, GeneratedToken
+from ..sampling import SamplingParams
+from ..state import SessionState
+from ..store import HotCache, SessionMeta, SessionNotFoundError, StateStore
+from .errors import QueueFullError, ShuttingDownError
+from .generation import GenerationTask
+from .ingest import IngestTask
+from .jobs import Control, GenerationDone, IngestProgress
+from .settings import RuntimeSettings
+from .states import SessionStates
+from .stats import RuntimeStats
+from .worker import Worker
+
+_END = object()
+
+Work = Callable[[asyncio.Queue, Control], Awaitable[object]]
+
+
+class Runtime:
+    def __init__(self, atlas: Atlas, store: StateStore, settings: RuntimeSettings | None = None,
+                 cache_bytes: int = 1 << 30) -> None:
+        self.atlas = atlas
+        self.store = store
+        self.settings = settings or RuntimeSettings()
+        self.stats = RuntimeStats()
+        self.states = SessionStates(atlas, store, cache_bytes)
+        self.worker = Worker(atlas, self.settings, self.stats)
+        self.owner = f"runtime-{uuid.uuid4().hex[:12]}"  # this runtime's name on leases
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def cache(self) -> HotCache[SessionState]:
+        """The states' hot cache (read by the metrics)."""
+        return self.states.cache
+
+    def close(self) -> None:
+        self.worker.close()
+
+    # -- sessions -----------------------------------------------------------------------------------
+
+    async def create_session(self, tenant: str, ttl_s: int | None = None) -> SessionMeta:
+        return await asyncio.to_thread(self.store.create, tenant, fingerprint=self.atlas.fingerprint,
+                                       ttl_s=ttl_s)
+
+    async def get_session(self, sid: str, tenant: str) -> SessionMeta:
+        meta = await asyncio.to_thread(self.store.meta, sid)
+        if meta.tenant != tenant:  # another tenant's session does not exist for this one
+            raise SessionNotFoundError(f"no session {sid}", sid=sid)
+        return meta
+
+    async def list_sessions(self, tenant: str) -> list[SessionMeta]:
+        return await asyncio.to_thread(self.store.list, tenant)
+
+    async def delete_session(self, sid: str, tenant: str) -> None:
+        await self.get_session(sid, tenant)
+        async with self._lock(sid):
+            await asyncio.to_thread(self.store.delete, sid)
+            self.states.forget(sid)
+        self._locks.pop(sid, None)
+
+    async def fork(self, sid: str, tenant: str) -> SessionMeta:
+        """A new session starting from this one's committed state."""
+        await self.get_session(sid, tenant)
+        async with self._lock(sid):
+            state, meta = await self.states.load(sid)
+            data = await asyncio.to_thread(self.atlas.save_state, state)
+            child = await asyncio.to_thread(
+                self.store.create, tenant, fingerprint=self.atlas.fingerprint, ttl_s=meta.ttl_s,
+                extra=dict(meta.extra, forked_from=sid), data=data)
+            return await asyncio.to_thread(self.store.update, child.id, tokens=meta.tokens,
+                                           bytes_committed=meta.bytes_committed)
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    async def ingest(self, sid: str, tenant: str, body: AsyncIterator[bytes],
+                     offset: int | None = None) -> AsyncIterator[IngestProgress]:
+        """Stream document bytes into a session. `offset` is where `body` starts in the document:
+        bytes the session already has are skipped (a resumed upload is idempotent); an offset past
+        them is an OffsetGapError. Progress comes back as the device reads; the state is saved every
+        `checkpoint_tokens` and at the end. If the caller goes away, the work stops within a step
+        and the session keeps (commits) everything read until then."""
+        await self.get_session(sid, tenant)
+
+        async def work(events: asyncio.Queue, control: Control) -> None:
+            async with self._lock(sid), self._write_lease(sid) as fence:
+                await IngestTask(sid, body, offset, fence, atlas=self.atlas, states=self.states,
+                                 worker=self.worker, settings=self.settings, events=events,
+                                 control=control).run()
+
+        async for ev in self._stream(work):
+            yield ev
+
+    async def generate(self, sid: str | None, tenant: str, prompt: str | list[int],
+                       params: SamplingParams, commit: bool = False
+                       ) -> AsyncIterator[GeneratedToken | GenerationDone]:
+        """Continue a session (or, with sid None, an empty state) after `prompt`. By default the
+        exchange runs on a copy and the session stays as it was; `commit` appends it instead."""
+        ids = self.atlas.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if sid is not None:
+            await self.get_session(sid, tenant)
+
+        def task(state: SessionState, events: asyncio.Queue, control: Control) -> GenerationTask:
+            return GenerationTask(state, ids, params, atlas=self.atlas, worker=self.worker, events=events,
+                                  control=control)
+
+        async def work(events: asyncio.Queue, control: Control) -> None:
+            if sid is None:
+                events.put_nowait(await task(self.atlas.new_state(), events, control).run())
+            elif not commit:
+                async with self._lock(sid):  # readers hold the session only to take its state
+                    state, _ = await self.states.load(sid)
+                events.put_nowait(await task(state, events, control).run())
+            else:
+                async with self._lock(sid), self._write_lease(sid) as fence:
+                    state, _ = await self.states.load(sid)
+                    done = await task(state, events, control).run()
+                    assert done.state is not None
+                    done.session = await self.states.save(sid, done.state, fence, None)
+                    events.put_nowait(done)
+
+        async for ev in self._stream(work):
+            yield ev
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _lock(self, sid: str) -> asyncio.Lock:
+        return self._locks.setdefault(sid, asyncio.Lock())
+
+    def _admit(self) -> None:
+        with self.worker.cv:
+            if self.worker.stopping:
+                raise ShuttingDownError("the runtime is shutting down")
+            if self.stats.admitted >= self.settings.max_requests:
+                raise QueueFullError(f"{self.stats.admitted} requests in progress; retry later")
+            self.stats.admitted += 1
+
+    def _release(self) -> None:
+        with self.worker.cv:
+            self.stats.admitted -= 1
+
+    @contextlib.asynccontextmanager
+    async def _write_lease(self, sid: str) -> AsyncIterator[int]:
+        """The session's write lease for the length of an operation, renewed in the background;
+        yields the fencing token that every commit of the operation carries."""
+        ttl = self.settings.lease_ttl_ms
+        lease = await asyncio.to_thread(self.store.lease, sid, self.owner, ttl)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3000)
+                await asyncio.to_thread(lease.renew)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield lease.fence
+        finally:
+            renewer.cancel()
+            await asyncio.to_thread(lease.release)
+
+    async def _stream(self, work: Work) -> AsyncIterator:
+        """Run `work` as its own task and relay its events. The task is never cancelled from here:
+        if the caller goes away, the job is flagged, stops within a step, and the task still
+        commits what it did and lets go of the session."""
+        self._admit()
+        events: asyncio.Queue = asyncio.Queue()
+        control = Control(self.worker.cv)
+
+        async def run() -> None:
+            try:
+                await work(events, control)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                events.put_nowait(e)
+            finally:
+                events.put_nowait(_END)
+                self._release()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            while (ev := await events.get()) is not _END:
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+        finally:
+            control.cancel()
+
+
+__all__ = ["Runtime"]

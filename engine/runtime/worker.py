@@ -1,0 +1,261 @@
+"""The worker: one thread that owns the device and steps every job the runtime submits.
+
+A step takes one chunk-aligned piece of every job with input (pieces of equal length are fed as one
+batch, at most `max_batch` sessions per batch) and one token of every generating session (one decode
+batch of at most `max_batch` sessions, kept stacked from step to step). Pieces end on the absolute
+chunk grid, so a session's state does not depend on what it was batched with, and a long ingest never
+holds the device for more than `ingest_chunks_per_step` chunks, so decoding sessions keep their pace.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..api import Atlas, GeneratedToken
+from ..sampling import sample
+from ..state import SessionState
+from .errors import ShuttingDownError
+from .jobs import GenerationJob, Job
+from .settings import RuntimeSettings
+from .stats import RuntimeStats
+
+
+class _DecodeBatch:
+    """The generating sessions decoded together, their states stacked along the batch dimension."""
+
+    def __init__(self) -> None:
+        self.jobs: list[GenerationJob] = []
+        self.state: SessionState | None = None
+
+
+def _last(job: GenerationJob) -> int:
+    """The token a batch member sampled last and feeds next (set before it joins)."""
+    assert job.last is not None
+    return job.last
+
+
+def _groups(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Worker:
+    def __init__(self, atlas: Atlas, settings: RuntimeSettings, stats: RuntimeStats) -> None:
+        self.atlas = atlas
+        self.settings = settings
+        self.stats = stats
+        self.cv = threading.Condition()  # guards the jobs' shared fields and the job list
+        self._jobs: list[Job] = []
+        self._stop = False
+        self._batch = _DecodeBatch()
+        self._chunk = atlas.config.chunk_size
+        self._thread = threading.Thread(target=self._run, name="atlas-worker", daemon=True)
+        self._thread.start()
+
+    # -- the asyncio side ---------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if self._stop:
+                raise ShuttingDownError("the runtime is shutting down")
+            self._jobs.append(job)
+            self.stats.running = len(self._jobs)
+            self.cv.notify_all()
+
+    def push(self, job: Job, ids: list[int], *, close: bool = False) -> None:
+        """More input for a job; `close` says none will follow."""
+        with self.cv:
+            job.input.extend(ids)
+            job.closed = job.closed or close
+            self.cv.notify_all()
+
+    def take_output(self, job: GenerationJob) -> list[GeneratedToken]:
+        with self.cv:
+            out = list(job.out)
+            job.out.clear()
+        return out
+
+    def close(self) -> None:
+        """Cancel every job and stop the thread once they have let go."""
+        with self.cv:
+            self._stop = True
+            for j in self._jobs:
+                j.cancelled = True
+            self.cv.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- the thread ---------------------------------------------------------------------------------
+
+    def _ready(self, job: Job) -> bool:
+        if job.cancelled or (job.closed and not job.input and not job.decodes):
+            return True
+        if job.input:
+            return job.closed or len(job.input) + job.tokens % self._chunk >= self._chunk
+        return job.decodes
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not any(self._ready(j) for j in self._jobs):
+                    self.cv.wait(timeout=0.5)
+                if self._stop and not self._jobs:
+                    return
+                jobs = list(self._jobs)
+            try:
+                self._step(jobs)
+            except BaseException as e:  # a failed step fails its requests, not the runtime
+                for j in jobs:
+                    j.error = e
+                    self._finish(j)
+
+    def _finish(self, job: Job, reason: str | None = None) -> None:
+        with self.cv:
+            job.finished = True
+            if isinstance(job, GenerationJob):
+                job.finish_reason = job.finish_reason or reason
+            if job in self._jobs:
+                self._jobs.remove(job)
+            self.stats.running = len(self._jobs)
+        job.wake()
+
+    def _take_piece(self, job: Job) -> list[int]:
+        """The job's next piece: up to `ingest_chunks_per_step` chunks, ending on the chunk grid
+        unless the input is closed (the last piece of a request may end anywhere)."""
+        b = self._chunk
+        with self.cv:
+            avail = len(job.input)
+            if not avail:
+                return []
+            room = self.settings.ingest_chunks_per_step * b - job.tokens % b
+            n = min(avail, room) if job.closed or avail >= room else avail - (avail + job.tokens) % b
+            return [job.input.popleft() for _ in range(n)] if n > 0 else []
+
+    def _step(self, jobs: list[Job]) -> None:
+        start = time.perf_counter()
+        feeds: dict[int, list[tuple[Job, list[int]]]] = {}
+        decodes: list[GenerationJob] = []
+        for job in jobs:
+            if job.cancelled:
+                self._finish(job, "cancelled")
+                continue
+            ids = self._take_piece(job)
+            if ids:
+                feeds.setdefault(len(ids), []).append((job, ids))
+            elif not job.input and isinstance(job, GenerationJob):
+                decodes.append(job)
+            elif not job.input and job.closed:
+                self._finish(job)
+        for same_length in feeds.values():
+            for group in _groups(same_length, self.settings.max_batch):
+                self._feed([j for j, _ in group], [ids for _, ids in group])
+                self.stats.ingest_tokens += sum(len(ids) for _, ids in group)
+                self.stats.peak_feed_batch = max(self.stats.peak_feed_batch, len(group))
+                for j, _ in group:
+                    j.wake()
+        decodes = [j for j in decodes if not j.finished]
+        if decodes:
+            self._decode(decodes)
+        self.stats.steps += 1
+        self.stats.step_seconds.append(time.perf_counter() - start)
+
+    def _feed(self, jobs: list[Job], ids: list[list[int]]) -> None:
+        state = jobs[0].state if len(jobs) == 1 else SessionState.stack(j.state for j in jobs)
+        state, _ = self.atlas.feed(state, ids)
+        for i, j in enumerate(jobs):
+            j.state = state if len(jobs) == 1 else state[i]
+            j.tokens += len(ids[i])
+
+    # -- decoding -----------------------------------------------------------------------------------
+
+    def _decode(self, jobs: list[GenerationJob]) -> None:
+        """One token for every session in the decode batch. Members stay stacked from step to step
+        (the one-row decode path shares the big state tensors instead of copying them); a member
+        whose token completes its chunk is committed through the block path and written back into
+        its own slot. Sessions join once, after their prompt, while there is room (`max_batch`),
+        and leave by copying their slot out."""
+        self._drop_finished()
+        self._admit_to_batch(jobs)
+        batch = self._batch
+        if not batch.jobs or batch.state is None:
+            return
+        b = self._chunk
+        st = batch.state
+        tokens = [_last(j) for j in batch.jobs]
+        new, _ = self.atlas.decode_step(st, tokens)
+        completing = [i for i, j in enumerate(batch.jobs) if j.tokens % b == b - 1]
+        if completing:
+            idx = torch.tensor(completing, dtype=torch.long, device=self.atlas.device)
+            committed, _ = self.atlas.feed(st.select(idx), [[tokens[i]] for i in completing])
+            for k, v in new.tensors.items():
+                v.index_copy_(0, idx, committed.tensors[k])
+        batch.state = new
+        for j in batch.jobs:
+            j.tokens += 1
+        self.stats.decode_tokens += len(batch.jobs)
+        self.stats.peak_decode_batch = max(self.stats.peak_decode_batch, len(batch.jobs))
+        self._after_feed(batch.jobs, [new] * len(batch.jobs), slots=True)
+
+    def _drop_finished(self) -> None:
+        batch = self._batch
+        kept = [i for i, j in enumerate(batch.jobs) if not j.finished]
+        if len(kept) != len(batch.jobs):
+            idx = torch.tensor(kept, dtype=torch.long, device=self.atlas.device)
+            batch.state = batch.state.select(idx) if kept and batch.state is not None else None
+            batch.jobs = [batch.jobs[i] for i in kept]
+
+    def _admit_to_batch(self, jobs: list[GenerationJob]) -> None:
+        """Sample the first token of sessions whose prompt is fed, and stack them into the batch."""
+        batch = self._batch
+        members = {id(j) for j in batch.jobs}
+        newcomers = [j for j in jobs if id(j) not in members and not j.finished]
+        for j in newcomers:
+            if j.last is None:
+                self._sample(j, j.state.last_logits[0])
+        room = self.settings.max_batch - len(batch.jobs)
+        joining = [j for j in newcomers if j.last is not None and not j.finished][:max(0, room)]
+        stale = [j for j in joining if not j.state.cache_valid]
+        if stale:  # e.g. a stored session decoded without a prompt: recompute its chunk first
+            self._feed(stale, [[_last(j)] for j in stale])
+            self.stats.decode_tokens += len(stale)
+            self._after_feed(stale, [j.state for j in stale])
+        joining = [j for j in joining if j not in stale]
+        if joining:
+            parts = ([batch.state] if batch.state is not None else []) + [j.state for j in joining]
+            batch.state = SessionState.stack(parts)
+            batch.jobs += joining
+
+    def _after_feed(self, jobs: list[GenerationJob], states: list[SessionState], slots: bool = False) -> None:
+        for i, j in enumerate(jobs):
+            row = i if slots else 0
+            if j.stops.stopped or j.generated >= j.params.max_tokens:
+                if slots:  # its own copy: the slot will be reused
+                    j.state = states[i].select(torch.tensor([row], device=self.atlas.device))
+                self._finish(j, "stop" if j.stops.stopped else "length")
+            else:
+                self._sample(j, states[i].last_logits[row])
+
+    def _sample(self, j: GenerationJob, logits: torch.Tensor) -> None:
+        p = j.params
+        if j.generated >= p.max_tokens:
+            self._finish(j, "length")
+            return
+        tok = sample(logits, p, j.generator)
+        j.generated += 1
+        text = j.stops.push(j.decoder.push(tok))
+        if j.stops.stopped or j.generated >= p.max_tokens:
+            text += j.stops.flush()
+        with self.cv:
+            j.out.append(GeneratedToken(tok, text))
+        j.last = tok
+        j.wake()
+
+
+__all__ = ["Worker"]

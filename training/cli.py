@@ -1,0 +1,212 @@
+"""`atlas train` and `atlas eval`: the commands `atlas` mounts with ``register(app)``.
+
+Heavy modules (torch, the trainer) load inside the commands, so that `atlas --help` and the serving
+commands start without them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    import torch
+    from rich.progress import Progress, TaskID
+
+    from .evaluation import Point
+
+err = Console(stderr=True)
+
+DEFAULT_LENGTHS = "1k,4k,16k,64k,256k,1M"
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` and `eval` to a typer app (the `atlas` command line uses this)."""
+    app.command()(train)
+    app.command(name="eval")(evaluate)
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="Training config (TOML or JSON): configs/train/demo.toml")],
+    out_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the loss log go")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from out_dir/trainer.pt if it exists")] = True,
+) -> None:
+    """Train a model on the synthetic long-context tasks; checkpoints to OUT_DIR/model."""
+    from pydantic import ValidationError
+
+    from .trainer import TrainConfig, run_training
+
+    try:
+        cfg = TrainConfig.load(config)
+        given = dict(out_dir=out_dir, steps=steps, device=device)
+        overrides = {k: v for k, v in given.items() if v is not None}
+        cfg = TrainConfig(**{**cfg.model_dump(), **overrides})
+    except (OSError, ValueError, ValidationError) as e:
+        err.print(f"[red]bad training config {config}: {e}[/red]")
+        raise typer.Exit(2) from e
+    start = time.perf_counter()
+    path = run_training(cfg, resume=resume)
+    err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
+
+
+def evaluate(
+    model: Annotated[list[str] | None, typer.Option(
+        help="NAME=CHECKPOINT_DIR, repeatable (default: demo=the bundled model)")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated: passkey, multi_needle (default both)")] = None,
+    lengths: Annotated[str | None, typer.Option(
+        help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the generated prompts")] = 0,
+    gap: Annotated[int, typer.Option(min=0, help=(
+        "At least this many bytes between each needle and the question, e.g. the attention window "
+        "to measure the memory alone"))] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(
+        help="Results JSON (default bench/results/passkey-DEVICE.json)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw accuracy against length to this PNG")] = None,
+    update: Annotated[bool, typer.Option(help=(
+        "Add to an existing --out file made with the same seed, gap and trials: the models evaluated "
+        "now replace their entries, the others are kept"))] = False,
+) -> None:
+    """Accuracy against context length on pass-key and multi-needle retrieval."""
+    from atlas.engine.api import resolve_device
+    from atlas.engine.machine import describe_machine
+
+    dev = resolve_device(device)
+    task_list = _task_list(tasks)
+    length_list = _length_list(lengths, dev)
+    models = _checkpoints(model)
+    out = out or Path("bench/results") / f"passkey-{dev.type}.json"
+    results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed, "gap": gap,
+                     "trials": trials, "lengths": length_list, "tasks": task_list, "models": {}}
+    if update and out.exists():
+        _keep_earlier_results(results, out)
+    _evaluate_models(results, models, dev, task_list, length_list)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    err.print(f"results {out}")
+    if plot:
+        from .evaluation import plot as draw
+
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        draw(results, str(plot))
+        err.print(f"plot {plot}")
+
+
+def _task_list(tasks: str | None) -> list[str]:
+    """--tasks as a list (default: every evaluation task); exits 2 on an unknown one."""
+    from .tasks import TASKS
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(TASKS)
+    if bad := [t for t in task_list if t not in TASKS]:
+        err.print(f"[red]unknown task(s) {bad}; choose from {list(TASKS)}[/red]")
+        raise typer.Exit(2)
+    return task_list
+
+
+def _length_list(lengths: str | None, dev: torch.device) -> list[int]:
+    """--lengths in tokens; the default adds 10M on CUDA. Exits 2 on a bad length."""
+    from .evaluation import parse_length
+
+    try:
+        length_list = [parse_length(x) for x in (lengths or DEFAULT_LENGTHS).split(",") if x.strip()]
+    except ValueError as e:
+        err.print(f"[red]bad --lengths: {e}[/red]")
+        raise typer.Exit(2) from e
+    if lengths is None and dev.type == "cuda":
+        length_list.append(10 * (1 << 20))
+    return length_list
+
+
+def _checkpoints(specs: list[str] | None) -> dict[str, Path]:
+    """--model NAME=CHECKPOINT_DIR options by name (default: the bundled model as "demo")."""
+    from atlas.engine.api import BUNDLED_CHECKPOINT
+
+    models: dict[str, Path] = {}
+    for spec in specs or [f"demo={BUNDLED_CHECKPOINT}"]:
+        name, sep, path = spec.partition("=")
+        if not sep or not (Path(path) / "config.json").exists():
+            err.print(f"[red]--model wants NAME=CHECKPOINT_DIR with a config.json, got {spec!r}[/red]")
+            raise typer.Exit(2)
+        models[name] = Path(path)
+    return models
+
+
+def _keep_earlier_results(results: dict, out: Path) -> None:
+    """--update: merge the models, lengths and tasks of `out` into `results` (the models evaluated
+    now replace their entries later). Exits 2 if `out` was made with another seed, gap or trials."""
+    from .tasks import TASKS
+
+    try:
+        earlier = json.loads(out.read_text())
+        differ = [k for k in ("seed", "gap", "trials") if earlier[k] != results[k]]
+    except (ValueError, KeyError, TypeError) as e:
+        err.print(f"[red]--update: {out} is not an eval results file ({e})[/red]")
+        raise typer.Exit(2) from e
+    if differ:
+        err.print(f"[red]--update: {out} was made with other {', '.join(differ)} "
+                  f"({', '.join(f'{k}={earlier[k]}' for k in differ)})[/red]")
+        raise typer.Exit(2)
+    results["lengths"] = sorted(set(earlier["lengths"]) | set(results["lengths"]))
+    results["tasks"] = [t for t in TASKS if t in set(earlier["tasks"]) | set(results["tasks"])]
+    for name, entry in earlier["models"].items():
+        results["models"][name] = {"machine": earlier["machine"], **entry}
+    for key in ("max_train_len", "swa_window"):
+        if key in earlier:
+            results[key] = earlier[key]
+
+
+def _evaluate_models(results: dict, models: dict[str, Path], dev: torch.device, task_list: list[str],
+                     length_list: list[int]) -> None:
+    """Evaluate each checkpoint into results["models"][name], with a progress bar over all tokens."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    total = sum(results["trials"] * n for n in length_list) * len(task_list) * len(models)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=err) as bar:
+        job = bar.add_task("eval", total=total)
+        for name, path in models.items():
+            bar.update(job, description=name)
+            _evaluate_model(results, name, path, dev, task_list, length_list, bar, job)
+
+
+def _evaluate_model(results: dict, name: str, path: Path, dev: torch.device, task_list: list[str],
+                    length_list: list[int], bar: Progress, job: TaskID) -> None:
+    from atlas.engine.checkpoint import fingerprint, load_checkpoint, read_config
+    from atlas.engine.machine import portable_path, with_portable_paths
+
+    from .evaluation import evaluate as run_eval
+
+    net = load_checkpoint(path, device=dev)
+    _, meta = read_config(path)
+    entry = {"path": portable_path(path), "machine": results["machine"], "fingerprint": fingerprint(net),
+             "config": net.cfg.model_dump(mode="json"),
+             "parameters": sum(p.numel() for p in net.parameters()),
+             "training": with_portable_paths(meta.get("training")), "points": []}
+    results["models"][name] = entry
+    results.setdefault("max_train_len", (meta.get("training") or {}).get("max_train_len", 8192))
+    if set(net.cfg.mixers) & {"swa", "mag"}:
+        results.setdefault("swa_window", net.cfg.swa_window)
+
+    def on_point(p: Point) -> None:
+        entry["points"].append(p.to_dict())
+        _print_point(name, p)
+
+    run_eval(net, task_list, length_list, results["trials"], results["seed"], on_point=on_point,
+             on_progress=lambda n: bar.advance(job, n), gap=results["gap"])
+
+
+def _print_point(name: str, p: Point) -> None:
+    err.print(f"{name:>14} {p.task:>12} {p.length:>9,} tokens: {p.correct}/{p.trials} "
+              f"({100 * p.accuracy:.0f}%; value first {p.prefix_correct}), "
+              f"value {p.value_nats:.2f} vs decoy {p.decoy_nats:.2f} "
+              f"nats/byte (first byte {p.value_nats_by_byte[0]:.2f} vs "
+              f"{p.decoy_nats_by_byte[0]:.2f}; its end {p.end_nats:.2f})  "
+              f"{p.tokens_per_s:,.0f} tok/s")
