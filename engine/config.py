@@ -11,6 +11,10 @@ Mixer = Literal["atlas", "swa", "mag"]
 Optimizer = Literal["muon", "momentum", "gd"]
 
 
+def _default_layers() -> list[Mixer]:
+    return ["mag"]
+
+
 class ModelConfig(BaseModel):
     """Shape and hyper-parameters of an ATLAS language model.
 
@@ -23,7 +27,7 @@ class ModelConfig(BaseModel):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     # Mixer per block; a single entry is repeated over all layers.
-    layers: list[Mixer] = Field(default_factory=lambda: ["mag"])
+    layers: list[Mixer] = Field(default_factory=_default_layers)
     mlp_hidden: int | None = None  # SwiGLU hidden width; default 8/3 * d_model rounded to 64
     tie_embeddings: bool = True
     norm_eps: float = 1e-6

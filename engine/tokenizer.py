@@ -69,7 +69,8 @@ class _HFStreamDecoder:
     """Decodes the growing sequence and emits the new suffix, holding back a trailing partial character."""
 
     def __init__(self, tok: HFTokenizer):
-        self._tok, self._ids, self._sent = tok, [], 0
+        self._tok, self._sent = tok, 0
+        self._ids: list[int] = []
 
     def push(self, token: int) -> str:
         self._ids.append(token)

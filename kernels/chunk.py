@@ -401,9 +401,10 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
         raise ValueError(f"unsupported memory shape: depth {depth}, d {d}, e {e} "
                          f"(powers of two >= {MIN_TILE})")
     k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
-    q = q.contiguous() if has_reads else k  # k: a dummy pointer, never read
+    q = q.contiguous() if q is not None else k  # k: a dummy pointer, never read
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if has_reads else k
-    tk, tv, tg = (k, v, g) if tail == 0 else (x.contiguous() for x in tails)  # dummies when there is no tail
+    # Dummies when there is no tail.
+    tk, tv, tg = (k, v, g) if tail == 0 or tails is None else (x.contiguous() for x in tails)
     gates = [x.to(torch.float32).contiguous() for x in (eta, alpha, theta)]
     nc = gates[0].shape[-1]
     if nc < n_full:
@@ -502,6 +503,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
                           chunk=chunk_size, n_full=n_full, has_counts=True, optimizer=optimizer,
                           ns_steps=ns_steps, precision=precision, low_precision_dots=low_precision_dots,
                           block_e=block_e, ns_block=ns_block, num_warps=num_warps)
+    assert reads is not None  # q was given
     end = n_full * chunk_size
     new_gamma = _new_tail(tail_gamma[..., None], gamma[..., None], end)[..., 0]
     return reads, w, s, (_new_tail(tail_k, k, end), _new_tail(tail_v, v, end), new_gamma)

@@ -31,10 +31,10 @@ def resolve_tenant(settings: ServerSettings, authorization: str | None, client_h
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    token = token.strip().encode()
+    presented = token.strip().encode()
     tenant = None
     for key, name in keys.items():  # compare with every key, in constant time each
-        if hmac.compare_digest(key.encode(), token):
+        if hmac.compare_digest(key.encode(), presented):
             tenant = name
     if tenant is None:
         raise _unauthorized("invalid API key")

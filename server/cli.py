@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from atlas_client.cli import register as register_client_commands
@@ -116,8 +116,9 @@ def serve(
     from .app import create_app
     from .settings import ServerSettings, is_loopback
 
-    overrides = {k: v for k, v in dict(host=host, port=port, device=device, log_level=log_level,
-                                       model=str(model) if model else None).items() if v is not None}
+    given = dict(host=host, port=port, device=device, log_level=log_level,
+                 model=str(model) if model else None)
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # unset: ATLAS_*
     if allow_remote:
         overrides["allow_remote"] = True
     settings = ServerSettings(**overrides)

@@ -158,7 +158,9 @@ def install_handlers(app: FastAPI) -> None:
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return internal_error().response()
 
-    for cls in (ApiError, *ENGINE_ERRORS, RequestValidationError, ValidationError, ClientDisconnect):
+    handled: tuple[type[Exception], ...] = (ApiError, *ENGINE_ERRORS, RequestValidationError, ValidationError,
+                                            ClientDisconnect)
+    for cls in handled:
         app.add_exception_handler(cls, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

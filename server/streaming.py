@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,7 @@ class Finished:
 
 async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant: str, prompt: list[int],
                      params: SamplingParams, commit: bool, timeout_s: float
-                     ) -> AsyncIterator[Token | Finished]:
+                     ) -> AsyncGenerator[Token | Finished, None]:
     """Tokens, then one Finished. Past ``timeout_s`` the work is cancelled and Finished says
     ``timeout`` with what was generated. Errors before the first token raise on the first
     ``__anext__`` (so a route can prime this to answer with a real status); closing this closes the
@@ -155,7 +155,7 @@ async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant
         metrics.e2e.observe(time.perf_counter() - t0)
 
 
-async def primed(agen: AsyncIterator) -> AsyncIterator:
+async def primed(agen: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
     """Run ``agen`` to its first item now (so errors before any output become an HTTP status), and
     return an iterator that yields that item and the rest. Closing it closes ``agen``."""
     try:
@@ -167,7 +167,7 @@ async def primed(agen: AsyncIterator) -> AsyncIterator:
             await agen.aclose()
         raise
 
-    async def rest() -> AsyncIterator:
+    async def rest() -> AsyncGenerator[Any, None]:
         try:
             if first is _EMPTY:
                 return

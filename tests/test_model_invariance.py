@@ -154,7 +154,6 @@ def test_rope_invariance_at_ten_million():
     assert_close(far, at_zero, torch.float32, "logits")
 
 
-@pytest.mark.slow
 def test_state_size_is_constant():
     atlas = tiny_atlas(torch.float32, chunk_size=64, swa_window=64, d_model=64)
     short, _ = atlas.feed(atlas.new_state(), [1] * 100)

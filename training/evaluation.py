@@ -111,8 +111,8 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
         correct, prefix = score(text, s.value)
         details.append(Trial(round(s.depth, 4), s.value, text, correct, _rounded(nats[i]),
                              _rounded(decoy_nats[i]), round(ends[i], 4), prefix))
-    correct = sum(t.correct for t in details)
-    return Point(task, length, trials, correct, correct / trials, CHANCE[task],
+    n_correct = sum(t.correct for t in details)
+    return Point(task, length, trials, n_correct, n_correct / trials, CHANCE[task],
                  round(trials * length / wall, 1), round(wall, 2), _mean(sum(nats, [])),
                  _mean(sum(decoy_nats, [])), _by_byte(nats), _by_byte(decoy_nats), _mean(ends),
                  sum(t.prefix_correct for t in details), details)

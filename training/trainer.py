@@ -22,6 +22,7 @@ from tqdm import tqdm
 from atlas.engine.api import resolve_device
 from atlas.engine.checkpoint import load_checkpoint, read_config, save_checkpoint
 from atlas.engine.config import ModelConfig
+from atlas.engine.machine import portable_path
 from atlas.engine.model import AtlasModel
 from atlas.engine.tokenizer import ByteTokenizer
 
@@ -327,7 +328,7 @@ def _initial_model(cfg: TrainConfig, device: torch.device) -> tuple[AtlasModel, 
         mem.first_order = cfg.inner_backprop == "first_order"
     if cfg.init_from is None:
         return model, {}
-    earlier = dict(read_config(cfg.init_from)[1].get("training") or {}, path=str(cfg.init_from))
+    earlier = dict(read_config(cfg.init_from)[1].get("training") or {}, path=portable_path(cfg.init_from))
     try:
         keys = model.load_state_dict(load_checkpoint(cfg.init_from, device=device).state_dict(),
                                      strict=not cfg.init_partial)

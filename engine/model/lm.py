@@ -5,6 +5,8 @@ session batch first; `engine.state.SessionState` wraps that dict for users."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +75,10 @@ class Mixer(nn.Module):
         elif y_attn is None:
             y = y_mem
         else:
+            assert self.attn_norm is not None  # "mag" has it
             y_attn = head_rms_norm(y_attn, self.attn_norm, c.norm_eps)
             y = y_attn * torch.sigmoid(y_mem) if c.mag_combine == "gate" else y_attn + y_mem
+        assert y is not None  # every kind has memory, attention or both
         bsz, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(bsz, t, c.d_model)), new
 
@@ -119,7 +123,11 @@ class AtlasModel(nn.Module):
     @property
     def memories(self) -> list[AtlasMemory]:
         """The ATLAS memory layers, in block order."""
-        return [block.mixer.mem for block in self.blocks if block.mixer.mem is not None]
+        return [block.mixer.mem for block in self._blocks() if block.mixer.mem is not None]
+
+    def _blocks(self) -> Iterator[Block]:
+        """The blocks, typed (iterating an nn.ModuleList gives plain Modules)."""
+        return cast("Iterator[Block]", iter(self.blocks))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -140,7 +148,7 @@ class AtlasModel(nn.Module):
             "last_logits": torch.zeros(batch, self.cfg.vocab_size,
                                        dtype=torch.promote_types(self.dtype, torch.float32), device=dev),
         }
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self._blocks()):
             st.update({f"layers.{i}.{k}": v for k, v in block.mixer.init_state(batch, self.dtype).items()})
         return st
 
@@ -182,7 +190,7 @@ class AtlasModel(nn.Module):
             ends = (total - 1 - r * b).clamp(-1, rows - 1)
             pos = origin[:, None] + vpos
             new_layers: StateDict = {}
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(self._blocks()):
                 prefix = f"layers.{i}."
                 sub = {k[len(prefix):]: val for k, val in layers.items() if k.startswith(prefix)}
                 x, sub = block(x, sub, pos, commit, ends)
@@ -200,7 +208,7 @@ class AtlasModel(nn.Module):
             # Logits of the whole block (not of single rows), so that a matrix product of the
             # same shape makes them whether the session runs alone or in a batch.
             logits = self._logits(x).to(last.dtype)
-            if all_logits:
+            if out is not None:  # all_logits
                 tok = vpos[None, :] - filled[:, None]
                 tok = torch.where((tok >= 0) & (tok < t), tok, t)  # slot t is a discarded dummy
                 out = out.scatter(1, tok[..., None].expand(bsz, rows, v), logits)
@@ -212,7 +220,7 @@ class AtlasModel(nn.Module):
         pending = torch.where(vpos < total[:, None], torch.gather(stream, 1, idx), 0)
         new = dict(layers, pos=state["pos"] + t, tokens=state["tokens"] + t, pending=pending,
                    last_logits=last, cache_len=total % b if t else state["cache_len"])
-        return (out[:, :t] if all_logits else last), new
+        return (out[:, :t] if out is not None else last), new
 
     def _decode(self, tokens: Tensor, state: StateDict, filled: Tensor,
                 all_logits: bool) -> tuple[Tensor, StateDict]:
@@ -223,7 +231,7 @@ class AtlasModel(nn.Module):
         x = self.embed(tokens)
         pos = state["pos"]
         new = dict(state)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self._blocks()):
             prefix = f"layers.{i}."
             sub = {k[len(prefix):]: val for k, val in state.items() if k.startswith(prefix)}
             x, sub = block.decode(x, sub, pos, filled)

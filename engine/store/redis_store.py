@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import redis
 import xxhash
@@ -104,6 +104,17 @@ local function writer_error(fence_key, lease_key, fence)
 end
 """
 
+# The session exists, this writer may write, and no other write came since it read generation ARGV[2].
+_GUARDED = _WRITER_CHECK + """
+local function guard()
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
+  local err = writer_error(KEYS[2], KEYS[3], ARGV[1])
+  if err then return err end
+  if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[2] then return {'retry'} end
+  return nil
+end
+"""
+
 # KEYS: hash, fence | ARGV: nonce, ttl_ms|'', field, value, ...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -146,11 +157,9 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: hash, fence, lease, current parts... | ARGV: fence|'', expected gen, ttl_ms|'', field, value, ...
-_UPDATE = _WRITER_CHECK + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-local err = writer_error(KEYS[2], KEYS[3], ARGV[1])
+_UPDATE = _GUARDED + """
+local err = guard()
 if err then return err end
-if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[2] then return {'retry'} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 if ARGV[3] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -161,11 +170,9 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: hash, fence, lease, current parts... | ARGV: fence|'', expected gen, fence retention ms
-_DELETE = _WRITER_CHECK + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-local err = writer_error(KEYS[2], KEYS[3], ARGV[1])
+_DELETE = _GUARDED + """
+local err = guard()
 if err then return err end
-if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[2] then return {'retry'} end
 for i = 4, #KEYS do redis.call('UNLINK', KEYS[i]) end
 redis.call('UNLINK', KEYS[1])
 redis.call('DEL', KEYS[3])
@@ -433,7 +440,8 @@ class RedisStore(StateStore):
         out: list[bytes | None] = []
         for idx in self._batches(sizes, READ_BATCH_BYTES):
             if len(idx) == 1:
-                batch = [self._client.get(keys[idx.start])]
+                # redis-py types GET as bytes | str | None; str only with decode_responses, never set here.
+                batch = [cast("bytes | None", self._client.get(keys[idx.start]))]
             else:
                 pipe = self._client.pipeline(transaction=False)
                 for i in idx:
@@ -630,7 +638,7 @@ class RedisStore(StateStore):
                 self._stats.count("corrupt")
                 raise StateCorruptError(f"session {sid}: {problem}; the state is refused", sid=sid)
         if len(parts) == 1:
-            return parts[0]  # type: ignore[return-value]
+            return parts[0]
         return b"".join(parts)  # type: ignore[arg-type]
 
     def meta(self, sid: str) -> SessionMeta:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from atlas.engine import Atlas
 from atlas.engine.sampling import SamplingParams
 
@@ -11,12 +13,15 @@ from ..settings import ServerSettings
 
 GREEDY_BELOW = 1e-3
 
-ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody},
-          429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
-GEN_ERRORS = {**ERRORS, 400: {"model": ErrorBody}, 409: {"model": ErrorBody}}
+#: FastAPI's ``responses=``: extra OpenAPI responses by status code.
+Responses = dict[int | str, dict[str, Any]]
+
+ERRORS: Responses = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody},
+                     429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+GEN_ERRORS: Responses = {**ERRORS, 400: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 #: Routes with a JSON body add 415 (another Content-Type).
-JSON_ERRORS = {**ERRORS, 415: {"model": ErrorBody}}
-JSON_GEN_ERRORS = {**GEN_ERRORS, 415: {"model": ErrorBody}}
+JSON_ERRORS: Responses = {**ERRORS, 415: {"model": ErrorBody}}
+JSON_GEN_ERRORS: Responses = {**GEN_ERRORS, 415: {"model": ErrorBody}}
 
 
 def sampling(req: SamplingFields, default_max_tokens: int, settings: ServerSettings) -> SamplingParams:

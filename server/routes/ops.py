@@ -11,9 +11,10 @@ from ..dependencies import MetricsDep, Services, ServicesDep, get_services, get_
 from ..errors import ApiError
 from ..metrics import CONTENT_TYPE
 from ..schemas import ErrorBody, Health, ModelCard, ModelList
+from .common import Responses
 
 router = APIRouter()
-ERRORS = {401: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+ERRORS: Responses = {401: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 #: Routes that need a key but not the caller's tenant.
 AUTH = [Depends(get_tenant)]
 

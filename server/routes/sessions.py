@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Body, Query, Request, Response
@@ -14,6 +14,7 @@ from atlas.engine.runtime import IngestProgress
 
 from ..dependencies import MetricsDep, ServicesDep, SessionIdDep, SettingsDep, TenantDep
 from ..errors import ApiError, error_event
+from ..metrics import Metrics
 from ..schemas import (
     GenerateDoneEvent,
     GenerateRequest,
@@ -78,6 +79,65 @@ INGEST_BODY = {"requestBody": {"required": True, "description": "The document (U
                                "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
+class _CappedBody:
+    """The request body as it arrives, ending quietly at `limit` bytes or when the client goes away.
+    It never raises into the runtime: a body that fails ends the document there (the runtime commits
+    what it read), and the route reports why (`over_limit`: 413 / an error event; client gone: the
+    event stream sees the disconnect and cancels the work)."""
+
+    def __init__(self, request: Request, limit: int) -> None:
+        self.request, self.limit = request, limit
+        self.over_limit = False
+        self.read = asyncio.Event()  # set once the body is consumed: the response may then start
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = 0
+        try:
+            async for piece in self.request.stream():
+                total += len(piece)
+                if total > self.limit:
+                    self.over_limit = True
+                    return
+                if piece:
+                    yield piece
+        except ClientDisconnect:
+            return
+        finally:
+            self.read.set()
+
+
+async def _ingest_events(first: IngestProgress, progress: AsyncGenerator[IngestProgress, None],
+                         body: _CappedBody, too_large: ApiError, tokens: int, interval_s: float,
+                         metrics: Metrics) -> AsyncIterator[bytes]:
+    """Progress events, at most one per `interval_s` and always the last, then close the ingest."""
+    t0, emitted = time.perf_counter(), 0.0
+    try:
+        p = first
+        while True:
+            metrics.ingest_tokens.inc(max(0, p.tokens - tokens))
+            tokens = p.tokens
+            now = time.perf_counter()
+            if p.done and body.over_limit:
+                yield sse(too_large.body())
+            elif p.done or now - emitted >= interval_s:
+                emitted = now
+                if p.done:
+                    metrics.ingest_rate.observe(p.tokens_per_s)
+                yield sse(IngestEvent(session_id=p.session_id, bytes_committed=p.bytes_committed,
+                                      tokens=p.tokens, tokens_per_s=round(p.tokens_per_s, 1),
+                                      done=p.done).model_dump())
+            try:
+                p = await progress.__anext__()
+            except StopAsyncIteration:
+                break
+    except Exception as e:
+        yield sse(error_event(e))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await progress.aclose()
+        metrics.ingest_seconds.observe(time.perf_counter() - t0)
+
+
 @router.post("/{sid}/ingest", response_class=EventStream, openapi_extra=INGEST_BODY,
              responses={**GEN_ERRORS, 200: SSE_DOC, 413: ERRORS[404]})
 async def ingest(request: Request, sid: SessionIdDep, who: TenantDep, services: ServicesDep,
@@ -100,69 +160,20 @@ async def ingest(request: Request, sid: SessionIdDep, who: TenantDep, services: 
     if offset is not None and offset > meta.bytes_committed:
         raise ApiError("offset_gap", f"offset {offset} is past the {meta.bytes_committed} bytes the "
                        f"session has; resume from {meta.bytes_committed}")
-    body_read = asyncio.Event()
-    over_limit = False
-
-    async def body() -> AsyncIterator[bytes]:
-        # Never raises into the runtime: a body that fails ends the document there (the runtime
-        # commits what it read), and the route reports why. Over the limit: 413 / an error event;
-        # client gone: the event stream sees the disconnect and cancels the work.
-        nonlocal over_limit
-        total = 0
-        try:
-            async for piece in request.stream():
-                total += len(piece)
-                if total > limit:
-                    over_limit = True
-                    return
-                if piece:
-                    yield piece
-        except ClientDisconnect:
-            return
-        finally:
-            body_read.set()
-
-    t0 = time.perf_counter()
-    progress = services.runtime.ingest(sid, who, body(), offset=offset)
-    try:
-        first: IngestProgress = await progress.__anext__()
+    body = _CappedBody(request, limit)
+    progress = services.runtime.ingest(sid, who, aiter(body), offset=offset)
+    try:  # failures before any progress are plain HTTP errors
+        first = await progress.__anext__()
     except BaseException:
         await progress.aclose()
         raise
     too_large = ApiError("body_too_large", f"an ingest body may carry at most {limit} bytes; the "
                          "session keeps what was read before the limit (see its bytes_committed)")
-    if first.done and over_limit:
+    if first.done and body.over_limit:
         raise too_large
-
-    async def events() -> AsyncIterator[bytes]:
-        tokens, emitted = meta.tokens, 0.0
-        try:
-            p = first
-            while True:
-                metrics.ingest_tokens.inc(max(0, p.tokens - tokens))
-                tokens = p.tokens
-                now = time.perf_counter()
-                if p.done and over_limit:
-                    yield sse(too_large.body())
-                elif p.done or now - emitted >= settings.progress_interval_s:
-                    emitted = now
-                    if p.done:
-                        metrics.ingest_rate.observe(p.tokens_per_s)
-                    yield sse(IngestEvent(session_id=p.session_id, bytes_committed=p.bytes_committed,
-                                          tokens=p.tokens, tokens_per_s=round(p.tokens_per_s, 1),
-                                          done=p.done).model_dump())
-                try:
-                    p = await progress.__anext__()
-                except StopAsyncIteration:
-                    break
-        except Exception as e:
-            yield sse(error_event(e))
-        finally:
-            with anyio.CancelScope(shield=True):
-                await progress.aclose()
-            metrics.ingest_seconds.observe(time.perf_counter() - t0)
-
-    return EventStream(events(), body_read=body_read)
+    events = _ingest_events(first, progress, body, too_large, meta.tokens, settings.progress_interval_s,
+                            metrics)
+    return EventStream(events, body_read=body.read)
 
 
 @router.post("/{sid}/generate", response_class=EventStream, responses={**JSON_GEN_ERRORS, 200: SSE_DOC})

@@ -43,9 +43,9 @@ class Source:
             self._base = src.tell()  # type: ignore[union-attr]
         elif hasattr(src, "read"):
             reader = src
-            self._it = iter(lambda: reader.read(piece_bytes), b"")  # type: ignore[union-attr]
+            self._it = iter(lambda: reader.read(piece_bytes), b"")
         else:
-            pieces: Iterable[bytes | str] = src  # type: ignore[assignment]
+            pieces: Iterable[bytes | str] = src
             self._it = (p.encode() if isinstance(p, str) else bytes(p) for p in pieces)
 
     def pieces(self, start: int) -> Iterator[bytes]:
