@@ -43,7 +43,7 @@ lint-mypy: $(STAMP)
 	@for p in engine kernels server training; do ln -sfn ../../../$$p build/typing/atlas/$$p; done
 	$(PY) -m mypy
 
-test: lint-ruff
+test: lint
 	$(PY) -m pytest -q
 
 # The edit loop: everything but the tests marked slow (each over ~30 s).
