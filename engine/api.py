@@ -82,9 +82,11 @@ class Generation:
 class Atlas:
     """A model on a device with its tokenizer and fingerprint."""
 
-    def __init__(self, model: AtlasModel, tokenizer: Tokenizer | None = None, max_piece: int = 4096):
+    def __init__(self, model: AtlasModel, tokenizer: Tokenizer | None = None, max_piece: int = 4096,
+                 eos_token_ids: Sequence[int] = ()):
         self.model = model.eval()
         self.tokenizer = tokenizer or ByteTokenizer()
+        self.eos_token_ids = tuple(eos_token_ids)  # generation stops at any of them (not shown)
         if self.tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError("tokenizer vocabulary is larger than the model's")
         self.fingerprint = fingerprint(model)

@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from atlas.engine import load_checkpoint
+from atlas.engine.machine import portable_path
 from atlas.server.cli import app
 from atlas.training.evaluation import _decoy, evaluate_point, parse_length
 from atlas.training.tasks import (
@@ -412,7 +413,7 @@ def test_training_can_start_from_a_checkpoint(tmp_path):
     fresh = load_checkpoint(run_training(tiny_train_config(tmp_path / "c", **still), progress=False))
     record = json.loads((tmp_path / "b" / "run" / "model" / "config.json").read_text())["training"]
     assert record["steps"] == 1 and record["init_from"]["steps"] == 2  # both phases on record
-    assert record["init_from"]["path"] == str(start)
+    assert record["init_from"]["path"] == portable_path(start)  # no absolute path on record
     for (n, p), q in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
     assert any(not torch.allclose(p, r, atol=1e-6)
