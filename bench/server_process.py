@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -35,11 +35,12 @@ class ServerProcess:
 
     The data directory defaults to ``workdir/data``; ``threads`` is ATLAS_TORCH_THREADS, one unless
     told otherwise because several servers often share the machine (None: the server's own choice).
+    ``args`` are more options of ``atlas serve`` (``["--dtype", "bfloat16"]``).
     The log of every start goes to ``workdir/server-<port>.log``.
     """
 
     def __init__(self, workdir: Path, settings: Mapping[str, str] | None = None, *, host: str = "127.0.0.1",
-                 port: int | None = None, threads: int | None = 1) -> None:
+                 port: int | None = None, threads: int | None = 1, args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.host = host
         self.port = port or free_port()
@@ -48,6 +49,7 @@ class ServerProcess:
         if threads is not None:
             defaults["ATLAS_TORCH_THREADS"] = str(threads)
         self.env = {**inherited, **defaults, **(settings or {})}
+        self.args = list(args)
         self.log_path = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +61,7 @@ class ServerProcess:
         """Start the process without waiting for it (several servers can then load at once)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "atlas.server.cli", "serve", "--host", self.host,
-               "--port", str(self.port)]
+               "--port", str(self.port), *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, cwd=self.workdir, stdout=log,
                                          stderr=subprocess.STDOUT)

@@ -3,6 +3,7 @@
     atlas = Atlas.load()                       # bundled model (or a checkpoint directory)
     state = atlas.new_state()
     state, logits = atlas.feed(state, atlas.encode("a long document ..."))
+    state = atlas.ingest(state, b"... or its bytes in pieces, cut anywhere")  # the same tokens
     gen = atlas.generate(state.fork(), "Question?", SamplingParams(max_tokens=32))
     for tok in gen: print(tok.text, end="")
     data = atlas.save_state(state); state = atlas.load_state(data)
@@ -13,20 +14,22 @@ forked and reused freely.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .checkpoint import fingerprint, load_checkpoint
+from .checkpoint import Checkpoint, fingerprint, load_checkpoint, read_checkpoint
 from .config import ModelConfig
 from .model import AtlasModel
 from .sampling import SamplingParams, StopMatcher, sample
-from .state import SessionState, StateFormatError, is_cache_key
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from .state import SessionState, StateFormatError, carry_held, held_tensors, is_cache_key
+from .tokenizer import ByteTokenizer, HeldText, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +65,20 @@ class Generation:
         gen = p.generator(self.state.device)
         decoder = self.atlas.tokenizer.stream_decoder()
         stops = StopMatcher(p.stop)
+        eos = set(self.atlas.eos_token_ids)
         logits = self.state.last_logits[0]
         for i in range(p.max_tokens):
             tok = sample(logits, p, gen)
             self.token_ids.append(tok)
-            piece = stops.push(decoder.push(tok))
-            if i == p.max_tokens - 1 or stops.stopped:
+            end = tok in eos or i == p.max_tokens - 1  # an end-of-sequence token shows no text
+            piece = stops.push(("" if tok in eos else decoder.push(tok)) + (decoder.flush() if end else ""))
+            if end or stops.stopped:
                 piece += stops.flush()
             self.text += piece
             yield GeneratedToken(tok, piece)
             self.state, out = self.atlas.feed(self.state, [tok])
             logits = out[0]
-            if stops.stopped:
+            if stops.stopped or tok in eos:
                 self.finish_reason = "stop"
                 return
         self.finish_reason = "length"
@@ -91,20 +96,29 @@ class Atlas:
             raise ValueError("tokenizer vocabulary is larger than the model's")
         self.fingerprint = fingerprint(model)
         self.max_piece = max_piece  # tokens per forward call; bounds activation memory
-        self._layout = {k: (v.shape[1:], v.dtype) for k, v in model.init_state(1).items()
+        # Set by `load`: the folder's sampling defaults (generation_config.json: temperature, top_p,
+        # top_k, max_new_tokens where given) and the checkpoint read (tokenizer_config and all).
+        self.generation_defaults: dict[str, Any] = {}
+        self.checkpoint: Checkpoint | None = None
+        self._layout = {k: (v.shape[1:], v.dtype) for k, v in self.new_state(1).tensors.items()
                         if not is_cache_key(k)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "auto",
              dtype: torch.dtype = torch.float32) -> Atlas:
-        """A checkpoint directory; None means the bundled demo model."""
+        """A checkpoint directory (docs/formats.md, "Checkpoint folder"); None means the bundled
+        demo model. A folder that cannot be served raises CheckpointError (its message names the
+        file and the fix)."""
         if path is None:
             if not (BUNDLED_CHECKPOINT / "config.json").exists():
                 log.warning("no bundled checkpoint found; using a randomly initialised default model")
                 return cls.from_config(ModelConfig(), seed=0, device=device, dtype=dtype)
             path = BUNDLED_CHECKPOINT
-        model = load_checkpoint(path, device=resolve_device(device), dtype=dtype)
-        return cls(model, load_tokenizer(Path(path)))
+        ckpt = read_checkpoint(path)
+        model = load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype)
+        atlas = cls(model, ckpt.tokenizer, eos_token_ids=ckpt.eos_token_ids)
+        atlas.generation_defaults, atlas.checkpoint = ckpt.generation_defaults, ckpt
+        return atlas
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, device: str | torch.device = "auto",
@@ -120,6 +134,33 @@ class Atlas:
     def device(self) -> torch.device:
         return self.model.device
 
+    # -- size (the one definition: start-up log, /v1/models, /metrics and bench/models.py) ---------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' and activations' dtype (the recurrent state is at least fp32)."""
+        return self.model.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """`dtype` as ATLAS_DTYPE and `atlas serve --dtype` spell it: float32, bfloat16, float16."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @functools.cached_property
+    def parameters(self) -> int:
+        """Parameters of the model (a tied embedding counted once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory, in their dtype."""
+        return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+
+    @functools.cached_property
+    def state_bytes(self) -> int:
+        """Bytes of one session's saved state (`save_state`): the same after any number of tokens."""
+        return len(self.save_state(self.new_state()))
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
@@ -129,7 +170,10 @@ class Atlas:
     # -- states ------------------------------------------------------------------------------------
 
     def new_state(self, batch: int = 1, position: int = 0) -> SessionState:
-        return SessionState(self.model.init_state(batch, position), self.fingerprint)
+        tensors = self.model.init_state(batch, position)
+        if self.tokenizer.holds_text:  # room for the text the incremental encoder holds back
+            tensors.update(held_tensors(batch, self.device))
+        return SessionState(tensors, self.fingerprint)
 
     def save_state(self, state: SessionState) -> bytes:
         return state.to_bytes()
@@ -150,7 +194,7 @@ class Atlas:
         caches = {k: v.to(self.device) for k, v in fresh.items() if is_cache_key(k)}
         for k in caches:
             if k.endswith(".cache_conv"):
-                caches[k] = tensors[k[:-len("cache_conv")] + "conv"]
+                caches[k] = tensors[k[:-len("cache_conv")] + "conv"].to(caches[k].dtype)
         return SessionState(dict(tensors, **caches), state.fingerprint)
 
     # -- running -----------------------------------------------------------------------------------
@@ -173,7 +217,7 @@ class Atlas:
         for s in range(0, toks.shape[1], self.max_piece):
             logits, tensors = self.model(toks[:, s:s + self.max_piece], tensors, all_logits=all_logits)
             outs.append(logits)
-        new = SessionState(tensors, self.fingerprint)
+        new = SessionState(carry_held(state.tensors, tensors), self.fingerprint)
         if all_logits:
             if not outs:
                 return new, new.last_logits.new_zeros(toks.shape[0], 0, self.config.vocab_size)
@@ -198,7 +242,29 @@ class Atlas:
         """Feed the prompt into (a copy of) one session, then sample. Iterate the result for tokens."""
         if state.batch_size != 1:
             raise ValueError("generate takes one session")
+        state, ids = self.end_document(state)  # the document ends where the prompt starts
         if prompt:
-            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids += self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if ids:
             state, _ = self.feed(state, ids)
         return Generation(self, state, params or SamplingParams())
+
+    # -- documents in pieces (docs/formats.md, "Held-back text") --------------------------------------
+
+    def ingest(self, state: SessionState, data: bytes | str) -> SessionState:
+        """Read a piece of a document into one session: the same tokens, and so the same state,
+        however the document is cut into pieces (inside words and characters too). With a
+        tokenizer.json, the text whose tokens may still change is held back in the state until the
+        next piece, or until `end_document` (which `generate` calls)."""
+        encoder = self.tokenizer.incremental_encoder(state.held())
+        ids = encoder.push(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        if ids:
+            state, _ = self.feed(state, ids)
+        return state.with_held(encoder.held) if state.holds_text else state
+
+    def end_document(self, state: SessionState) -> tuple[SessionState, list[int]]:
+        """A one-session state without held-back text, and the ids of that text (not yet fed)."""
+        held = state.held()
+        if not (held.context or held.text):
+            return state, []
+        return state.with_held(HeldText()), self.tokenizer.incremental_encoder(held).finish()

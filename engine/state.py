@@ -5,6 +5,9 @@ the fingerprint of the model that made it. Its size is fixed by the model config
 number of tokens read. The model never writes a state tensor in place, so a fork is a shallow copy
 (copy-on-write for free) and a state can be shared between requests safely.
 
+With a tokenizer.json, a state also holds the tail of its document whose tokens may still change
+(`held_text`, `held_len`: docs/formats.md, "Held-back text"); the model never touches them.
+
 Byte format: safetensors (never pickle). The header metadata holds only fixed-width strings
 (format version, fingerprint), and the counters are tensors, so the byte size of a state is the
 same after 100 tokens as after 10 million.
@@ -23,7 +26,28 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from .tokenizer import CONTEXT_BYTES, HOLD_BYTES, HeldText
+
 FORMAT = "atlas-state/1"
+
+#: The held-back text of a model with a tokenizer.json (docs/formats.md, "Held-back text"): a byte
+#: buffer (B, CONTEXT_BYTES + HOLD_BYTES) holding the context then the held text, zeros after them,
+#: and their two lengths (B, 2). A byte-level model's states have neither.
+HELD_TEXT = "held_text"
+HELD_LEN = "held_len"
+HELD_KEYS = (HELD_TEXT, HELD_LEN)
+
+
+def held_tensors(batch: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The held-back text of `batch` sessions that hold nothing."""
+    return {HELD_TEXT: torch.zeros(batch, CONTEXT_BYTES + HOLD_BYTES, dtype=torch.uint8, device=device),
+            HELD_LEN: torch.zeros(batch, 2, dtype=torch.int64, device=device)}
+
+
+def carry_held(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`new` (a state dict the model made from `old`) with the held-back text of `old`, which the
+    model neither reads nor keeps."""
+    return dict(new, **{k: old[k] for k in HELD_KEYS if k in old}) if HELD_LEN in old else new
 
 
 def is_cache_key(key: str) -> bool:
@@ -94,6 +118,36 @@ class SessionState:
         b = t["pending"].shape[1]
         return bool((t["cache_len"] == t["tokens"] % b).all())
 
+    @property
+    def holds_text(self) -> bool:
+        """Whether the state has the held-back text tensors (a model with a tokenizer.json)."""
+        return HELD_LEN in self.tensors
+
+    def held(self) -> HeldText:
+        """The held-back text of a one-session state (empty without the tensors)."""
+        if not self.holds_text:
+            return HeldText()
+        n_ctx, n_text = (int(x) for x in self.tensors[HELD_LEN][0].tolist())
+        buf = bytes(self.tensors[HELD_TEXT][0, :n_ctx + n_text].cpu().tolist())
+        return HeldText(buf[:n_ctx], buf[n_ctx:])
+
+    def with_held(self, held: HeldText) -> SessionState:
+        """A copy of a one-session state that holds `held` back (the tensors are new, the rest shared)."""
+        if self.batch_size != 1:
+            raise ValueError("with_held takes a one-session state")
+        if not self.holds_text:
+            if held.context or held.text:
+                raise ValueError("this state has no room for held-back text (a byte-level model)")
+            return self
+        if len(held.context) > CONTEXT_BYTES or len(held.text) > HOLD_BYTES:
+            raise ValueError("held-back text over its bound")
+        data = held.context + held.text
+        buf = torch.zeros_like(self.tensors[HELD_TEXT])
+        if data:
+            buf[0, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(buf.device)
+        lens = torch.tensor([[len(held.context), len(held.text)]], dtype=torch.int64, device=buf.device)
+        return SessionState(dict(self.tensors, **{HELD_TEXT: buf, HELD_LEN: lens}), self.fingerprint)
+
     def split(self) -> list[SessionState]:
         return [self[i] for i in range(self.batch_size)]
 
@@ -148,6 +202,11 @@ class SessionState:
                 f"state was made by model {fp[:16]}..., this server runs {expected_fingerprint[:16]}...")
         if "pos" not in tensors:
             raise StateFormatError("state bytes lack the position counter")
+        if HELD_LEN in tensors:
+            lens = tensors[HELD_LEN]
+            if lens.dim() != 2 or lens.shape[1] != 2 or bool((lens < 0).any()) \
+                    or bool((lens[:, 0] > CONTEXT_BYTES).any()) or bool((lens[:, 1] > HOLD_BYTES).any()):
+                raise StateFormatError("state bytes hold back text past its bound")
         return cls({k: v.to(device) for k, v in tensors.items()}, fp)
 
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atlas.engine import Atlas
+from atlas.engine.checkpoint import CheckpointError
 from atlas.engine.runtime import Runtime, RuntimeSettings
 from atlas.engine.store import StateStore, StoreSettings, open_store
 
@@ -48,12 +49,12 @@ def default_model_id(settings: ServerSettings) -> str:
 def build_services(settings: ServerSettings, atlas: Atlas | None, store: StateStore | None,
                    runtime_settings: RuntimeSettings | None) -> Services:
     """Load the model, open the store, start the runtime (blocking; run in a thread)."""
-    if settings.torch_threads:
-        import torch
+    import torch
 
+    if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if atlas is None:
-        atlas = Atlas.load(settings.model, device=settings.device)
+        atlas = Atlas.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     owns_store = store is None
     store_settings = StoreSettings()
     if store is None:
@@ -67,8 +68,7 @@ def build_services(settings: ServerSettings, atlas: Atlas | None, store: StateSt
         if owns_store:
             store.close()
         raise
-    state_bytes = len(atlas.save_state(atlas.new_state()))
-    return Services(atlas, store, runtime, default_model_id(settings), state_bytes, int(time.time()),
+    return Services(atlas, store, runtime, default_model_id(settings), atlas.state_bytes, int(time.time()),
                     owns_store)
 
 
@@ -97,8 +97,14 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
             try:
                 services = await asyncio.to_thread(build_services, settings, atlas, store, runtime_settings)
                 app.state.services = services
-                log.info("ready: model %s (%s) on %s, state %d bytes", services.model_id,
-                         services.atlas.fingerprint[:12], services.atlas.device, services.state_bytes)
+                a = services.atlas
+                log.info("ready: model %s (%s) on %s, %s parameters in %s (%s weight bytes), "
+                         "state %s bytes per session", services.model_id, a.fingerprint[:12], a.device,
+                         f"{a.parameters:,}", a.dtype_name, f"{a.weight_bytes:,}",
+                         f"{services.state_bytes:,}")
+            except CheckpointError as e:  # its message names the file and the fix: no traceback
+                log.error("could not load the model: %s", e)
+                app.state.load_error = f"{type(e).__name__}: {e}"
             except Exception as e:
                 log.exception("could not start the engine")
                 app.state.load_error = f"{type(e).__name__}: {e}"

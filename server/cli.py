@@ -103,6 +103,9 @@ def serve(
     model: Annotated[Path | None, typer.Option(
         help="Checkpoint directory (ATLAS_MODEL; default: bundled)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (ATLAS_DEVICE)")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Weights' dtype: float32, bfloat16 or float16 (ATLAS_DTYPE; default float32); "
+             "the session state stays fp32")] = None,
     allow_remote: Annotated[bool, typer.Option(
         "--allow-remote", help="Bind a non-loopback host without API keys (ATLAS_ALLOW_REMOTE)")] = False,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (ATLAS_LOG_LEVEL)")] = None,
@@ -112,21 +115,31 @@ def serve(
     import math
 
     import uvicorn
+    from pydantic import ValidationError
 
     from .app import create_app
     from .settings import ServerSettings, is_loopback
 
-    given = dict(host=host, port=port, device=device, log_level=log_level,
+    given = dict(host=host, port=port, device=device, dtype=dtype, log_level=log_level,
                  model=str(model) if model else None)
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # unset: ATLAS_*
     if allow_remote:
         overrides["allow_remote"] = True
-    settings = ServerSettings(**overrides)
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as e:
+        err.print(f"[red]invalid setting: {e}[/red]")
+        raise typer.Exit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     log = logging.getLogger("atlas.server")
-    if settings.model and not (Path(settings.model) / "config.json").exists():
-        err.print(f"[red]no checkpoint at {settings.model} (config.json missing)[/red]")
-        raise typer.Exit(2)
+    if settings.model:  # a folder that cannot load: its one-line reason and exit 2, before serving
+        from atlas.engine.checkpoint import CheckpointError, read_checkpoint
+
+        try:
+            read_checkpoint(settings.model)
+        except CheckpointError as e:
+            err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from e
     if not settings.auth_enabled and not settings.allow_remote and not is_loopback(settings.host):
         log.warning("no API keys configured: binding 127.0.0.1 instead of %s "
                     "(set ATLAS_API_KEYS, or pass --allow-remote)", settings.host)

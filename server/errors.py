@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from atlas.engine.checkpoint import CheckpointError
 from atlas.engine.runtime import RuntimeFault
 from atlas.engine.state import StateError
 from atlas.engine.store import StoreError
@@ -56,13 +57,14 @@ STATUS: dict[str, int] = {
     "shutting_down": 503,
     "store_unavailable": 503,
     "store_error": 503,  # an unexpected reply from the store: treated like an unreachable one
+    "checkpoint_invalid": 503,  # the model cannot load (at start-up: /ready says why)
 }
 
 #: Seconds a client should wait before retrying an engine error with this code.
 RETRY_AFTER: dict[str, int] = {"queue_full": 1, "store_unavailable": 1, "store_error": 1, "shutting_down": 5}
 
 #: The base classes of the errors the engine raises on purpose; each subclass carries a ``code``.
-ENGINE_ERRORS: tuple[type[Exception], ...] = (RuntimeFault, StoreError, StateError)
+ENGINE_ERRORS: tuple[type[Exception], ...] = (RuntimeFault, StoreError, StateError, CheckpointError)
 
 #: Status codes Starlette raises itself (unknown route, wrong method, ...) -> our codes.
 HTTP_CODES: dict[int, str] = {

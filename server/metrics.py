@@ -95,6 +95,14 @@ class _EngineCollector(Collector):
                                   rt.ingest_tokens)
         yield GaugeMetricFamily("atlas:state_bytes", "Bytes of one session state (the same for any "
                                 "length).", services.state_bytes)
+        a = services.atlas
+        yield GaugeMetricFamily("atlas:model_parameters", "Parameters of the model.", a.parameters)
+        yield GaugeMetricFamily("atlas:model_weight_bytes", "Bytes of the model's weights in memory.",
+                                a.weight_bytes)
+        info = GaugeMetricFamily("atlas:model_info", "The model served (always 1).",
+                                 labels=["model", "fingerprint", "dtype", "device"])
+        info.add_metric([services.model_id, a.fingerprint[:16], a.dtype_name, str(a.device)], 1)
+        yield info
         c = services.runtime.cache.stats
         yield CounterMetricFamily("atlas:cache_hits", "Hot cache hits.", c.hits)
         yield CounterMetricFamily("atlas:cache_misses", "Hot cache misses.", c.misses)

@@ -177,6 +177,16 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "atlas"
     fingerprint: str | None = None
+    # Beyond OpenAI's model object: what the model costs (Atlas.parameters, .weight_bytes, .state_bytes).
+    parameters: int | None = Field(None, description="Parameters of the model (a tied embedding once).")
+    weight_bytes: int | None = Field(None, description="Bytes of the weights in memory, in `dtype`.")
+    dtype: str | None = Field(None, description="Dtype of the weights and activations (the session "
+                                                "state is fp32 whatever it is).")
+    state_bytes: int | None = Field(None, description="Bytes of one session's saved state, the same "
+                                                      "after any number of tokens.")
+    vocab_size: int | None = None
+    context: Literal["unbounded"] = Field(
+        "unbounded", description="Tokens a session can read: no limit, the state has a fixed size.")
 
 
 class ModelList(BaseModel):

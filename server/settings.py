@@ -8,11 +8,16 @@ HTTP side's: where to listen, who may call, which model, and the limits a reques
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
+#: The weights' dtypes a server can run, and the short names ATLAS_DTYPE also takes.
+WeightsDtype = Literal["float32", "bfloat16", "float16"]
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "f16": "float16", "half": "float16"}
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -46,6 +51,9 @@ class ServerSettings(BaseSettings):
     #: checkpoint directory's name, or ``atlas-demo``).
     model_id: str | None = None
     device: str = "auto"
+    #: Dtype of the weights and activations (float32, bfloat16 or float16; bf16, fp16, fp32 too).
+    #: The recurrent state stays fp32 whatever it is (docs/model.md, "Precision").
+    dtype: WeightsDtype = "float32"
     #: torch intra-op threads (unset: torch's default). 1 is often fastest for small models.
     torch_threads: int | None = Field(None, ge=1)
 
@@ -68,6 +76,14 @@ class ServerSettings(BaseSettings):
     #: Least time between two ingest progress events (the final event always comes).
     progress_interval_s: float = Field(0.2, ge=0)
     log_level: str = "info"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower().removeprefix("torch.")
+            return DTYPE_ALIASES.get(v, v)
+        return v
 
     @field_validator("api_keys")
     @classmethod

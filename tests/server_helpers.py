@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,10 +29,12 @@ def parse_sse(text: str) -> list[dict | str]:
 
 
 @contextmanager
-def running_server(work: Path, env: dict[str, str], graceful: bool = True) -> Iterator[ServerProcess]:
-    """A started `atlas serve` for the length of the block; stopped with SIGTERM (checked to drain
-    cleanly when `graceful`), then killed for sure, with its embedded redis-server."""
-    srv = ServerProcess(work, env).start()
+def running_server(work: Path, env: dict[str, str], graceful: bool = True,
+                   args: Sequence[str] = ()) -> Iterator[ServerProcess]:
+    """A started `atlas serve` (with more options `args`) for the length of the block; stopped with
+    SIGTERM (checked to drain cleanly when `graceful`), then killed for sure, with its embedded
+    redis-server."""
+    srv = ServerProcess(work, env, args=args).start()
     try:
         yield srv
         status = srv.stop()

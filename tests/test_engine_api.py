@@ -145,8 +145,8 @@ def test_atlas_load_uses_checkpoint_tokenizer(atlas: Atlas, tmp_path: Path) -> N
 
 
 def test_checkpoint_round_trip(atlas: Atlas, tmp_path: Path) -> None:
-    save_checkpoint(atlas.model, tmp_path, extra={"note": "test"})
-    assert json.loads((tmp_path / "config.json").read_text())["note"] == "test"
+    save_checkpoint(atlas.model, tmp_path, extra={"training": {"note": "test"}})
+    assert json.loads((tmp_path / "config.json").read_text())["training"] == {"note": "test"}
     model = load_checkpoint(tmp_path)
     assert fingerprint(model) == atlas.fingerprint
     loaded = Atlas(model)
@@ -174,7 +174,7 @@ def test_checkpoint_bf16_casts_weights(atlas: Atlas, tmp_path: Path) -> None:
 
 def edit_config(path: Path, **changes: object) -> None:
     doc = json.loads((path / "config.json").read_text())
-    doc["model"].update(changes)
+    doc.update(changes)  # config.json is flat (docs/formats.md, "Checkpoint folder")
     (path / "config.json").write_text(json.dumps(doc))
 
 

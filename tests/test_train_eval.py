@@ -278,10 +278,11 @@ def tiny_train_config(tmp_path, **kw) -> TrainConfig:
 def test_training_can_stop_and_continue_bit_exactly(tmp_path, monkeypatch):
     cfg = tiny_train_config(tmp_path / "x")
     straight = load_checkpoint(run_training(cfg, progress=False))
-    # Stop after step 2 (a crash after its checkpoint), then run again: it resumes from trainer.pt.
+    # Stop after step 2 (a crash after its checkpoint), then run again: it resumes from
+    # model/training_state/trainer.pt.
     cfg2 = tiny_train_config(tmp_path / "y")
     stopped = _run_until(cfg2, 2, monkeypatch)
-    assert torch.load(stopped / "trainer.pt", weights_only=True)["step"] == 2
+    assert torch.load(stopped / "model" / "training_state" / "trainer.pt", weights_only=True)["step"] == 2
     again = load_checkpoint(run_training(cfg2, progress=False))
     for (n, p), q in zip(straight.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(p, q), n

@@ -1,4 +1,5 @@
-"""`atlas train` and `atlas eval`: the commands `atlas` mounts with ``register(app)``.
+"""`atlas train`, `atlas eval`, `atlas init` and `atlas convert`: the commands `atlas` mounts with
+``register(app)``.
 
 Heavy modules (torch, the trainer) load inside the commands, so that `atlas --help` and the serving
 commands start without them."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,10 +25,77 @@ err = Console(stderr=True)
 DEFAULT_LENGTHS = "1k,4k,16k,64k,256k,1M"
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def register(app: typer.Typer) -> None:
-    """Add `train` and `eval` to a typer app (the `atlas` command line uses this)."""
+    """Add `train`, `eval`, `init` and `convert` to a typer app (the `atlas` command line uses this)."""
     app.command()(train)
     app.command(name="eval")(evaluate)
+    app.command(name="init")(init_model)
+    app.command()(convert)
+
+
+def init_model(
+    config: Annotated[Path, typer.Option(help=(
+        "Model config in the config.json format, e.g. configs/models/atlas-170m.json"))],
+    out: Annotated[Path, typer.Option(help="The checkpoint folder to write (must not hold a config.json)")],
+    tokenizer: Annotated[Path | None, typer.Option(help=(
+        "A tokenizer.json (Hugging Face tokenizers) to copy in; default: the byte tokenizer"))] = None,
+    tokenizer_config: Annotated[Path | None, typer.Option(help=(
+        "A tokenizer_config.json to copy in (default: the one beside --tokenizer, if any)"))] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+    dtype: Annotated[str, typer.Option(help="Weights' dtype: float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Write a randomly initialised checkpoint folder (serve it with ATLAS_MODEL=OUT atlas serve)."""
+    import torch
+
+    from atlas.engine.checkpoint import CheckpointError, count_parameters, init_checkpoint
+
+    if dtype not in DTYPES:
+        _fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    try:
+        ckpt = init_checkpoint(config, out, tokenizer, tokenizer_config, seed=seed,
+                               dtype=getattr(torch, dtype))
+    except (CheckpointError, OSError, ValueError) as e:
+        _fail(str(e))
+    params = count_parameters(ckpt.config)
+    eos = ckpt.eos_token_ids
+    err.print(f"checkpoint {out}: {params:,} parameters in {dtype}, vocabulary {ckpt.config.vocab_size}, "
+              + (f"end of sequence id {eos[0]}" if eos else
+                 "no end-of-sequence token (generation stops at max_tokens or a stop string)"),
+              markup=False, highlight=False, soft_wrap=True)
+    err.print(f"serve it: ATLAS_MODEL={out} atlas serve", markup=False, highlight=False, soft_wrap=True)
+
+
+def convert(
+    old: Annotated[Path, typer.Argument(help="Checkpoint folder to convert (any layout this version reads)")],
+    new: Annotated[Path, typer.Argument(help="The folder to write (must not hold a config.json)")],
+    dtype: Annotated[str | None, typer.Option(help=(
+        "Cast the weights: float32, bfloat16 or float16 (default: keep them bit for bit)"))] = None,
+    max_shard_bytes: Annotated[int | None, typer.Option(help=(
+        "Largest weight file; bigger weights go into shards (default 5e9)"))] = None,
+) -> None:
+    """Write a checkpoint folder in the current format (docs/formats.md), e.g. an old one's."""
+    import torch
+
+    from atlas.engine.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointError, convert_checkpoint
+
+    if dtype is not None and dtype not in DTYPES:
+        _fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    try:
+        ckpt = convert_checkpoint(old, new, dtype=getattr(torch, dtype) if dtype else None,
+                                  max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    except (CheckpointError, OSError, ValueError) as e:
+        _fail(str(e))
+    err.print(f"checkpoint {new}: fingerprint {ckpt.fingerprint}", markup=False, highlight=False,
+              soft_wrap=True)
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr (never wrapped, never read as markup) and exit status 2."""
+    err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def train(
@@ -35,7 +103,8 @@ def train(
     out_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and the loss log go")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the number of steps")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from out_dir/trainer.pt if it exists")] = True,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from OUT_DIR/model/training_state/trainer.pt if it exists")] = True,
 ) -> None:
     """Train a model on the synthetic long-context tasks; checkpoints to OUT_DIR/model."""
     from pydantic import ValidationError

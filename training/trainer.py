@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from atlas.engine.api import resolve_device
-from atlas.engine.checkpoint import load_checkpoint, read_config, save_checkpoint
+from atlas.engine.checkpoint import TRAINING_STATE_DIR, load_checkpoint, read_config, save_checkpoint
 from atlas.engine.config import ModelConfig
 from atlas.engine.machine import portable_path
 from atlas.engine.model import AtlasModel
@@ -343,8 +343,9 @@ def _initial_model(cfg: TrainConfig, device: torch.device) -> tuple[AtlasModel, 
 
 
 def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
-    """Train per `cfg`, checkpointing to cfg.out_dir: model/ (config.json + model.safetensors),
-    trainer.pt (optimiser and step, to resume) and log.jsonl (one line per step). Returns model/."""
+    """Train per `cfg`, checkpointing to cfg.out_dir: model/ (a checkpoint folder, docs/formats.md),
+    with model/training_state/trainer.pt (weights, optimiser and step, to resume; loading ignores
+    it), and log.jsonl (one line per step). Returns model/."""
     device = resolve_device(cfg.device)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -352,9 +353,11 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     model, earlier = _initial_model(cfg, device)
     opt = make_optimizer(model, cfg.optim)
     step, wall = 0, 0.0
-    trainer = out / "trainer.pt"
-    if resume and trainer.exists():
-        saved = torch.load(trainer, map_location=device, weights_only=True)
+    trainer = out / "model" / TRAINING_STATE_DIR / "trainer.pt"
+    earlier_layout = out / "trainer.pt"  # where earlier versions kept it
+    if resume and (trainer.exists() or earlier_layout.exists()):
+        saved = torch.load(trainer if trainer.exists() else earlier_layout, map_location=device,
+                           weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         step, wall = int(saved["step"]), float(saved["wall_s"])
@@ -365,8 +368,13 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
     bar = tqdm(total=end, initial=step, disable=not progress, desc=cfg.name, unit="step")
 
     def checkpoint() -> Path:
+        # The resume state first, whole (weights included): a crash while the checkpoint folder is
+        # written then resumes from it. Nothing else is needed to resume: the batch of a step is a
+        # pure function of (seed, step) and training draws no other random numbers.
+        trainer.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "wall_s": wall}, trainer)
+                    "wall_s": wall}, trainer.with_suffix(".tmp"))
+        trainer.with_suffix(".tmp").replace(trainer)
         meta = {"training": {"name": cfg.name, "steps": step, "wall_s": round(wall, 1),
                              "device": str(device), "precision": cfg.precision, "seed": cfg.seed,
                              "max_train_len": max(cfg.data.max_len, earlier.get("max_train_len", 0)),

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .memory import state_dtype
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -37,11 +38,15 @@ class SlidingWindowAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
 
     def init_state(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Fresh state; `dtype` is the activation dtype. The ring is saved, so it is in the state
+        dtype (at least fp32: it holds activations exactly, and a state file is fp32 whatever the
+        weights' dtype); the decode caches are in the activation dtype."""
         c = self.cfg
         dev = self.qkv.weight.device
+        sdtype = state_dtype(dtype)
         return {
-            "ring_k": torch.zeros(batch, c.n_heads, c.swa_window, c.head_dim, dtype=dtype, device=dev),
-            "ring_v": torch.zeros(batch, c.n_heads, c.swa_window, c.head_dim, dtype=dtype, device=dev),
+            "ring_k": torch.zeros(batch, c.n_heads, c.swa_window, c.head_dim, dtype=sdtype, device=dev),
+            "ring_v": torch.zeros(batch, c.n_heads, c.swa_window, c.head_dim, dtype=sdtype, device=dev),
             "ring_pos": torch.full((batch, c.swa_window), -1, dtype=torch.int64, device=dev),
             "cache_k": torch.zeros(batch, c.n_heads, c.chunk_size, c.head_dim, dtype=dtype, device=dev),
             "cache_v": torch.zeros(batch, c.n_heads, c.chunk_size, c.head_dim, dtype=dtype, device=dev),
@@ -57,8 +62,9 @@ class SlidingWindowAttention(nn.Module):
         q, k, v = self.qkv(x).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_base, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys = torch.cat([st["ring_k"], k], dim=2)
-        vals = torch.cat([st["ring_v"], v], dim=2)
+        # The ring holds earlier keys and values exactly: the cast back is lossless.
+        keys = torch.cat([st["ring_k"].to(k.dtype), k], dim=2)
+        vals = torch.cat([st["ring_v"].to(v.dtype), v], dim=2)
         kpos = torch.cat([st["ring_pos"], pos], dim=1)
         qp, kp = pos[:, :, None], kpos[:, None, :]
         mask = (kp <= qp) & (kp > qp - w) & (kp >= 0)
@@ -68,8 +74,9 @@ class SlidingWindowAttention(nn.Module):
         if not bool(commit.any()):
             return out, dict(st, **cache)
         m = commit.view(bsz, 1, 1, 1)
-        new = {"ring_k": torch.where(m, keys[:, :, t:], st["ring_k"]),
-               "ring_v": torch.where(m, vals[:, :, t:], st["ring_v"]),
+        ring = st["ring_k"].dtype
+        new = {"ring_k": torch.where(m, keys[:, :, t:].to(ring), st["ring_k"]),
+               "ring_v": torch.where(m, vals[:, :, t:].to(ring), st["ring_v"]),
                "ring_pos": torch.where(commit[:, None], kpos[:, t:], st["ring_pos"])}
         return out, dict(new, **cache)
 
@@ -88,9 +95,10 @@ class SlidingWindowAttention(nn.Module):
         kp = torch.cat([st["ring_pos"], cpos, pos[:, None]], dim=1)[:, None, None, :]
         qp = pos[:, None, None, None]
         mask = (kp <= qp) & (kp > qp - c.swa_window) & (kp >= 0)
-        scores = torch.cat([q @ st["ring_k"].mT, q @ st["cache_k"].mT, (q * k).sum(-1, keepdim=True)], dim=-1)
+        ring_k, ring_v = st["ring_k"].to(q.dtype), st["ring_v"].to(v.dtype)
+        scores = torch.cat([q @ ring_k.mT, q @ st["cache_k"].mT, (q * k).sum(-1, keepdim=True)], dim=-1)
         p = torch.softmax((scores / math.sqrt(c.head_dim)).masked_fill(~mask, float("-inf")), dim=-1)
         w, b = c.swa_window, c.chunk_size
-        out = p[..., :w] @ st["ring_v"] + p[..., w:w + b] @ st["cache_v"] + p[..., w + b:] * v
+        out = p[..., :w] @ ring_v + p[..., w:w + b] @ st["cache_v"] + p[..., w + b:] * v
         at = filled.view(bsz, 1, 1, 1).expand(-1, c.n_heads, 1, c.head_dim)
         return out, {"cache_k": st["cache_k"].scatter(2, at, k), "cache_v": st["cache_v"].scatter(2, at, v)}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..state import is_cache_key
 from .attention import SlidingWindowAttention
-from .memory import AtlasMemory, head_rms_norm
+from .memory import AtlasMemory, head_rms_norm, state_dtype
 
 StateDict = dict[str, Tensor]
 
@@ -138,15 +138,16 @@ class AtlasModel(nn.Module):
         return self.embed.weight.device
 
     def init_state(self, batch: int = 1, position: int = 0) -> StateDict:
-        """A fresh state for `batch` sessions whose first token sits at absolute `position`."""
+        """A fresh state for `batch` sessions whose first token sits at absolute `position`. Its
+        floating tensors are in the state dtype (at least fp32) whatever the weights' dtype, the
+        decode caches (never saved) in the activation dtype."""
         dev, b = self.device, self.cfg.chunk_size
         st: StateDict = {
             "pos": torch.full((batch,), position, dtype=torch.int64, device=dev),
             "tokens": torch.zeros(batch, dtype=torch.int64, device=dev),
             "pending": torch.zeros(batch, b, dtype=torch.int64, device=dev),
             "cache_len": torch.zeros(batch, dtype=torch.int64, device=dev),
-            "last_logits": torch.zeros(batch, self.cfg.vocab_size,
-                                       dtype=torch.promote_types(self.dtype, torch.float32), device=dev),
+            "last_logits": torch.zeros(batch, self.cfg.vocab_size, dtype=state_dtype(self.dtype), device=dev),
         }
         for i, block in enumerate(self._blocks()):
             st.update({f"layers.{i}.{k}": v for k, v in block.mixer.init_state(batch, self.dtype).items()})

@@ -254,8 +254,16 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
 # ---------------------------------------------------------------------------------------------
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's recurrent state: the wider of the activation dtype and fp32 (bf16 and
+    fp16 models keep an fp32 state; float64 stays float64). docs/model.md, "Precision"."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _sigmoid(x: Tensor) -> Tensor:
-    return torch.sigmoid(x.double()).to(x.dtype)
+    """The gates' sigmoid in float64, cast to the state dtype (never below fp32: a retention of
+    sigmoid(6) = 0.9975 would round to 0.996 or 1 in bf16)."""
+    return torch.sigmoid(x.double()).to(state_dtype(x.dtype))
 
 
 def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -303,10 +311,12 @@ class AtlasMemory(nn.Module):
         return (self.w1_init, self.w2_init) if self.cfg.mem_depth == 2 else (self.w_init,)
 
     def init_state(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
-        """Fresh state; `dtype` is the activation dtype, W and S are at least fp32."""
+        """Fresh state; `dtype` is the activation dtype. Every tensor that is saved (W, S, the Omega
+        tail, the conv tail) is in the state dtype (at least fp32); the decode cache `cache_conv`
+        is in the activation dtype."""
         c = self.cfg
         h, d, tail = c.n_heads, c.head_dim, c.omega_window - 1
-        wdtype = torch.promote_types(dtype, torch.float32)
+        wdtype = state_dtype(dtype)
         dev = self.conv.device
         st: dict[str, Tensor] = {}
         for name, w0 in zip(self._names, self.init_weights(), strict=True):
@@ -315,9 +325,10 @@ class AtlasMemory(nn.Module):
             st[name] = w0.to(wdtype)[None].repeat(batch, *([1] * w0.dim()))
             if c.optimizer != "gd":
                 st["S" + name[1:]] = torch.zeros(batch, *w0.shape, dtype=wdtype, device=dev)
-        z = lambda *s: torch.zeros(batch, *s, dtype=dtype, device=dev)
+        z = lambda *s, dt=wdtype: torch.zeros(batch, *s, dtype=dt, device=dev)
         st.update(tail_k=z(h, tail, d), tail_v=z(h, tail, d), tail_gamma=z(h, tail),
-                  conv=z(c.conv_kernel - 1, 3 * c.d_model), cache_conv=z(c.conv_kernel - 1, 3 * c.d_model))
+                  conv=z(c.conv_kernel - 1, 3 * c.d_model),
+                  cache_conv=z(c.conv_kernel - 1, 3 * c.d_model, dt=dtype))
         return st
 
     @property
@@ -328,13 +339,14 @@ class AtlasMemory(nn.Module):
 
     def project(self, x: Tensor, conv_tail: Tensor) -> tuple[Tensor, ...]:
         """Per-token features: phi(q), phi(k), v (B, H, T, d), gate logits (B, H, T, 4), the new conv
-        tail, and the raw projections (B, T, 3D) (the decode cache keeps them)."""
+        tail (in the conv tail's dtype), and the raw projections (B, T, 3D) (the decode cache keeps
+        them). The saved conv tail holds earlier projections exactly, so it is cast back losslessly."""
         c = self.cfg
         bsz, t, _ = x.shape
         zx = self.qkv(x)
-        z = torch.cat([conv_tail, zx], dim=1)
+        z = torch.cat([conv_tail.to(zx.dtype), zx], dim=1)
         conv = F.conv1d(z.transpose(1, 2), self.conv[:, None, :], groups=z.shape[-1]).transpose(1, 2)
-        new_tail = z[:, z.shape[1] - (c.conv_kernel - 1):]
+        new_tail = z[:, z.shape[1] - (c.conv_kernel - 1):].to(conv_tail.dtype)
         q, k, v = F.silu(conv).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logits = self.gates(x).view(bsz, t, 4, c.n_heads).permute(0, 3, 1, 2)
@@ -367,7 +379,7 @@ class AtlasMemory(nn.Module):
         weights = tuple(st[n] for n in names)
         # Every token of a chunk reads the memory as it stood at the chunk's start.
         out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
-        z = torch.cat([st["conv"], zx], dim=1)
+        z = torch.cat([st["conv"].to(zx.dtype), zx], dim=1)
         rows = ends[:, None] + 1 + torch.arange(c.conv_kernel - 1, device=x.device)
         cache = {"cache_conv": torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[-1]))}
         if not bool(commit.any()):
@@ -377,15 +389,20 @@ class AtlasMemory(nn.Module):
         # Gates of the whole batch in one layout before any selection, the sigmoids in float64:
         # elementwise exp rounds differently on vectorised and scalar paths, and the choice
         # depends on layout and size; this keeps a session's bits independent of its batch.
+        # The chunk means and the gates are in the state dtype (at least fp32).
+        wdtype = weights[0].dtype
+        logits = logits.to(wdtype)
         gamma = _sigmoid(logits[..., 3])
         chunk_gates = _sigmoid(logits[..., :3].mean(dim=2))
         idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
         sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
         put = (lambda old, upd: upd) if idx is None else (lambda old, upd: old.index_copy(0, idx, upd))
 
-        counts = omega_counts(c.chunk_size, c.omega_window, fk.dtype, fk.device)
-        keys = torch.cat([sel(st["tail_k"]), sel(fk)], dim=2)
-        vals = torch.cat([sel(st["tail_v"]), sel(v)], dim=2)
+        # The Omega inputs in the state dtype: the gradients are formed in it anyway (memory_grads),
+        # and the tail that carries them to the next chunk is saved in it.
+        counts = omega_counts(c.chunk_size, c.omega_window, wdtype, fk.device)
+        keys = torch.cat([sel(st["tail_k"]), sel(fk).to(wdtype)], dim=2)
+        vals = torch.cat([sel(st["tail_v"]), sel(v).to(wdtype)], dim=2)
         gammas = torch.cat([sel(st["tail_gamma"]), sel(gamma)], dim=2)
         eta, alpha, theta = sel(chunk_gates).unbind(-1)
         if self.gate_log is not None:

@@ -1,4 +1,5 @@
-"""One generation request: a prompt fed into a state, then tokens sampled until a stop.
+"""One generation request: a prompt fed into a state, then tokens sampled until a stop (a stop
+string, an end-of-sequence token of the model, `max_tokens`).
 
 The task relays the tokens the worker samples as they come; it ends with a `GenerationDone` that
 carries the state after the exchange (the caller decides whether to commit it).
@@ -17,9 +18,11 @@ from .worker import Worker
 
 class GenerationTask:
     def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams, *, atlas: Atlas,
-                 worker: Worker, events: asyncio.Queue, control: Control) -> None:
+                 worker: Worker, events: asyncio.Queue, control: Control,
+                 document: list[int] | None = None) -> None:
         self.state = state
         self.prompt = prompt
+        self.document = document or []  # the held-back end of the session's document, fed first
         self.params = params
         self.atlas = atlas
         self.worker = worker
@@ -28,7 +31,8 @@ class GenerationTask:
 
     async def run(self) -> GenerationDone:
         """Stream the tokens into `events`; the final `GenerationDone` is returned, not sent."""
-        job = GenerationJob(self.state, self.prompt, self.params, self.atlas.tokenizer)
+        job = GenerationJob(self.state, self.document + self.prompt, self.params, self.atlas.tokenizer,
+                            self.atlas.eos_token_ids)
         self.control.attach(job)
         self.worker.submit(job)
         while True:

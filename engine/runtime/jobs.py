@@ -46,6 +46,10 @@ class Job:
         self.tokens = state.tokens[0]  # cached: reading it from the tensor would sync the device
         self.input: deque[int] = deque()  # tokens waiting to be fed
         self.closed = False  # no more input will come
+        # A token count the next piece must end at (off the chunk grid if need be): where the owner
+        # wants the state, to save it (an ingest's checkpoint at a point it can map to bytes).
+        self.cut_at: int | None = None
+        self.cut_state: SessionState | None = None  # the state at `cut_at`, set by the worker
         self.cancelled = False
         self.finished = False
         self.error: BaseException | None = None
@@ -74,7 +78,7 @@ class GenerationJob(Job):
     """Feeds a prompt, then samples one token per step until a stop, `max_tokens` or a cancel."""
 
     def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer) -> None:
+                 tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = ()) -> None:
         super().__init__(state)
         self.input.extend(prompt)
         self.closed = True
@@ -82,6 +86,8 @@ class GenerationJob(Job):
         self.generator = params.generator(state.device)
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopMatcher(params.stop)
+        self.eos = frozenset(eos_token_ids)  # sampling one ends the generation ("stop"), showing no text
+        self.ended = False  # an end-of-sequence token was sampled
         self.out: deque[GeneratedToken] = deque()  # sampled tokens not yet taken by the owner
         self.last: int | None = None  # sampled, emitted, not yet fed
         self.generated = 0
@@ -90,6 +96,11 @@ class GenerationJob(Job):
     @property
     def decodes(self) -> bool:
         return True
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string or an end-of-sequence token was sampled."""
+        return self.stops.stopped or self.ended
 
 
 class Control:

@@ -115,14 +115,18 @@ class Runtime:
                        params: SamplingParams, commit: bool = False
                        ) -> AsyncGenerator[GeneratedToken | GenerationDone, None]:
         """Continue a session (or, with sid None, an empty state) after `prompt`. By default the
-        exchange runs on a copy and the session stays as it was; `commit` appends it instead."""
+        exchange runs on a copy and the session stays as it was; `commit` appends it instead. The
+        document ends where the prompt starts: text the session holds back (a tokenizer.json's
+        incremental encoder, docs/formats.md) is fed first, on the copy; with `commit` the session
+        then holds nothing back."""
         ids = self.atlas.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if sid is not None:
             await self.get_session(sid, tenant)
 
         def task(state: SessionState, events: asyncio.Queue, control: Control) -> GenerationTask:
+            state, document = self.atlas.end_document(state)
             return GenerationTask(state, ids, params, atlas=self.atlas, worker=self.worker, events=events,
-                                  control=control)
+                                  control=control, document=document)
 
         async def work(events: asyncio.Queue, control: Control) -> None:
             if sid is None:

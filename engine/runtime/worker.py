@@ -98,7 +98,8 @@ class Worker:
         if job.cancelled or (job.closed and not job.input and not job.decodes):
             return True
         if job.input:
-            return job.closed or len(job.input) + job.tokens % self._chunk >= self._chunk
+            cut = job.cut_at is not None and job.tokens < job.cut_at <= job.tokens + len(job.input)
+            return cut or job.closed or len(job.input) + job.tokens % self._chunk >= self._chunk
         return job.decodes
 
     def _run(self) -> None:
@@ -128,7 +129,8 @@ class Worker:
 
     def _take_piece(self, job: Job) -> list[int]:
         """The job's next piece: up to `ingest_chunks_per_step` chunks, ending on the chunk grid
-        unless the input is closed (the last piece of a request may end anywhere)."""
+        unless the input is closed (the last piece of a request may end anywhere) or the piece
+        reaches the job's `cut_at` (it then ends there)."""
         b = self._chunk
         with self.cv:
             avail = len(job.input)
@@ -136,6 +138,8 @@ class Worker:
                 return []
             room = self.settings.ingest_chunks_per_step * b - job.tokens % b
             n = min(avail, room) if job.closed or avail >= room else avail - (avail + job.tokens) % b
+            if job.cut_at is not None and job.tokens < job.cut_at <= job.tokens + min(avail, room):
+                n = min(n, job.cut_at - job.tokens) if n > 0 else job.cut_at - job.tokens
             return [job.input.popleft() for _ in range(n)] if n > 0 else []
 
     def _step(self, jobs: list[Job]) -> None:
@@ -172,6 +176,8 @@ class Worker:
         for i, j in enumerate(jobs):
             j.state = state if len(jobs) == 1 else state[i]
             j.tokens += len(ids[i])
+            if j.tokens == j.cut_at:
+                j.cut_state = j.state
 
     # -- decoding -----------------------------------------------------------------------------------
 
@@ -235,10 +241,10 @@ class Worker:
     def _after_feed(self, jobs: list[GenerationJob], states: list[SessionState], slots: bool = False) -> None:
         for i, j in enumerate(jobs):
             row = i if slots else 0
-            if j.stops.stopped or j.generated >= j.params.max_tokens:
+            if j.stopped or j.generated >= j.params.max_tokens:
                 if slots:  # its own copy: the slot will be reused
                     j.state = states[i].select(torch.tensor([row], device=self.atlas.device))
-                self._finish(j, "stop" if j.stops.stopped else "length")
+                self._finish(j, "stop" if j.stopped else "length")
             else:
                 self._sample(j, states[i].last_logits[row])
 
@@ -249,8 +255,10 @@ class Worker:
             return
         tok = sample(logits, p, j.generator)
         j.generated += 1
-        text = j.stops.push(j.decoder.push(tok))
-        if j.stops.stopped or j.generated >= p.max_tokens:
+        j.ended = tok in j.eos  # an end-of-sequence token shows no text
+        end = j.ended or j.generated >= p.max_tokens
+        text = j.stops.push(("" if j.ended else j.decoder.push(tok)) + (j.decoder.flush() if end else ""))
+        if end or j.stops.stopped:
             text += j.stops.flush()
         with self.cv:
             j.out.append(GeneratedToken(tok, text))

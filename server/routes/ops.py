@@ -48,7 +48,11 @@ async def metrics(app_metrics: MetricsDep) -> Response:
 
 
 def model_card(services: Services) -> ModelCard:
-    return ModelCard(id=services.model_id, created=services.created, fingerprint=services.atlas.fingerprint)
+    a = services.atlas
+    return ModelCard(id=services.model_id, created=services.created, fingerprint=a.fingerprint,
+                     parameters=a.parameters, weight_bytes=a.weight_bytes,
+                     dtype=a.dtype_name, state_bytes=services.state_bytes,
+                     vocab_size=a.config.vocab_size)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["openai"], dependencies=AUTH)
