@@ -30,11 +30,11 @@ def parse_sse(text: str) -> list[dict | str]:
 
 @contextmanager
 def running_server(work: Path, env: dict[str, str], graceful: bool = True,
-                   args: Sequence[str] = ()) -> Iterator[ServerProcess]:
+                   args: Sequence[str] = (), timeout_s: float = 60.0) -> Iterator[ServerProcess]:
     """A started `atlas serve` (with more options `args`) for the length of the block; stopped with
     SIGTERM (checked to drain cleanly when `graceful`), then killed for sure, with its embedded
     redis-server."""
-    srv = ServerProcess(work, env, args=args).start()
+    srv = ServerProcess(work, env, args=args).start(timeout_s)
     try:
         yield srv
         status = srv.stop()

@@ -36,7 +36,7 @@ from atlas.server.cli import app
 from bench.server_process import ServerProcess
 
 from .helpers import tiny_config, write_checkpoint
-from .server_helpers import stop_embedded_redis
+from .server_helpers import running_server, stop_embedded_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog met at noon",
@@ -491,16 +491,25 @@ def test_the_shipped_configs_have_the_documented_sizes() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHIPPED))
-def test_atlas_init_of_each_shipped_size_loads_in_bfloat16_and_answers(tmp_path: Path, name: str) -> None:
+def test_atlas_init_of_each_shipped_size_is_served_in_bfloat16(tmp_path: Path, name: str) -> None:
+    """What a user runs: `atlas init` with a shipped config, then `atlas serve --dtype bfloat16` on
+    the CPU answering a completion; /v1/models reports the size."""
     tok = bpe_tokenizer(tmp_path / "tok", vocab=400)
     out = tmp_path / name
     try:
-        init_checkpoint(ROOT / "configs" / "models" / f"{name}.json", out, tok, dtype=torch.bfloat16)
-        atlas = Atlas.load(out, device="cpu", dtype=torch.bfloat16)
-        assert sum(p.numel() for p in atlas.model.parameters()) == SHIPPED[name]
-        assert atlas.model.dtype == torch.bfloat16 and atlas.eos_token_ids == (0,)
-        gen = atlas.generate(atlas.new_state(), "the cat", SamplingParams(max_tokens=3, temperature=0))
-        assert 1 <= len(list(gen)) <= 3
+        code, text = run_cli("init", "--config", str(ROOT / "configs" / "models" / f"{name}.json"),
+                             "--tokenizer", str(tok), "--out", str(out), "--dtype", "bfloat16")
+        assert code == 0, text
+        with running_server(tmp_path / "srv", {"ATLAS_MODEL": str(out), "ATLAS_TORCH_THREADS": "2"},
+                            args=["--dtype", "bfloat16"], timeout_s=300) as srv:
+            model = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]
+            assert model["parameters"] == SHIPPED[name] and model["dtype"] == "bfloat16"
+            r = httpx.post(srv.url + "/v1/completions", timeout=300,
+                           json={"prompt": "the cat", "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["choices"][0]["finish_reason"] in ("stop", "length")
+            assert 1 <= body["usage"]["completion_tokens"] <= 3
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

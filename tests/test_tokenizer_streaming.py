@@ -516,3 +516,27 @@ def test_server_one_request_many_cuts_and_kill_9_give_one_state(tmp_path, tokeni
     finally:
         srv.kill()
         stop_embedded_redis(work / "data")
+
+
+def test_server_stops_at_the_eos_of_generation_config(tmp_path, tokenizer_files, corpus):
+    """`generation_config.json`'s `eos_token_id` reaches a served model: an answer ends at it with
+    finish_reason "stop", the token counted and its text not shown."""
+    folder = write_model(tmp_path / "tiny-bpe", tokenizer_files["byte_bpe"])
+    doc = corpus[:600].decode("utf-8", errors="ignore").encode()
+    local = Atlas.load(folder, device="cpu")
+    state = local.ingest(local.new_state(), doc)
+    free = [t.id for t in local.generate(state, "\nQ:", SAMPLED)]  # seeded: the server's answer too
+    i = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[i]]}))
+    with running_server(tmp_path / "a", {"ATLAS_MODEL": str(folder)}) as srv, \
+            httpx.Client(base_url=srv.url, timeout=120) as c:
+        sid = c.post("/v1/sessions").json()["id"]
+        ingest(c, sid, doc)
+        r = c.post(f"/v1/sessions/{sid}/generate", json={"prompt": "\nQ:", "max_tokens": SAMPLED.max_tokens,
+                                                         "temperature": SAMPLED.temperature,
+                                                         "seed": SAMPLED.seed})
+        events = parse_sse(r.text)
+        tokens, done = events[:-1], events[-1]
+        assert [e["token"] for e in tokens] == free[:i + 1]
+        assert done["finish_reason"] == "stop" and tokens[-1]["text"] == ""
+        assert "".join(e["text"] for e in tokens) == local.decode(free[:i])
