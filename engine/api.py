@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint, fingerprint, load_checkpoint, read_checkpoin
 from .config import ModelConfig
 from .model import AtlasModel
 from .sampling import SamplingParams, StopMatcher, sample
-from .state import SessionState, StateFormatError, carry_held, held_tensors, is_cache_key
+from .state import SessionState, StateFormatError, carry_held, check_values, held_tensors, is_cache_key
 from .tokenizer import ByteTokenizer, HeldText, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -179,14 +179,16 @@ class Atlas:
         return state.to_bytes()
 
     def load_state(self, data: bytes) -> SessionState:
-        """Parse state bytes made by this model; refuses another model's states and states whose
-        tensors do not have this model's layout."""
+        """Parse state bytes made by this model; refuses another model's states, states whose
+        tensors do not have this model's layout and states holding values the model cannot step
+        (non-finite or huge floats, token ids outside the vocabulary: `check_values`)."""
         state = SessionState.from_bytes(data, expected_fingerprint=self.fingerprint, device=self.device)
         tensors = {k: v for k, v in state.tensors.items() if not is_cache_key(k)}
         got = {k: (v.shape[1:], v.dtype) for k, v in tensors.items()}
         if got != self._layout or len({v.shape[0] for v in tensors.values()}) != 1:
             bad = sorted(k for k in self._layout.keys() | got.keys() if self._layout.get(k) != got.get(k))[:3]
             raise StateFormatError(f"state tensors do not match the model's state layout: {bad}")
+        check_values(tensors, self.config.vocab_size, self.config.chunk_size)
         # Decode caches are not stored. They start empty (cache_len 0: valid on a chunk boundary,
         # rebuilt by the next feed otherwise), and the convolution history of an empty chunk is the
         # committed conv tail.

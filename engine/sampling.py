@@ -6,6 +6,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from .state import StateFormatError
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -41,8 +43,10 @@ class SamplingParams(BaseModel):
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token from logits (V,)."""
+    """One token from logits (V,). Non-finite logits (a corrupt state's) raise StateFormatError."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise StateFormatError("the session's logits hold non-finite values: its state is corrupt")
     if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature

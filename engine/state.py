@@ -69,6 +69,42 @@ class ForeignStateError(StateError):
     code = "foreign_model"
 
 
+#: The largest magnitude a state's floating tensor may hold. The model's own values stay many orders
+#: below it; a square of a larger one (a norm, Newton-Schulz) overflows fp32 (3.4e38) to inf.
+MAX_STATE_ABS = 1e12
+
+
+def check_values(tensors: dict[str, Tensor], vocab_size: int | None = None,
+                 chunk_size: int | None = None) -> None:
+    """Refuse (StateFormatError naming the tensor) a state whose values the model cannot step: a
+    floating tensor with a non-finite value or one past MAX_STATE_ABS, a negative counter, a pending
+    token id outside the vocabulary (when `vocab_size` is given), a cache length or attention ring
+    position out of range. One pass over each tensor; call it on the state's own device."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and v.numel() and not bool((v.abs() <= MAX_STATE_ABS).all()):
+            what = "non-finite values" if not bool(torch.isfinite(v).all()) else \
+                f"values past {MAX_STATE_ABS:g} in magnitude"
+            raise StateFormatError(f"state tensor {k!r} holds {what}")
+    pos, tokens = tensors.get("pos"), tensors.get("tokens")
+    for k in ("pos", "tokens", "cache_len"):
+        if k in tensors and bool((tensors[k] < 0).any()):
+            raise StateFormatError(f"state tensor {k!r} holds a negative count")
+    pending = tensors.get("pending")
+    if pending is not None and pending.numel():
+        if bool((pending < 0).any()) or (vocab_size is not None and bool((pending >= vocab_size).any())):
+            raise StateFormatError(f"state tensor 'pending' holds a token id outside the vocabulary "
+                                   f"(size {vocab_size})")
+    b = chunk_size if chunk_size is not None else (int(pending.shape[1]) if pending is not None else None)
+    if pos is not None and tokens is not None and b and bool((pos < tokens % b).any()):
+        raise StateFormatError("state tensor 'pos' is before the start of its chunk")
+    if "cache_len" in tensors and b and bool((tensors["cache_len"] > b).any()):
+        raise StateFormatError(f"state tensor 'cache_len' is past the chunk size {b}")
+    for k, v in tensors.items():
+        if k.endswith("ring_pos") and v.numel() and (
+                bool((v < -1).any()) or (pos is not None and bool((v >= pos[:, None]).any()))):
+            raise StateFormatError(f"state tensor {k!r} holds a position out of range")
+
+
 @dataclass(frozen=True)
 class SessionState:
     tensors: dict[str, Tensor]

@@ -10,6 +10,8 @@ the catch-all 500 ``internal_error``.
 from __future__ import annotations
 
 import logging
+import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from atlas.engine.checkpoint import CheckpointError
 from atlas.engine.runtime import RuntimeFault
 from atlas.engine.state import StateError
-from atlas.engine.store import StoreError
+from atlas.engine.store import LeaseConflictError, StoreError
 
 log = logging.getLogger("atlas.server")
 
@@ -109,6 +111,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             log.error("engine error code %r has no HTTP status", code)
             return None
         retry = RETRY_AFTER.get(code)
+        if isinstance(exc, LeaseConflictError) and exc.retry_after_ms is not None:
+            retry = max(1, math.ceil(exc.retry_after_ms / 1000))  # when the holder's lease runs out
         return ApiError(code, str(exc) or code, {"Retry-After": str(retry)} if retry else None)
     if isinstance(exc, RequestValidationError | ValidationError):
         return ApiError("invalid_request", validation_message(exc))
@@ -117,11 +121,39 @@ def to_api_error(exc: BaseException) -> ApiError | None:
     return None
 
 
+#: The tags pydantic puts in an error's location for the member of a union (or the validator) that
+#: failed: ``str``, ``list[int]``, ``function-after[functools.partial(<function ... at 0x7f...>)]``.
+#: They name no field of the request (and carry reprs with memory addresses): left out.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict", "tuple",
+                        "set", "model", "literal", "json-or-python", "is-instance", "union"})
+_TAG = re.compile(r"^[a-z][a-z0-9_-]*\[.*\]$", re.S)
+_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def _loc_part(x: object) -> str | None:
+    text = str(x)
+    if isinstance(x, str) and (text == "body" or _TAG.match(text) or text in _TYPE_TAGS):
+        return None
+    return text
+
+
 def validation_message(exc: RequestValidationError | ValidationError) -> str:
-    parts = []
-    for e in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+    """``field.sub: what is wrong`` for the first few errors, e.g. ``max_tokens: Input should be a
+    valid integer``; no union tags, no Python reprs."""
+    parts: list[str] = []
+    for e in exc.errors():
+        loc = list(e.get("loc", ()))
+        # an unknown or missing key is the client's own name (even "str"): keep the last part as is
+        last = [loc.pop()] if loc and e.get("type") in ("extra_forbidden", "missing") else []
+        names = [p for x in loc if (p := _loc_part(x)) is not None]
+        names += [str(x) for x in last]
+        msg = _REPR.sub("<object>", str(e.get("msg", "invalid")))
+        where = _REPR.sub("<object>", ".".join(names))
+        part = f"{where}: {msg}" if where else msg
+        if part not in parts:
+            parts.append(part)
+        if len(parts) == 5:
+            break
     return "; ".join(parts) or "invalid request"
 
 

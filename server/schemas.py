@@ -38,7 +38,7 @@ class ErrorBody(BaseModel):
 # -- sessions --------------------------------------------------------------------------------------
 
 class SessionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "60" for 60: see GenerateRequest
 
     ttl_s: int | None = Field(None, ge=1, le=MAX_TTL_S,
                               description="The session expires after this many seconds without a write.")
@@ -102,7 +102,10 @@ class SamplingFields(BaseModel):
 
 
 class GenerateRequest(SamplingFields):
-    model_config = ConfigDict(extra="forbid")
+    """Strict types: a string is not a number nor a boolean (``"commit": "yes"``, ``"max_tokens":
+    "5"`` are 422); an integer is a number (``"temperature": 0``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Text = Field("", description="Text read after the session's state, before sampling.")
     commit: bool = Field(False, description="Append prompt and answer to the session (default: a fork).")
@@ -129,7 +132,7 @@ class GenerateDoneEvent(BaseModel):
 # -- OpenAI --------------------------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
@@ -138,7 +141,7 @@ class CompletionRequest(SamplingFields):
     """OpenAI's legacy completions request; unknown fields are ignored, known unsupported ones
     (n > 1, echo, logprobs, best_of, suffix) are refused with 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # as OpenAI's API: "5" is not a number
 
     model: str | None = None
     prompt: Text | list[Text] | list[int] = Field(description="Text, one-element list of text, or token ids.")

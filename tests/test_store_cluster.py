@@ -19,11 +19,14 @@ def test_cluster_round_trip_many_slots(cluster_store):
         cluster_store.put(m.id, data, fingerprint="fp", tokens=n)
         assert cluster_store.get(m.id, expected_fingerprint="fp")[0] == data
         sids.append(m.id)
-    # the sessions spread over the masters, each session's keys in one slot
+    # each session's keys share one slot (its hash tag); sessions spread over the masters (with
+    # 20 random ids, all on one of three masters has odds of 3 * 3**-20)
     rc = cluster_store.client
-    keys = [f"{cluster_store.settings.key_prefix}:{{{sid}}}:s" for sid in sids]
-    assert len({rc.keyslot(k) for k in keys}) == len(sids)
-    assert len({rc.get_node_from_key(k).port for k in keys}) >= 2
+    prefix = cluster_store.settings.key_prefix
+    for sid in sids:
+        assert len({rc.keyslot(f"{prefix}:{{{sid}}}:{k}") for k in ("s", "lease", "fence")}) == 1
+    spread = [cluster_store.create("spread").id for _ in range(15)] + sids
+    assert len({rc.get_node_from_key(f"{prefix}:{{{sid}}}:s").port for sid in spread}) >= 2
     assert sorted(m.id for m in cluster_store.list("acme")) == sorted(sids)
     cluster_store.delete(sids[0])
     assert sorted(m.id for m in cluster_store.list("acme")) == sorted(sids[1:])

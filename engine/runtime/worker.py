@@ -5,6 +5,11 @@ batch, at most `max_batch` sessions per batch) and one token of every generating
 batch of at most `max_batch` sessions, kept stacked from step to step). Pieces end on the absolute
 chunk grid, so a session's state does not depend on what it was batched with, and a long ingest never
 holds the device for more than `ingest_chunks_per_step` chunks, so decoding sessions keep their pace.
+
+A batch does not die with its worst member: when a batched feed or decode step raises (or a fed
+session's logits come out non-finite), each member is stepped alone, and only those that fail alone
+fail, with StateFormatError (state_corrupt) when their state holds values the model cannot step
+(`check_values`), else with the original exception. The others go on as if batched without them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from ..api import Atlas, GeneratedToken
 from ..sampling import sample
-from ..state import SessionState
+from ..state import MAX_STATE_ABS, SessionState, StateFormatError, check_values
 from .errors import ShuttingDownError
 from .jobs import GenerationJob, Job
 from .settings import RuntimeSettings
@@ -170,9 +175,50 @@ class Worker:
         self.stats.steps += 1
         self.stats.step_seconds.append(time.perf_counter() - start)
 
-    def _feed(self, jobs: Sequence[Job], ids: list[list[int]]) -> None:
+    # -- failures -----------------------------------------------------------------------------------
+
+    def _blame(self, exc: Exception, state: SessionState | None) -> BaseException:
+        """The error a session that failed alone ends with: state_corrupt naming the tensor when its
+        state holds values the model cannot step, else `exc` itself (a genuine bug stays visible)."""
+        if state is not None:
+            try:
+                check_values(state.tensors, self.atlas.config.vocab_size, self._chunk)
+            except StateFormatError as bad:
+                bad.__cause__ = exc
+                return bad
+        return exc
+
+    def _fail(self, job: Job, exc: Exception, state: SessionState | None) -> None:
+        job.error = self._blame(exc, state)
+        self._finish(job)
+
+    # -- feeding ------------------------------------------------------------------------------------
+
+    def _feed(self, jobs: Sequence[Job], ids: list[list[int]]) -> list[Job]:
+        """Feed each job its piece, batched; on a failure, each alone. Returns the jobs fed (the
+        others are finished with their error)."""
+        try:
+            self._feed_batch(jobs, ids)
+            return list(jobs)
+        except Exception as e:
+            if len(jobs) == 1:
+                self._fail(jobs[0], e, jobs[0].state)
+                return []
+        fed = []
+        for j, piece in zip(jobs, ids, strict=True):
+            try:
+                self._feed_batch([j], [piece])
+                fed.append(j)
+            except Exception as e:
+                self._fail(j, e, j.state)
+        return fed
+
+    def _feed_batch(self, jobs: Sequence[Job], ids: list[list[int]]) -> None:
         state = jobs[0].state if len(jobs) == 1 else SessionState.stack(j.state for j in jobs)
-        state, _ = self.atlas.feed(state, ids)
+        state, logits = self.atlas.feed(state, ids)
+        # A corrupt state need not raise: it may only give non-finite logits (one pass over (B, V)).
+        if not bool((logits.abs() <= MAX_STATE_ABS).all()):
+            raise StateFormatError("feeding the session gave non-finite logits: its state is corrupt")
         for i, j in enumerate(jobs):
             j.state = state if len(jobs) == 1 else state[i]
             j.tokens += len(ids[i])
@@ -192,22 +238,50 @@ class Worker:
         batch = self._batch
         if not batch.jobs or batch.state is None:
             return
-        b = self._chunk
-        st = batch.state
-        tokens = [_last(j) for j in batch.jobs]
-        new, _ = self.atlas.decode_step(st, tokens)
-        completing = [i for i, j in enumerate(batch.jobs) if j.tokens % b == b - 1]
-        if completing:
-            idx = torch.tensor(completing, dtype=torch.long, device=self.atlas.device)
-            committed, _ = self.atlas.feed(st.select(idx), [[tokens[i]] for i in completing])
-            for k, v in new.tensors.items():
-                v.index_copy_(0, idx, committed.tensors[k])
+        new: SessionState | None
+        try:
+            new = self._decode_rows(batch.state, batch.jobs)
+        except Exception:  # some member cannot be stepped: step each alone, drop those that fail
+            new = self._decode_alone()
+        if new is None:
+            return
         batch.state = new
         for j in batch.jobs:
             j.tokens += 1
         self.stats.decode_tokens += len(batch.jobs)
         self.stats.peak_decode_batch = max(self.stats.peak_decode_batch, len(batch.jobs))
         self._after_feed(batch.jobs, [new] * len(batch.jobs), slots=True)
+
+    def _decode_rows(self, st: SessionState, jobs: list[GenerationJob]) -> SessionState:
+        """One token for each of `jobs` (the rows of `st`); a row whose token completes its chunk is
+        committed through the block path and written back into its slot."""
+        b = self._chunk
+        tokens = [_last(j) for j in jobs]
+        new, _ = self.atlas.decode_step(st, tokens)
+        completing = [i for i, j in enumerate(jobs) if j.tokens % b == b - 1]
+        if completing:
+            idx = torch.tensor(completing, dtype=torch.long, device=self.atlas.device)
+            committed, _ = self.atlas.feed(st.select(idx), [[tokens[i]] for i in completing])
+            for k, v in new.tensors.items():
+                v.index_copy_(0, idx, committed.tensors[k])
+        return new
+
+    def _decode_alone(self) -> SessionState | None:
+        """The decode batch's step raised: step each member alone; those that fail alone leave the
+        batch, finished with their error. The new state of the others (None if none is left)."""
+        batch = self._batch
+        assert batch.state is not None
+        rows, kept = [], []
+        for i, j in enumerate(batch.jobs):
+            row = batch.state.select(torch.tensor([i], dtype=torch.long, device=self.atlas.device))
+            try:
+                rows.append(self._decode_rows(row, [j]))
+                kept.append(j)
+            except Exception as e:
+                self._fail(j, e, row)
+        batch.jobs = kept
+        batch.state = SessionState.stack(rows) if rows else None
+        return batch.state
 
     def _drop_finished(self) -> None:
         batch = self._batch
@@ -229,10 +303,11 @@ class Worker:
         joining = [j for j in newcomers if j.last is not None and not j.finished][:max(0, room)]
         stale = [j for j in joining if not j.state.cache_valid]
         if stale:  # e.g. a stored session decoded without a prompt: recompute its chunk first
-            self._feed(stale, [[_last(j)] for j in stale])
-            self.stats.decode_tokens += len(stale)
-            self._after_feed(stale, [j.state for j in stale])
-        joining = [j for j in joining if j not in stale]
+            fed = self._feed(stale, [[_last(j)] for j in stale])
+            ok = [j for j in stale if j in fed]
+            self.stats.decode_tokens += len(ok)
+            self._after_feed(ok, [j.state for j in ok])
+        joining = [j for j in joining if j not in stale and not j.finished]
         if joining:
             parts = ([batch.state] if batch.state is not None else []) + [j.state for j in joining]
             batch.state = SessionState.stack(parts)
@@ -253,7 +328,11 @@ class Worker:
         if j.generated >= p.max_tokens:
             self._finish(j, "length")
             return
-        tok = sample(logits, p, j.generator)
+        try:
+            tok = sample(logits, p, j.generator)
+        except Exception as e:  # non-finite logits (a corrupt state): this session fails alone
+            self._fail(j, e, None)
+            return
         j.generated += 1
         j.ended = tok in j.eos  # an end-of-sequence token shows no text
         end = j.ended or j.generated >= p.max_tokens

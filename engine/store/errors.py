@@ -57,9 +57,15 @@ class ForeignModelError(StoreError):
 class LeaseConflictError(StoreError):
     """Another writer holds the session's lease, or this writer's fence is stale.
 
-    Also raised when a concurrent unfenced commit moved the session on first (lost-update guard)."""
+    Also raised when a concurrent unfenced commit moved the session on first (lost-update guard).
+    ``retry_after_ms``: how long the holder's lease has left, when another writer holds it (None
+    when there is no lease to wait for: a stale fence, a concurrent commit)."""
 
     code = "lease_conflict"
+
+    def __init__(self, message: str, *, sid: str | None = None, retry_after_ms: int | None = None) -> None:
+        super().__init__(message, sid=sid)
+        self.retry_after_ms = retry_after_ms
 
 
 class StoreUnavailableError(StoreError):

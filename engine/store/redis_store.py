@@ -713,7 +713,7 @@ class RedisStore(StateStore):
                 holder = _text(res[1]).split(" ")
                 raise LeaseConflictError(
                     f"session {sid} is leased to {' '.join(holder[2:]) or '?'} (fence {holder[0]}) "
-                    f"for another {int(res[2])} ms", sid=sid)
+                    f"for another {int(res[2])} ms", sid=sid, retry_after_ms=max(0, int(res[2])))
             time.sleep(min(left, 0.02, max(int(res[2]), 1) / 1000))
 
     def ping(self) -> bool:

@@ -80,7 +80,8 @@ INGEST_BODY = {"requestBody": {"required": True, "description": "The document (U
 
 
 class _CappedBody:
-    """The request body as it arrives, ending quietly at `limit` bytes or when the client goes away.
+    """The request body as it arrives, ending quietly after `limit` bytes (a piece that crosses the
+    limit is cut there: the document ends at exactly `limit` bytes) or when the client goes away.
     It never raises into the runtime: a body that fails ends the document there (the runtime commits
     what it read), and the route reports why (`over_limit`: 413 / an error event; client gone: the
     event stream sees the disconnect and cancels the work)."""
@@ -94,10 +95,12 @@ class _CappedBody:
         total = 0
         try:
             async for piece in self.request.stream():
-                total += len(piece)
-                if total > self.limit:
+                if total + len(piece) > self.limit:  # the part under the limit is read and kept
                     self.over_limit = True
+                    if head := piece[:self.limit - total]:
+                        yield head
                     return
+                total += len(piece)
                 if piece:
                     yield piece
         except ClientDisconnect:
@@ -106,8 +109,14 @@ class _CappedBody:
             self.read.set()
 
 
+def _too_large(limit: int, bytes_committed: int) -> ApiError:
+    return ApiError("body_too_large", f"an ingest body may carry at most {limit} bytes; the session "
+                    f"keeps what was read before the limit: bytes_committed {bytes_committed}, resume "
+                    "from there with ?offset=")
+
+
 async def _ingest_events(first: IngestProgress, progress: AsyncGenerator[IngestProgress, None],
-                         body: _CappedBody, too_large: ApiError, tokens: int, interval_s: float,
+                         body: _CappedBody, limit: int, tokens: int, interval_s: float,
                          metrics: Metrics) -> AsyncIterator[bytes]:
     """Progress events, at most one per `interval_s` and always the last, then close the ingest."""
     t0, emitted = time.perf_counter(), 0.0
@@ -118,7 +127,7 @@ async def _ingest_events(first: IngestProgress, progress: AsyncGenerator[IngestP
             tokens = p.tokens
             now = time.perf_counter()
             if p.done and body.over_limit:
-                yield sse(too_large.body())
+                yield sse(_too_large(limit, p.bytes_committed).body())
             elif p.done or now - emitted >= interval_s:
                 emitted = now
                 if p.done:
@@ -167,11 +176,9 @@ async def ingest(request: Request, sid: SessionIdDep, who: TenantDep, services: 
     except BaseException:
         await progress.aclose()
         raise
-    too_large = ApiError("body_too_large", f"an ingest body may carry at most {limit} bytes; the "
-                         "session keeps what was read before the limit (see its bytes_committed)")
     if first.done and body.over_limit:
-        raise too_large
-    events = _ingest_events(first, progress, body, too_large, meta.tokens, settings.progress_interval_s,
+        raise _too_large(limit, first.bytes_committed)
+    events = _ingest_events(first, progress, body, limit, meta.tokens, settings.progress_interval_s,
                             metrics)
     return EventStream(events, body_read=body.read)
 
