@@ -247,6 +247,19 @@ def _redis_errors(sid: str | None = None) -> Iterator[None]:
         raise StoreUnavailableError(f"redis: {type(e).__name__}: {e}", sid=sid) from e
 
 
+def _changed_fields(tokens: int | None, bytes_committed: int | None,
+                    extra: dict[str, Any] | None) -> dict[str, str]:
+    """The metadata fields a commit or an update writes: the time, and whatever the caller gives."""
+    fields = {"updated": repr(time.time())}
+    if tokens is not None:
+        fields["tokens"] = str(int(tokens))
+    if bytes_committed is not None:
+        fields["bytes_committed"] = str(int(bytes_committed))
+    if extra is not None:
+        fields["extra"] = json.dumps(extra)
+    return fields
+
+
 class RedisLease(Lease):
     """A lease held in ``P:{sid}:lease``; see :class:`~.base.Lease`."""
 
@@ -519,14 +532,8 @@ class RedisStore(StateStore):
                 manifest = {"v": FORMAT_VERSION, "wid": wid, "fingerprint": fingerprint, "size": n,
                             "hash": algo,
                             "parts": [[s, d.result()] for s, d in zip(sizes, digests, strict=True)]}
-                fields: dict[str, str] = {"manifest": json.dumps(manifest), "updated": repr(time.time()),
-                                          "state_bytes": str(n), "fingerprint": fingerprint}
-                if tokens is not None:
-                    fields["tokens"] = str(int(tokens))
-                if bytes_committed is not None:
-                    fields["bytes_committed"] = str(int(bytes_committed))
-                if extra is not None:
-                    fields["extra"] = json.dumps(extra)
+                fields = {"manifest": json.dumps(manifest), "state_bytes": str(n), "fingerprint": fingerprint,
+                          **_changed_fields(tokens, bytes_committed, extra)}
                 args: list[Any] = [fence_arg, old_gen, wid, len(old_keys), len(new_keys), ttl_ms]
                 for k, v in fields.items():
                     args += [k, v]
@@ -557,13 +564,7 @@ class RedisStore(StateStore):
     def update(self, sid: str, *, tokens: int | None = None, bytes_committed: int | None = None,
                extra: dict[str, Any] | None = None, fence: int | None = None) -> SessionMeta:
         self._check_id("session id", sid)
-        fields: dict[str, str] = {"updated": repr(time.time())}
-        if tokens is not None:
-            fields["tokens"] = str(int(tokens))
-        if bytes_committed is not None:
-            fields["bytes_committed"] = str(int(bytes_committed))
-        if extra is not None:
-            fields["extra"] = json.dumps(extra)
+        fields = _changed_fields(tokens, bytes_committed, extra)
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
         for _ in range(RETRIES):
             cur = self._read_fields(sid, with_manifest=True)
