@@ -446,12 +446,14 @@ def stored(data_dir: Path, sid: str) -> bytes:
         store.close()
 
 
-def test_server_one_request_many_cuts_and_kill_9_give_one_state(tmp_path, tokenizer_files, corpus):
+@pytest.mark.parametrize(
+    "family", [FAMILIES[0], *(pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES[1:])])
+def test_server_one_request_many_cuts_and_kill_9_give_one_state(tmp_path, tokenizer_files, corpus, family):
     """One ingest request; the same document in many requests cut at random bytes (inside
     characters and words, some overlapping) with ?offset=; and an upload whose server is killed
     (kill -9, with its embedded Redis) while checkpoints go on, resumed from `bytes_committed` after
     a restart: the same tokens, the same state bytes, the same greedy continuation."""
-    folder = write_model(tmp_path / "tiny-bpe", tokenizer_files["byte_bpe"])
+    folder = write_model(tmp_path / f"tiny-{family}", tokenizer_files[family])
     doc = corpus[:3000].decode("utf-8", errors="ignore").encode() + HARD.encode()
     env = {"ATLAS_MODEL": str(folder), "ATLAS_CHECKPOINT_TOKENS": "48", "ATLAS_LEASE_TTL_MS": "1500",
            "ATLAS_INGEST_CHUNKS_PER_STEP": "1"}
