@@ -25,14 +25,13 @@ from atlas.engine.api import BUNDLED_CHECKPOINT
 from atlas.engine.checkpoint import (
     FORMAT_VERSION,
     count_parameters,
-    guess_eos_token_id,
-    init_checkpoint,
     load_checkpoint,
     read_checkpoint,
     read_model_config,
 )
 from atlas.engine.tokenizer import HFTokenizer
 from atlas.server.cli import app
+from atlas.training.authoring import guess_eos_token_id, init_checkpoint
 from bench.server_process import ServerProcess
 
 from .helpers import tiny_config, write_checkpoint

@@ -19,7 +19,7 @@ from atlas.engine import Atlas
 from atlas.engine.model.memory import chunk_scan_reference, chunk_update, memory_read
 from atlas.kernels.settings import kernel_settings
 
-from .helpers import tiny_config
+from .helpers import count_kernel_calls, tiny_config
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -326,19 +326,13 @@ def test_kernel_benchmark_runs(tmp_path) -> None:
 def test_kernel_engine_dispatch(monkeypatch: pytest.MonkeyPatch, kernel_env, optimizer: str,
                                 depth: int) -> None:
     """The engine with ATLAS_KERNELS=on (chunk steps and decode reads by the kernels) against =off."""
-    from atlas.engine.model import memory
 
     kernel_env("ATLAS_KERNEL_PRECISION", "ieee")  # tf32 is measured by the real-shape tests
     cfg = tiny_config(optimizer=optimizer, mem_depth=depth, layers=["mag"], n_layers=1)
     atlas = Atlas.from_config(cfg, seed=0, device=DEVICE, dtype=torch.float32)
     tokens = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(5))
     runs = []
-    calls = {"step": 0, "read": 0}
-    step, read = memory.kernels.chunk_update, memory.kernels.memory_read
-    monkeypatch.setattr(memory.kernels, "chunk_update",
-                        lambda *a, **k: calls.__setitem__("step", calls["step"] + 1) or step(*a, **k))
-    monkeypatch.setattr(memory.kernels, "memory_read",
-                        lambda *a, **k: calls.__setitem__("read", calls["read"] + 1) or read(*a, **k))
+    calls = count_kernel_calls(monkeypatch)
     for mode in ("off", "on"):
         kernel_env("ATLAS_KERNELS", mode)
         state, logits = atlas.feed(atlas.new_state(batch=2), tokens, all_logits=True)

@@ -21,7 +21,7 @@ from atlas.engine.state import SessionState, is_cache_key
 from atlas.server.app import create_app
 from atlas.server.settings import ServerSettings
 
-from .helpers import document, tiny_atlas, tiny_config
+from .helpers import count_kernel_calls, document, tiny_atlas, tiny_config
 from .server_helpers import running_server
 
 #: Norm-relative error ||l_bf16 - l_fp32|| / ||l_fp32|| of each token's logits, bound for the tiny MAG
@@ -191,18 +191,12 @@ def test_kernels_take_low_precision_activations(monkeypatch: pytest.MonkeyPatch,
     """With bf16 or fp16 weights the fused chunk step and decode read (fp32 state) give what the
     reference gives."""
     pytest.importorskip("triton")
-    from atlas.engine.model import memory
     from atlas.kernels.settings import kernel_settings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     atlas = Atlas.from_config(tiny_config(n_layers=1), seed=0, device=device, dtype=dtype)
     ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(5))
-    calls = {"step": 0, "read": 0}
-    step, read = memory.kernels.chunk_update, memory.kernels.memory_read
-    monkeypatch.setattr(memory.kernels, "chunk_update",
-                        lambda *a, **k: calls.__setitem__("step", calls["step"] + 1) or step(*a, **k))
-    monkeypatch.setattr(memory.kernels, "memory_read",
-                        lambda *a, **k: calls.__setitem__("read", calls["read"] + 1) or read(*a, **k))
+    calls = count_kernel_calls(monkeypatch)
     runs = []
     try:
         for mode in ("off", "on"):

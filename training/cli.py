@@ -50,7 +50,8 @@ def init_model(
     """Write a randomly initialised checkpoint folder (serve it with ATLAS_MODEL=OUT atlas serve)."""
     import torch
 
-    from atlas.engine.checkpoint import CheckpointError, count_parameters, init_checkpoint
+    from atlas.engine.checkpoint import CheckpointError, count_parameters
+    from atlas.training.authoring import init_checkpoint
 
     if dtype not in DTYPES:
         _fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -79,7 +80,8 @@ def convert(
     """Write a checkpoint folder in the current format (docs/formats.md), e.g. an old one's."""
     import torch
 
-    from atlas.engine.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointError, convert_checkpoint
+    from atlas.engine.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointError
+    from atlas.training.authoring import convert_checkpoint
 
     if dtype is not None and dtype not in DTYPES:
         _fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
