@@ -10,13 +10,29 @@ on them, nor on the words).
     python bench/ingest.py --device cpu --lengths 1024,4096 --time-budget 300
 
 Writes bench/results/ingest-<device>.json (machine, config, one row per length) and prints a table.
+
+`--contended` measures what issue 27 is about, on the CPU: ingest tokens/s of the bundled demo model
+and the default model on a quiet machine and beside a process that keeps one core busy (a CPU hog),
+and decode tokens/s of the default model for 1 and 32 sessions, under two thread settings: torch's
+default (one thread per core, OpenMP's default wait policy) and this project's policy
+(`atlas.engine.threads`: threads by model size and usable cores, waiting threads asleep). Each setting
+runs in its own child process (OpenMP reads its wait policy when torch loads), children alternate
+(default, policy, default, policy, ...), and inside each, quiet and contended runs alternate too.
+Ratios are contended / quiet per repetition (min, median).
+
+    python bench/ingest.py --contended              # writes bench/results/ingest-contended-cpu.json
+    python bench/ingest.py --contended --reps 3 --tokens 4096
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +49,10 @@ from atlas.training.evaluation import parse_length
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+# What each --contended child sets: torch's default, or the policy (its OpenMP variables must be in
+# the environment before torch is imported, so the parent sets them for the child).
+THREAD_MODES = ("default", "policy")
+OPENMP_VARS = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: bench/results/ingest-<device>.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contended", action="store_true",
+                   help="quiet vs beside a CPU hog, torch default threading vs the thread policy (CPU)")
+    p.add_argument("--reps", type=int, default=2, help="--contended: child processes per thread setting")
+    p.add_argument("--tokens", type=int, default=2048, help="--contended: tokens per ingest")
+    p.add_argument("--sessions", type=int, default=32, help="--contended: sessions of the batched decode")
+    p.add_argument("--child", choices=list(THREAD_MODES), default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -182,8 +208,142 @@ def show(console: Console, result: dict[str, Any]) -> None:
     console.print(f"state size: {verdict}; total {result['total_s']}s")
 
 
+# -- --contended -----------------------------------------------------------------------------------
+
+
+def start_hog() -> subprocess.Popen[bytes]:
+    """A process that keeps one core busy, as another tenant's job would."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # running before the measurement starts
+    return hog
+
+
+def stop_hog(hog: subprocess.Popen[bytes]) -> None:
+    hog.kill()
+    hog.wait()
+
+
+def decode_rate(atlas: Atlas, prefix: list[int], sessions: int, steps: int) -> float:
+    """Greedy decode tokens/s of `sessions` sessions stacked, one token each per step through
+    `Atlas.feed` (the one-row fast path, and the block path for the token that completes a chunk)."""
+    state, logits = atlas.feed(SessionState.stack([atlas.new_state()] * sessions), [prefix] * sessions)
+    nxt = logits.argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, logits = atlas.feed(state, nxt[:, None])
+        nxt = logits.argmax(-1)
+    return sessions * steps / (time.perf_counter() - t0)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One thread setting: per model, quiet and contended ingests alternating; then decode."""
+    from atlas.engine.threads import apply_thread_policy
+
+    torch.manual_seed(args.seed)
+    models = {"demo": Atlas.load(device="cpu"), "default": Atlas.from_config(ModelConfig(), seed=0, device="cpu")}
+    out: dict[str, Any] = {"mode": args.child, "models": {}}
+    for name, atlas in models.items():
+        threads = (apply_thread_policy(atlas.parameters).threads if args.child == "policy"
+                   else torch.get_num_threads())
+        tokens, _ = document_tokens(atlas, None, args.tokens, args.seed)
+        timed_ingest(atlas, tokens[:512])  # warm-up
+        quiet, contended = [], []
+        for _ in range(2):
+            quiet.append(len(tokens) / timed_ingest(atlas, tokens)[1])
+            hog = start_hog()
+            try:
+                contended.append(len(tokens) / timed_ingest(atlas, tokens)[1])
+            finally:
+                stop_hog(hog)
+        row: dict[str, Any] = {"parameters": atlas.parameters, "threads": threads, "quiet_tok_s": quiet,
+                               "contended_tok_s": contended}
+        if name == "default":
+            prefix = tokens[:100]  # mid-chunk, so decoding crosses a chunk boundary
+            decode_rate(atlas, prefix, 1, 8)
+            row["decode_1_tok_s"] = decode_rate(atlas, prefix, 1, 128)
+            row["decode_many_tok_s"] = decode_rate(atlas, prefix, args.sessions, 64)
+            row["decode_sessions"] = args.sessions
+        out["models"][name] = row
+    return out
+
+
+def run_child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARS and not k.startswith("ATLAS_")}
+    if mode == "policy":
+        from atlas.engine.threads import OPENMP_ENV
+        env.update(OPENMP_ENV)
+    cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens), "--sessions",
+           str(args.sessions), "--seed", str(args.seed)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"child {mode} failed:\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    return {"min": round(min(xs), 3), "median": round(statistics.median(xs), 3), "max": round(max(xs), 3)}
+
+
+def contended(args: argparse.Namespace) -> dict[str, Any]:
+    console = Console()
+    info = describe_machine("cpu")
+    started = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in THREAD_MODES}
+    for rep in range(args.reps):
+        for mode in THREAD_MODES:
+            runs[mode].append(run_child(mode, args))
+            console.print(f"rep {rep + 1}/{args.reps} {mode}: done")
+    summary: dict[str, Any] = {}
+    table = Table(title=f"ingest of {args.tokens} tokens, quiet vs beside a CPU hog ({info['cpu_cores_usable']} "
+                        "usable cores)")
+    for col in ("model", "threads", "setting", "quiet tok/s", "contended tok/s", "contended/quiet",
+                "decode 1 tok/s", f"decode {args.sessions} tok/s"):
+        table.add_column(col, justify="right")
+    for name in ("demo", "default"):
+        for mode in THREAD_MODES:
+            rows = [r["models"][name] for r in runs[mode]]
+            quiet = [q for r in rows for q in r["quiet_tok_s"]]
+            cont = [c for r in rows for c in r["contended_tok_s"]]
+            ratios = [c / q for r in rows for q, c in zip(r["quiet_tok_s"], r["contended_tok_s"], strict=True)]
+            s: dict[str, Any] = {"threads": rows[0]["threads"], "parameters": rows[0]["parameters"],
+                                 "quiet_tok_s": spread(quiet), "contended_tok_s": spread(cont),
+                                 "contended_over_quiet": spread(ratios)}
+            if "decode_1_tok_s" in rows[0]:
+                s["decode_1_tok_s"] = spread([r["decode_1_tok_s"] for r in rows])
+                s["decode_many_tok_s"] = spread([r["decode_many_tok_s"] for r in rows])
+            summary[f"{name}/{mode}"] = s
+            table.add_row(name, str(s["threads"]), mode, f"{s['quiet_tok_s']['median']:,.0f}",
+                          f"{s['contended_tok_s']['median']:,.0f}",
+                          f"{s['contended_over_quiet']['median']:.2f} "
+                          f"({s['contended_over_quiet']['min']:.2f}-{s['contended_over_quiet']['max']:.2f})",
+                          f"{s['decode_1_tok_s']['median']:,.0f}" if "decode_1_tok_s" in s else "",
+                          f"{s['decode_many_tok_s']['median']:,.0f}" if "decode_many_tok_s" in s else "")
+    console.print(table)
+    return {
+        "benchmark": "ingest_contended",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**info, "load_average_at_end": load_average()},
+        "tokens": args.tokens,
+        "reps": args.reps,
+        "hog": "one Python busy loop (one core)",
+        "summary": summary,
+        "runs": runs,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    if args.contended:
+        out = args.out or RESULTS / "ingest-contended-cpu.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(contended(args), indent=2) + "\n")
+        Console().print(f"wrote {portable_path(out)}")
+        return
     result = run(args)
     out = args.out or RESULTS / f"ingest-{result['machine']['device'].split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

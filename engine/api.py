@@ -27,7 +27,7 @@ from torch import Tensor
 from .checkpoint import Checkpoint, fingerprint, load_checkpoint, read_checkpoint
 from .config import ModelConfig
 from .model import AtlasModel
-from .sampling import SamplingParams, StopMatcher, sample
+from .sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob, logprobs_of
 from .state import SessionState, StateFormatError, carry_held, check_values, held_tensors, is_cache_key
 from .tokenizer import ByteTokenizer, HeldText, Tokenizer
 
@@ -46,6 +46,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class GeneratedToken:
     id: int
     text: str  # new text this token completes (stop strings removed; may be empty)
+    index: int = 0  # the choice it belongs to (SamplingParams.n)
+    logprob: TokenLogprob | None = None  # when SamplingParams.logprobs asks for it
 
 
 @dataclass
@@ -56,26 +58,27 @@ class Generation:
     atlas: Atlas
     state: SessionState
     params: SamplingParams
+    prompt: list[int] = field(default_factory=list)  # its ids (the repetition penalty counts them)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[GeneratedToken]:
         p = self.params
-        gen = p.generator(self.state.device)
+        sampler = Sampler(p, self.atlas.config.vocab_size, self.state.device, self.prompt)
         decoder = self.atlas.tokenizer.stream_decoder()
         stops = StopMatcher(p.stop)
         eos = set(self.atlas.eos_token_ids)
         logits = self.state.last_logits[0]
         for i in range(p.max_tokens):
-            tok = sample(logits, p, gen)
+            tok, logprob = sampler.sample(logits)
             self.token_ids.append(tok)
             end = tok in eos or i == p.max_tokens - 1  # an end-of-sequence token shows no text
             piece = stops.push(("" if tok in eos else decoder.push(tok)) + (decoder.flush() if end else ""))
             if end or stops.stopped:
                 piece += stops.flush()
             self.text += piece
-            yield GeneratedToken(tok, piece)
+            yield GeneratedToken(tok, piece, logprob=logprob)
             self.state, out = self.atlas.feed(self.state, [tok])
             logits = out[0]
             if stops.stopped or tok in eos:
@@ -244,12 +247,64 @@ class Atlas:
         """Feed the prompt into (a copy of) one session, then sample. Iterate the result for tokens."""
         if state.batch_size != 1:
             raise ValueError("generate takes one session")
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("generate makes one choice: fork the state for more")
         state, ids = self.end_document(state)  # the document ends where the prompt starts
-        if prompt:
-            ids += self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = (self.encode(prompt) if isinstance(prompt, str) else list(prompt)) if prompt else []
+        ids += prompt_ids
         if ids:
             state, _ = self.feed(state, ids)
-        return Generation(self, state, params or SamplingParams())
+        return Generation(self, state, params, prompt_ids)
+
+    def prompt_logprobs(self, state: SessionState, tokens: Sequence[int], top: int = 0
+                        ) -> tuple[SessionState, list[TokenLogprob | None]]:
+        """Feed `tokens` into one session and give each its log-probability under the model (the
+        log_softmax of the logits before it, as a generation would see them), with the `top` most
+        likely tokens of its position. The first token has none (None) when the state has read
+        nothing: no logits come before it."""
+        if state.batch_size != 1:
+            raise ValueError("prompt_logprobs takes one session")
+        ids = list(tokens)
+        if not ids:
+            return state, []
+        new, logits = self.feed(state, ids, all_logits=True)
+        before = torch.cat([state.last_logits[:, None].to(logits.dtype), logits[:, :-1]], dim=1)[0]
+        entries: list[TokenLogprob | None] = list(logprobs_of(before, ids, top))
+        if int(state.tokens[0]) == 0:
+            entries[0] = None
+        return new, entries
+
+    # -- chat (tokenizer_config.json) --------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (tokenizer_config.json's `chat_template`; of a list of
+        named templates, the one named "default"), None without one."""
+        cfg = self.checkpoint.tokenizer_config if self.checkpoint is not None else None
+        template = (cfg or {}).get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) and template else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """tokenizer_config.json's special tokens by name (bos_token, eos_token, ...), as text."""
+        cfg = self.checkpoint.tokenizer_config if self.checkpoint is not None else None
+        out: dict[str, str] = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                     "mask_token"):
+            value = (cfg or {}).get(name)
+            if isinstance(value, dict):  # an AddedToken written out: {"content": ..., ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                out[name] = value
+        return out
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a piece of a character has no text of its own)."""
+        return self.tokenizer.token_bytes(token)
 
     # -- documents in pieces (docs/formats.md, "Held-back text") --------------------------------------
 

@@ -12,6 +12,7 @@ state between requests (docs/formats.md, "Held-back text"; the rule is in `HFInc
 from __future__ import annotations
 
 import codecs
+import functools
 import itertools
 import unicodedata
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ class Tokenizer(Protocol):
 
     def incremental_encoder(self, held: HeldText | None = None) -> IncrementalEncoder: ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (log-probability entries show them)."""
+        ...
+
     @property
     def holds_text(self) -> bool:
         """Whether its incremental encoder ever holds text back (then states carry `HeldText`)."""
@@ -91,6 +96,9 @@ class ByteTokenizer:
 
     def stream_decoder(self) -> _ByteStreamDecoder:
         return _ByteStreamDecoder()
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])
 
     def incremental_encoder(self, held: HeldText | None = None) -> _ByteIncrementalEncoder:
         if held is not None and held.text:
@@ -143,6 +151,23 @@ class HFTokenizer:
 
     def stream_decoder(self) -> _HFStreamDecoder:
         return _HFStreamDecoder(self)
+
+    def token_bytes(self, token: int) -> bytes:
+        text = self._tok.decode([token], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        # A piece of a character: the byte the token names (byte fallback "<0x0A>", or GPT-2's
+        # byte-level alphabet), else the replacement character's bytes as decoded.
+        piece = self._tok.id_to_token(token) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        alphabet = _byte_alphabet()
+        if piece and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        return text.encode("utf-8")
 
     def incremental_encoder(self, held: HeldText | None = None) -> HFIncrementalEncoder:
         if self._rules is None:
@@ -201,6 +226,20 @@ class _HFStreamDecoder:
 
     def flush(self) -> str:
         return self._step(force=True) if len(self._ids) > self._read else ""
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable characters standing for bytes), character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def load_tokenizer(checkpoint_dir: Path | None) -> Tokenizer:

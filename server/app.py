@@ -7,6 +7,18 @@ runtime and the store are closed. The runtime saves each session at the end of e
 every ``ATLAS_CHECKPOINT_TOKENS`` of an ingest), so there is nothing dirty to flush at shutdown
 beyond waiting for those saves.
 
+Middleware, outermost first (each a pure ASGI app: none buffers a stream, and the request's context,
+with its id, reaches the code that runs inside a streaming response):
+
+- ``RequestIdMiddleware``: keeps a sane incoming ``X-Request-ID`` or makes one, puts it in the
+  context (log lines, error bodies: ``logs.py``, ``errors.py``) and on every response;
+- ``AtlasCORS`` (only with ``ATLAS_CORS_ORIGINS``): answers preflights before anything asks for a key
+  or refuses a draining server, and adds its headers to every answer, errors included, so a page
+  can read a 401 or a 429;
+- ``CatchAll``: an exception no handler took becomes the JSON 500 here, inside the two above (so it
+  carries the id and the CORS headers), not in Starlette's outermost ``ServerErrorMiddleware``;
+- ``RequestGate``: 503 while draining, JSON body cap, request counts.
+
 Run it with ``atlas serve`` or ``python -m uvicorn atlas.server.app:create_app --factory``.
 """
 
@@ -20,7 +32,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atlas.engine import Atlas
@@ -29,15 +45,20 @@ from atlas.engine.runtime import Runtime, RuntimeSettings
 from atlas.engine.store import StateStore, StoreSettings, open_store
 
 from .dependencies import Services, json_content
-from .errors import ApiError, install_handlers
+from .errors import ApiError, error_response, install_handlers, unexpected_response
+from .logs import new_request_id, request_id, valid_request_id
 from .metrics import Metrics
-from .routes import completions, ops, playground, sessions
+from .routes import chat, completions, ops, playground, sessions, tokenize
 from .settings import ServerSettings
 
 log = logging.getLogger("atlas.server")
 
 #: Paths served while loading and while draining (probes and scrapes).
 OPS_PATHS = {"/health", "/ready", "/metrics"}
+REQUEST_ID_HEADER = "X-Request-ID"
+#: Response headers a page's JavaScript may read (CORS hides all but a few by default).
+CORS_EXPOSE = [REQUEST_ID_HEADER, "Retry-After"]
+CORS_METHODS = ["GET", "POST", "PATCH", "DELETE", "OPTIONS"]  # every method a route takes
 
 
 def default_model_id(settings: ServerSettings) -> str:
@@ -137,15 +158,98 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
     app.state.load_error = None
     app.state.draining = False
     app.state.inflight = 0
-    app.state.create_locks = {}
     app.state.metrics = Metrics(lambda: app.state.services)
     install_handlers(app)
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(tokenize.router)
     app.include_router(playground.router)
+    # add_middleware puts each outside the ones before it: the gate is innermost, the id outermost.
     app.add_middleware(RequestGate)
+    app.add_middleware(CatchAll)
+    origins = settings.cors_origin_list
+    if origins:
+        # Keys travel in the Authorization header, never in cookies: no credentials mode, so "*" is
+        # safe to offer. Requested headers are mirrored ("*"), so Authorization, Content-Type,
+        # X-Request-ID and an SDK's own headers (OpenAI's x-stainless-*) all pass a preflight.
+        app.add_middleware(AtlasCORS, allow_origins=origins, allow_methods=CORS_METHODS,
+                           allow_headers=["*"], expose_headers=CORS_EXPOSE, max_age=600)
+    app.add_middleware(RequestIdMiddleware)
     return app
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware: the request's id (a sane X-Request-ID it came with, or a new one) in
+    the context for the whole request and on the response's headers, whatever answers it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get(REQUEST_ID_HEADER)
+        rid: str = given if given is not None and valid_request_id(given) else new_request_id()
+        # Set, never reset: each request runs in a task of its own (uvicorn's, or the test client's),
+        # whose context ends with it; so even the server's own line about a failed request has it.
+        request_id.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id for routes
+        if given is not None and given != rid:
+            log.info("replaced an invalid X-Request-ID header (%d characters) by %s", len(given), rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", []))
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class AtlasCORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight in the API's error shape (and code)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        what = bytes(response.body).decode(errors="replace").removeprefix("Disallowed CORS ")
+        headers = {k: v for k, v in response.headers.items()
+                   if k.lower().startswith(("access-control", "vary"))}
+        return error_response(response.status_code, "cors_not_allowed",
+                              f"CORS preflight refused ({what}): origin {request_headers.get('origin')!r}, "
+                              f"method {request_headers.get('access-control-request-method')!r}; "
+                              "ATLAS_CORS_ORIGINS lists the origins allowed", headers)
+
+
+class CatchAll:
+    """Pure ASGI middleware: an exception that escaped every handler becomes the JSON 500 (or its
+    API error) here, so that the answer passes through the CORS and request-id middleware. Once a
+    response has started there is nothing to answer: the exception goes on to the server."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:
+                raise
+            await unexpected_response(Request(scope), exc)(scope, receive, send)
 
 
 class RequestGate:
@@ -167,7 +271,8 @@ class RequestGate:
                            {"Retry-After": "5", "Connection": "close"}).response()(scope, receive, send)
             return
         status = 500
-        limit = None if path.endswith("/ingest") else settings.max_json_bytes  # ingest counts its own
+        # ingest and import count their own bodies (a document; a session file of the state size)
+        limit = None if path.endswith(("/ingest", "/v1/sessions/import")) else settings.max_json_bytes
         if limit is not None:
             length = _content_length(scope)
             if length is not None and length > limit:

@@ -109,6 +109,9 @@ def serve(
     allow_remote: Annotated[bool, typer.Option(
         "--allow-remote", help="Bind a non-loopback host without API keys (ATLAS_ALLOW_REMOTE)")] = False,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (ATLAS_LOG_LEVEL)")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="text, or json: one object per line with time, level, logger, message, request_id "
+             "(ATLAS_LOG_FORMAT)")] = None,
 ) -> None:
     """Start the HTTP server (settings from ATLAS_* variables; options override them)."""
     import logging
@@ -118,10 +121,11 @@ def serve(
     from pydantic import ValidationError
 
     from .app import create_app
+    from .logs import setup_logging
     from .settings import ServerSettings, is_loopback
 
     given = dict(host=host, port=port, device=device, dtype=dtype, log_level=log_level,
-                 model=str(model) if model else None)
+                 log_format=log_format, model=str(model) if model else None)
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # unset: ATLAS_*
     if allow_remote:
         overrides["allow_remote"] = True
@@ -130,7 +134,9 @@ def serve(
     except ValidationError as e:
         err.print(f"[red]invalid setting: {e}[/red]")
         raise typer.Exit(2) from e
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # One handler for ours and uvicorn's loggers (uvicorn gets log_config=None below), in the chosen
+    # format, with the request id on every line of a request.
+    setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("atlas.server")
     if settings.model:  # a folder that cannot load: its one-line reason and exit 2, before serving
         from atlas.engine.checkpoint import CheckpointError, read_checkpoint
@@ -155,7 +161,7 @@ def serve(
 
     config = uvicorn.Config(api, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
-                            proxy_headers=False)
+                            proxy_headers=False, log_config=None)
     Server(config).run()
 
 

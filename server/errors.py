@@ -1,10 +1,11 @@
-"""One error shape for every failure: ``{"error": {"code": "...", "message": "..."}}``.
+"""One error shape for every failure: ``{"error": {"code": "...", "message": "...", "request_id": "..."}}``.
 
 ``STATUS`` is the one table from error code to HTTP status (README.md, "Errors", lists it): the
 engine's errors (store, state, runtime) carry only their stable code, the routes raise
 :class:`ApiError` with one, and this module alone decides the status. Inside an event stream, where
 the status line is already sent, the same object is sent as an event instead. Only a bug reaches
-the catch-all 500 ``internal_error``.
+the catch-all 500 ``internal_error``. ``request_id`` is the id of the request (X-Request-ID, also on
+every response's headers and log lines: ``logs.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +22,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from atlas.engine.chat_template import ChatTemplateError
 from atlas.engine.checkpoint import CheckpointError
 from atlas.engine.runtime import RuntimeFault
 from atlas.engine.state import StateError
 from atlas.engine.store import LeaseConflictError, StoreError
+
+from .logs import current_request_id
 
 log = logging.getLogger("atlas.server")
 
@@ -32,12 +37,16 @@ log = logging.getLogger("atlas.server")
 #: the client can delete or re-create the session.
 STATUS: dict[str, int] = {
     "bad_request": 400,
+    "cors_not_allowed": 400,  # a CORS preflight from an origin (or asking a method) not allowed
+    "token_out_of_vocabulary": 400,
+    "chat_template_error": 400,  # the model's chat template refused the messages (or cannot compile)
     "client_disconnected": 400,
     "unsupported_parameter": 400,
     "max_tokens_too_large": 400,
     "prompt_too_long": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "route_not_found": 404,  # no route at this path under /v1: the message lists the served ones
     "session_not_found": 404,
     "state_not_found": 404,
     "model_not_found": 404,
@@ -46,6 +55,7 @@ STATUS: dict[str, int] = {
     "offset_gap": 409,
     "lease_conflict": 409,
     "state_corrupt": 409,
+    "invalid_session_file": 400,
     "state_invalid": 409,
     "foreign_model": 409,
     "body_too_large": 413,
@@ -66,7 +76,8 @@ STATUS: dict[str, int] = {
 RETRY_AFTER: dict[str, int] = {"queue_full": 1, "store_unavailable": 1, "store_error": 1, "shutting_down": 5}
 
 #: The base classes of the errors the engine raises on purpose; each subclass carries a ``code``.
-ENGINE_ERRORS: tuple[type[Exception], ...] = (RuntimeFault, StoreError, StateError, CheckpointError)
+ENGINE_ERRORS: tuple[type[Exception], ...] = (RuntimeFault, StoreError, StateError, CheckpointError,
+                                              ChatTemplateError)
 
 #: Status codes Starlette raises itself (unknown route, wrong method, ...) -> our codes.
 HTTP_CODES: dict[int, str] = {
@@ -75,8 +86,14 @@ HTTP_CODES: dict[int, str] = {
 }
 
 
+_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+    """The error object, with the id of the request it answers (from the context: every error of a
+    request, in a response or in its event stream, carries it)."""
+    rid = current_request_id()
+    return {"error": {"code": code, "message": message, **({"request_id": rid} if rid else {})}}
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -170,6 +187,49 @@ def error_event(exc: BaseException) -> dict[str, dict[str, str]]:
     return err.body()
 
 
+def served_routes(openapi: dict[str, Any], prefix: str = "/v1") -> list[str]:
+    """``POST /v1/completions``, ... for every documented route under ``prefix``, OpenAI's first
+    (what a client that got the path wrong most likely meant), then in the app's order. Read from
+    the app's OpenAPI document (cached by FastAPI): what it says is what the router serves."""
+    found: list[tuple[tuple[bool, bool], str]] = []
+    for path, operations in openapi.get("paths", {}).items():
+        if path != prefix and not path.startswith(prefix + "/"):
+            continue
+        for method, op in operations.items():
+            if method.upper() in _METHODS:
+                openai = "openai" in op.get("tags", [])
+                key = (not openai, not (openai and method.upper() == "POST"))
+                found.append((key, f"{method.upper()} {path}"))
+    return [name for _, name in sorted(found, key=lambda x: x[0])]  # stable: keeps the app's order
+
+
+def allowed_methods(openapi: dict[str, Any], path: str) -> list[str]:
+    """The methods the documented routes serve at ``path`` (templates such as ``{sid}`` match one
+    segment). Starlette's own Allow header names only the first route it matched at the path."""
+    methods: list[str] = []
+    for template, operations in openapi.get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods += [m.upper() for m in operations if m.upper() in _METHODS and m.upper() not in methods]
+    return methods
+
+
+def route_not_found(request: Request) -> ApiError:
+    listing = ", ".join(served_routes(request.app.openapi())) or "none"
+    return ApiError("route_not_found", f"no route {request.method} {request.url.path[:200]}; "
+                    f"served routes: {listing}")
+
+
+def unexpected_response(request: Request, exc: BaseException) -> JSONResponse:
+    """The answer to an exception no handler took: its API error if it has one (e.g. a StoreError
+    raised under a middleware), else 500 ``internal_error``, logged with its traceback."""
+    err = to_api_error(exc)
+    if err is not None:
+        return err.response()
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return internal_error().response()
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every failure leaves as the one JSON error shape."""
 
@@ -179,18 +239,27 @@ def install_handlers(app: FastAPI) -> None:
             return await unexpected(request, exc)
         return err.response()
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        unmatched = "route" not in request.scope
+        if exc.status_code == 404 and unmatched and (path == "/v1" or path.startswith("/v1/")):
+            return route_not_found(request).response()  # no route matched: say which ones exist
+        if exc.status_code == 405:
+            allowed = allowed_methods(request.app.openapi(), path) or \
+                [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
+            if allowed:
+                headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+                return error_response(405, "method_not_allowed", f"{path[:200]} does not take "
+                                      f"{request.method}; it takes {', '.join(allowed)}", headers)
         code = HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        err = to_api_error(exc)  # e.g. a StoreError raised under a middleware
-        if err is not None:
-            return err.response()
-        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return internal_error().response()
+        # app.py's CatchAll answers first (inside the CORS and request-id middleware); this is
+        # Starlette's outermost net, for an exception raised by that middleware itself.
+        return unexpected_response(request, exc)
 
     handled: tuple[type[Exception], ...] = (ApiError, *ENGINE_ERRORS, RequestValidationError, ValidationError,
                                             ClientDisconnect)

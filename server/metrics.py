@@ -54,6 +54,11 @@ class Metrics:
         self.generation_tokens = Counter("atlas:generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter("atlas:request_success", "Finished generation requests.",
                                        ["finished_reason"], registry=r)
+        self.session_exports = Counter("atlas:session_exports", "Sessions exported as files.", registry=r)
+        self.session_imports = Counter("atlas:session_imports", "Sessions imported from files.", registry=r)
+        self.session_import_refusals = Counter(
+            "atlas:session_import_refusals", "Session files refused, by the check that failed.", ["reason"],
+            registry=r)
         self.http_requests = Counter("atlas:http_requests", "HTTP requests answered.",
                                      ["method", "route", "status"], registry=r)
         r.register(_EngineCollector(services))
@@ -116,3 +121,7 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("atlas:store_loaded_bytes", "State bytes loaded.", s.loads.bytes)
         yield CounterMetricFamily("atlas:store_corrupt", "Loads refused as corrupt.", s.corrupt)
         yield CounterMetricFamily("atlas:store_conflicts", "Writes refused by a lease.", s.conflicts)
+        yield CounterMetricFamily("atlas:store_broken_listed", "Sessions listed as broken (metadata "
+                                  "failing its checks).", s.broken)
+        yield CounterMetricFamily("atlas:store_restarts", "Times the embedded Redis was found dead "
+                                  "and started again.", s.restarts)

@@ -6,6 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from atlas.engine.session_file import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_KEYS,
+    MAX_NAME_CHARS,
+    MetadataValue,
+    check_metadata,
+    check_name,
+)
 from atlas.engine.store import SessionMeta
 
 
@@ -27,6 +35,7 @@ SEED_MAX = (1 << 63) - 1
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. session_not_found.")
     message: str
+    request_id: str | None = Field(None, description="The request's id (its X-Request-ID header).")
 
 
 class ErrorBody(BaseModel):
@@ -55,17 +64,44 @@ class SessionOut(BaseModel):
     generation: int = Field(description="Commit counter of the stored state.")
     ttl_s: int | None = None
     forked_from: str | None = None
+    sliding_ttl: bool = Field(False, description="Reads (any request on the session) restart its TTL.")
+    name: str | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    broken: str | None = Field(None, description="Set (why) when the session's stored metadata fails "
+                               "its checks: it serves nothing and can be deleted.")
 
     @classmethod
     def of(cls, meta: SessionMeta) -> SessionOut:
+        x = meta.extra
+        forked, name, labels = x.get("forked_from"), x.get("name"), x.get("metadata")
         return cls(id=meta.id, created=meta.created, updated=meta.updated, tokens=meta.tokens,
                    bytes_committed=meta.bytes_committed, state_bytes=meta.state_bytes,
-                   generation=meta.generation, ttl_s=meta.ttl_s, forked_from=meta.extra.get("forked_from"))
+                   generation=meta.generation, ttl_s=meta.ttl_s,
+                   forked_from=forked if isinstance(forked, str) else None,
+                   sliding_ttl=x.get("sliding_ttl") is True, name=name if isinstance(name, str) else None,
+                   metadata=labels if isinstance(labels, dict) else {}, broken=meta.broken)
+
+
+class SessionPatch(BaseModel):
+    """Fields left out stay as they are; ``null`` removes a name or the TTL."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ttl_s: int | None = Field(None, ge=1, le=MAX_TTL_S, description="A new TTL from now; null: none.")
+    sliding_ttl: bool | None = Field(None, description="Reads restart the TTL (default false).")
+    name: Annotated[str | None, AfterValidator(check_name)] = Field(
+        None, description=f"1 to {MAX_NAME_CHARS} printable characters; null removes it.")
+    metadata: Annotated[dict[str, MetadataValue] | None, AfterValidator(
+        lambda v: None if v is None else check_metadata(v))] = Field(
+        None, description=f"Replaces the metadata: a flat object of at most {MAX_METADATA_KEYS} keys, "
+                          f"{MAX_METADATA_BYTES} bytes as JSON; null or {{}} clears it.")
 
 
 class SessionList(BaseModel):
     object: Literal["list"] = "list"
     data: list[SessionOut]
+    has_more: bool = False
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page.")
 
 
 class IngestEvent(BaseModel):
@@ -135,34 +171,86 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's; refused when true.")
 
 
-class CompletionRequest(SamplingFields):
-    """OpenAI's legacy completions request; unknown fields are ignored, known unsupported ones
-    (n > 1, echo, logprobs, best_of, suffix) are refused with 400."""
+class OpenAIFields(SamplingFields):
+    """What OpenAI's completions and chat completions share (docs/openai.md lists every field, honoured
+    or refused). Fields this server does not know are ignored as OpenAI's API does; the fields it
+    knows and cannot honour (tools, guided decoding, beam search, ...) are kept in ``model_extra``
+    only to be refused with 400 ``unsupported_parameter`` (``server/routes/common.py``)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)  # as OpenAI's API: "5" is not a number
+    # "allow" keeps unknown fields in model_extra, where the routes look up the refused ones; none is
+    # ever used. Strict as OpenAI's API: "5" is not a number.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
-    prompt: Text | list[Text] | list[int] = Field(description="Text, one-element list of text, or token ids.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=128)
-    best_of: int | None = Field(None, ge=1, le=128)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=128, description="Choices: forks of the one prompt state.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: over generated tokens.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: over generated tokens.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM's: over prompt and "
+                                      "generated tokens; positive logits divided, negative multiplied.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in "
+                                                "[-100, 100], added to its logit.")
     user: str | None = None
-    session_id: str | None = Field(None, description="Extension: run on a fork of this session.")
+    session_id: str | None = Field(None, description="Extension: run after this session's document, on a "
+                                   "fork (the session does not change unless `commit`).")
+    commit: bool = Field(False, description="Extension: append prompt and answer to the session "
+                         "(needs session_id, one prompt, n = 1).")
+
+
+class CompletionRequest(OpenAIFields):
+    """OpenAI's legacy completions request."""
+
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description="Text, token ids, or a list of either (several prompts).")
+    best_of: int | None = Field(None, ge=1, le=128, description="Only equal to n.")
+    echo: bool = Field(False, description="Prepend the prompt (and its log-probabilities with logprobs).")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of each token, with "
+                                 "this many alternatives.")
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: str
+    text: Text | None = None
+
+
+class ChatMessageIn(BaseModel):
+    # Roles and message fields beyond role/content (name, tool_call_id, ...) reach the template as given.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Text
+    content: Text | list[TextContentPart] | None = None
+
+
+class ChatCompletionRequest(OpenAIFields):
+    """OpenAI's chat completions request."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name of max_tokens.")
+    logprobs: bool = Field(False, description="Log-probabilities of each generated token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (with logprobs).")
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape; the first prompt token (echo) has null entries."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -171,6 +259,43 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None
 
 

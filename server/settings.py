@@ -8,16 +8,20 @@ HTTP side's: where to listen, who may call, which model, and the limits a reques
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .logs import LogFormat
 
 MiB = 1 << 20
 #: The weights' dtypes a server can run, and the short names ATLAS_DTYPE also takes.
 WeightsDtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "half": "float16"}
+_ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s,]+")
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -76,6 +80,13 @@ class ServerSettings(BaseSettings):
     #: Least time between two ingest progress events (the final event always comes).
     progress_interval_s: float = Field(0.2, ge=0)
     log_level: str = "info"
+    #: ``text`` (uvicorn's look) or ``json`` (one object per line: time, level, logger, message,
+    #: request_id), for ``atlas serve``'s log on stderr (server/logs.py).
+    log_format: LogFormat = "text"
+    #: Origins whose browser pages may call the API (CORS): ``*``, or a comma-separated list such
+    #: as ``https://app.example.com,http://localhost:5173``. Empty (the default): CORS off, so a
+    #: page from another origin cannot read any answer. Keys still go in Authorization headers.
+    cors_origins: str = ""
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -83,6 +94,17 @@ class ServerSettings(BaseSettings):
         if isinstance(v, str):
             v = v.strip().lower().removeprefix("torch.")
             return DTYPE_ALIASES.get(v, v)
+        return v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, v: str) -> str:
+        parse_origins(v)  # fail at start, not at the first browser request
         return v
 
     @field_validator("api_keys")
@@ -98,6 +120,26 @@ class ServerSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.tenants_by_key)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return parse_origins(self.cors_origins)
+
+
+def parse_origins(spec: str) -> list[str]:
+    """``"*"`` -> ["*"]; ``"https://a.example, http://localhost:5173/"`` -> the origins as a browser
+    sends them (scheme://host[:port], no path: a trailing slash is dropped, anything else refused,
+    because such an entry could never match an Origin header)."""
+    out: list[str] = []
+    for item in spec.split(","):
+        item = item.strip().rstrip("/")
+        if not item:
+            continue
+        if item != "*" and not _ORIGIN.fullmatch(item):
+            raise ValueError(f"ATLAS_CORS_ORIGINS: {item!r} is not an origin such as "
+                             "https://app.example.com or http://localhost:5173 (or *)")
+        out.append(item)
+    return out
 
 
 def parse_api_keys(spec: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 
 from atlas.engine.api import GeneratedToken
 from atlas.engine.runtime import GenerationDone, Runtime
-from atlas.engine.sampling import SamplingParams
+from atlas.engine.runtime.jobs import PromptLogprobs
+from atlas.engine.sampling import SamplingParams, TokenLogprob
 from atlas.engine.store import SessionMeta
 
 from .metrics import Metrics
@@ -99,21 +100,35 @@ class EventStream(Response):
 class Token:
     id: int
     text: str
+    index: int = 0  # the choice (SamplingParams.n)
+    logprob: TokenLogprob | None = None  # when SamplingParams.logprobs asks for it
+
+
+@dataclass
+class Prompt:
+    """The prompt's log-probabilities (SamplingParams.prompt_logprobs), before any token."""
+
+    logprobs: list[TokenLogprob | None]
 
 
 @dataclass
 class Finished:
-    finish_reason: str
+    finish_reason: str  # of the first choice
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of all choices
     session: SessionMeta | None = None
+    finish_reasons: list[str] = field(default_factory=list)  # one per choice
+
+    def reason(self, index: int) -> str:
+        return self.finish_reasons[index] if index < len(self.finish_reasons) else self.finish_reason
 
 
 async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant: str, prompt: list[int],
                      params: SamplingParams, commit: bool, timeout_s: float
-                     ) -> AsyncGenerator[Token | Finished, None]:
-    """Tokens, then one Finished. Past ``timeout_s`` the work is cancelled and Finished says
-    ``timeout`` with what was generated. Errors before the first token raise on the first
+                     ) -> AsyncGenerator[Token | Prompt | Finished, None]:
+    """Tokens (of every choice, interleaved; with the prompt's log-probabilities first when the
+    params ask for them), then one Finished. Past ``timeout_s`` the work is cancelled and Finished
+    says ``timeout`` with what was generated. Errors before the first token raise on the first
     ``__anext__`` (so a route can prime this to answer with a real status); closing this closes the
     runtime's generator, which cancels the work."""
     t0 = last = time.perf_counter()
@@ -123,7 +138,7 @@ async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant
     reason = "cancelled"  # unless it ends otherwise: the caller closed this early
     try:
         while True:
-            ev: GeneratedToken | GenerationDone | None = None
+            ev: GeneratedToken | GenerationDone | PromptLogprobs | None = None
             ended = False
             with anyio.move_on_after(max(0.0, deadline - time.perf_counter())):
                 try:
@@ -132,18 +147,22 @@ async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant
                     ended = True
             if ended or ev is None:
                 reason = "length" if ended else "timeout"
-                yield Finished(reason, len(prompt), n)
+                yield Finished(reason, len(prompt), n, finish_reasons=[reason] * params.n)
                 return
             now = time.perf_counter()
+            if isinstance(ev, PromptLogprobs):
+                yield Prompt(ev.entries)
+                continue
             if isinstance(ev, GenerationDone):
                 reason = ev.finish_reason
-                yield Finished(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.session)
+                yield Finished(ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.session,
+                               ev.finish_reasons or [ev.finish_reason])
                 return
             (metrics.ttft if n == 0 else metrics.itl).observe(now - (t0 if n == 0 else last))
             last = now
             n += 1
             metrics.generation_tokens.inc()
-            yield Token(ev.id, ev.text)
+            yield Token(ev.id, ev.text, ev.index, ev.logprob)
     except Exception:
         reason = "error"
         raise

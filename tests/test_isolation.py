@@ -195,7 +195,10 @@ def _ingests(model, tmp_path, bad: str | None, name: str) -> list:
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_a_bad_session_fails_alone_in_a_feed_group(model, tmp_path, kind):
     ref, _ = _ingests(model, tmp_path, None, "ref")
-    got, peak = _ingests(model, tmp_path, kind, "bad")
+    for attempt in range(5):  # on a loaded machine the four ingests may reach the worker apart
+        got, peak = _ingests(model, tmp_path, kind, f"bad{attempt}")
+        if peak > 1:
+            break
     assert peak > 1  # the pieces were fed as one group
     assert isinstance(got[0], StateFormatError) and got[0].code == "state_corrupt", got[0]
     for g, r in zip(got[1:], ref[1:], strict=True):

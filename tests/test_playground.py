@@ -1,8 +1,9 @@
 """The web playground in a real headless Chromium (Debian's package, driven by Playwright).
 
 It loads ``/`` without a key, stores the key, creates a session, uploads a file and watches the
-progress reach 100%, then asks a question and watches the answer stream. A screenshot goes to
-test-artifacts/. Skipped when chromium or playwright is not installed.
+progress reach 100%, then asks a question and watches the answer stream. It downloads a session as a
+file and uploads it again (the new session is the same one), and shows a damaged file's refusal.
+A screenshot goes to test-artifacts/. Skipped when chromium or playwright is not installed.
 """
 
 from __future__ import annotations
@@ -85,6 +86,61 @@ def test_upload_progress_and_streamed_answer(server, tmp_path):
                    json={"prompt": "\nROMEO:", "max_tokens": 40, "temperature": 0})
     text = "".join(line for line in _texts(r.text))
     assert answer.strip() == text.strip() and answer.strip()
+
+
+def _greedy(url: str, sid: str) -> str:
+    r = httpx.post(f"{url}/v1/sessions/{sid}/generate", headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=60, json={"prompt": "\nROMEO:", "max_tokens": 16, "temperature": 0})
+    return "".join(_texts(r.text))
+
+
+def test_download_and_upload_a_session_file(server, tmp_path):
+    h = {"Authorization": f"Bearer {KEY}"}
+    sid = httpx.post(f"{server.url}/v1/sessions", headers=h).json()["id"]
+    r = httpx.post(f"{server.url}/v1/sessions/{sid}/ingest", headers={**h, "Content-Type": "text/plain"},
+                   content=document(20_000), timeout=60)
+    assert r.status_code == 200, r.text
+    labels = {"name": "travel-book", "metadata": {"project": "atlas", "n": 3}}
+    assert httpx.patch(f"{server.url}/v1/sessions/{sid}", headers=h, json=labels).status_code == 200
+    saved = tmp_path / "saved.atlas-session"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(server.url + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function(f"[...document.querySelectorAll('#session-select option')]"
+                                   f".some(o => o.value === '{sid}')")
+            page.select_option("#session-select", sid)
+            page.wait_for_function("document.getElementById('info-name')?.textContent === 'travel-book'")
+            assert "travel-book" in page.inner_text(f"#session-select option[value='{sid}']")
+            assert page.inner_text("#info-metadata") == "project=atlas, n=3"
+            with page.expect_download() as download:
+                page.click("#download-state")
+            assert download.value.suggested_filename == f"{sid}.atlas-session"
+            download.value.save_as(saved)
+            page.set_input_files("#state-input", str(saved))
+            selected = "document.getElementById('session-select').value"
+            page.wait_for_function(f"{selected} && {selected} !== '{sid}'")
+            new = page.eval_on_selector("#session-select", "e => e.value")
+            assert page.inner_text("#info-name") == "travel-book" and page.inner_text("#error") == ""
+            assert new in page.inner_text("#state-status")
+            damaged = tmp_path / "damaged.atlas-session"
+            data = bytearray(saved.read_bytes())
+            data[-100] ^= 0xFF                                     # a byte of the state altered
+            damaged.write_bytes(bytes(data))
+            page.set_input_files("#state-input", str(damaged))
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "invalid_session_file" in page.inner_text("#error")
+            assert page.eval_on_selector("#session-select", "e => e.value") == new  # nothing was made
+        finally:
+            browser.close()
+    assert saved.read_bytes() == httpx.get(f"{server.url}/v1/sessions/{sid}/state", headers=h).content
+    a, b = (httpx.get(f"{server.url}/v1/sessions/{x}", headers=h).json() for x in (sid, new))
+    keys = ("tokens", "bytes_committed", "name", "metadata")
+    assert [a[k] for k in keys] == [b[k] for k in keys] == [20_000, 20_000, "travel-book", labels["metadata"]]
+    assert _greedy(server.url, sid) == _greedy(server.url, new) != ""
 
 
 def _texts(body: str):

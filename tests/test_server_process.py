@@ -95,8 +95,8 @@ def test_openai_client_streams_from_a_session(server):
                                    extra_body={"session_id": sid})
     assert whole.choices[0].text == native and whole.usage.completion_tokens == 24
     # errors reach the client as its own exception types
-    with pytest.raises(openai.BadRequestError):
-        oai.completions.create(model=model, prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError):  # a field the server does not honour
+        oai.completions.create(model=model, prompt="x", suffix="y")
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model=model, prompt="x", extra_body={"session_id": "0" * 32})
     with pytest.raises(openai.AuthenticationError):

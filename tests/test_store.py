@@ -162,7 +162,8 @@ def test_foreign_fingerprint_is_refused(redis_store, raw, key_prefix):
     assert e.value.code == "foreign_model"
     assert redis_store.get(bad, expected_fingerprint="fp")[0] == data
     assert redis_store.get(bad)[0] == data  # no expectation, no check
-    # a manifest whose fingerprint was changed behind the store's back is refused too
+    # a fingerprint changed behind the store's back (in the manifest, the field, or both) breaks
+    # the seal or the agreement of the two: refused as corrupt, never served as another model's
     hk = f"{key_prefix}:{{{bad}}}:s"
     m = json.loads(raw.hget(hk, "manifest"))
     m["fingerprint"] = "another-model"
@@ -170,7 +171,7 @@ def test_foreign_fingerprint_is_refused(redis_store, raw, key_prefix):
     with pytest.raises(StateCorruptError):
         redis_store.get(bad, expected_fingerprint="fp")
     raw.hset(hk, "fingerprint", "another-model")
-    with pytest.raises(ForeignModelError):
+    with pytest.raises(StateCorruptError):
         redis_store.get(bad, expected_fingerprint="fp")
     assert redis_store.get(good, expected_fingerprint="fp")[0] == data
 

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..api import GeneratedToken
-from ..sampling import SamplingParams, StopMatcher
+from ..sampling import Sampler, SamplingParams, StopMatcher, TokenLogprob
 from ..state import SessionState
 from ..store import SessionMeta
 from ..tokenizer import Tokenizer
@@ -30,18 +30,27 @@ class IngestProgress:
 
 
 @dataclass
+class PromptLogprobs:
+    """The log-probabilities of the prompt's tokens (SamplingParams.prompt_logprobs), sent once the
+    prompt is read, before any generated token. The first is None when nothing came before it."""
+
+    entries: list[TokenLogprob | None]
+
+
+@dataclass
 class GenerationDone:
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # of the first choice: "stop", "length" or "cancelled"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of all choices together
     session: SessionMeta | None = None  # the session after a committed exchange
-    state: SessionState | None = field(default=None, repr=False)
+    state: SessionState | None = field(default=None, repr=False)  # the first choice's
+    finish_reasons: list[str] = field(default_factory=list)  # one per choice (SamplingParams.n)
 
 
 class Job:
     """Tokens to feed into one session's state. Must be created inside the owner's event loop."""
 
-    def __init__(self, state: SessionState) -> None:
+    def __init__(self, state: SessionState, *, changed: asyncio.Event | None = None) -> None:
         self.state = state
         self.tokens = state.tokens[0]  # cached: reading it from the tensor would sync the device
         self.input: deque[int] = deque()  # tokens waiting to be fed
@@ -53,8 +62,14 @@ class Job:
         self.cancelled = False
         self.finished = False
         self.error: BaseException | None = None
+        # Log-probabilities of the input tokens from index `score_from` on (None: none), with
+        # `score_top` alternatives each; the worker appends them to `scored` as it feeds.
+        self.score_from: int | None = None
+        self.score_top = 0
+        self.scored: list[TokenLogprob | None] = []
+        self.fed = 0  # input tokens fed so far
         self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
+        self._changed = changed or asyncio.Event()  # shared by the jobs of one request (n choices)
 
     @property
     def decodes(self) -> bool:
@@ -75,15 +90,21 @@ class Job:
 
 
 class GenerationJob(Job):
-    """Feeds a prompt, then samples one token per step until a stop, `max_tokens` or a cancel."""
+    """Feeds a prompt (if any), then samples one token per step until a stop, `max_tokens` or a
+    cancel. Choice `index` of a request: its generator is seeded with seed + index; `sampler_prompt`
+    are the ids its repetition penalty counts as the prompt's."""
 
     def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = ()) -> None:
-        super().__init__(state)
+                 tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = (), *, vocab_size: int,
+                 index: int = 0, sampler_prompt: list[int] | None = None,
+                 changed: asyncio.Event | None = None) -> None:
+        super().__init__(state, changed=changed)
         self.input.extend(prompt)
         self.closed = True
         self.params = params
-        self.generator = params.generator(state.device)
+        self.index = index
+        self.sampler = Sampler(params, vocab_size, state.device,
+                               prompt if sampler_prompt is None else sampler_prompt, index)
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopMatcher(params.stop)
         self.eos = frozenset(eos_token_ids)  # sampling one ends the generation ("stop"), showing no text
@@ -104,25 +125,27 @@ class GenerationJob(Job):
 
 
 class Control:
-    """The caller's handle on a running request: cancels its job from the event loop, also before
-    the job exists (a caller that left while the request waited for its session)."""
+    """The caller's handle on a running request: cancels its jobs (a generation of n choices has
+    several) from the event loop, also before they exist (a caller that left while the request
+    waited for its session)."""
 
     def __init__(self, cv: threading.Condition) -> None:
         self._cv = cv
-        self.job: Job | None = None
+        self.jobs: list[Job] = []
         self.cancelled = False
 
     def attach(self, job: Job) -> None:
         with self._cv:
-            self.job = job
+            self.jobs.append(job)
             job.cancelled = self.cancelled
 
     def cancel(self) -> None:
         with self._cv:
             self.cancelled = True
-            if self.job is not None and not self.job.finished:
-                self.job.cancelled = True
+            for job in self.jobs:
+                if not job.finished:
+                    job.cancelled = True
             self._cv.notify_all()
 
 
-__all__ = ["Control", "GenerationDone", "GenerationJob", "IngestProgress", "Job"]
+__all__ = ["Control", "GenerationDone", "GenerationJob", "IngestProgress", "Job", "PromptLogprobs"]

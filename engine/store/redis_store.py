@@ -9,7 +9,10 @@ session lives in one Redis Cluster slot and its Lua scripts are legal there):
 ``P:{sid}:p:<wid>:<i>``    string  part ``i`` of the state bytes written by write ``wid``
 ``P:{sid}:lease``          string  ``"<fence> <nonce> <owner>"``, SET NX PX: the write lease
 ``P:{sid}:fence``          string  fencing counter, INCR on every lease grant
-``P:tenant:{tenant}``      set     ids of a tenant's sessions (an index; stale ids are pruned)
+``P:{sid}:new``            string  set while a create is between its index entry and its hash
+``P:tenant:{tenant}``      set     ids of a tenant's sessions (an index, and the session cap;
+                                   ids of sessions that expired are pruned)
+``P:alive:{owner}``        string  heartbeat of a runtime that holds leases (expires when it dies)
 =========================  ======  ==========================================================
 
 A put takes two round trips. First, one pipeline reads the committed generation and manifest and
@@ -20,14 +23,29 @@ generation is still the one read before (no concurrent commit: lost-update guard
 part exists, makes the parts permanent (or gives them the session TTL), bumps ``gen``, swaps
 ``wid`` + ``manifest`` + metadata in the hash, and unlinks the previous generation's parts.
 Readers see the old or the new generation, never a mix; a crashed writer leaves only pending parts,
-which expire. The manifest holds the format version, the write id, the model fingerprint, the total
-size, the checksum algorithm and per-part ``[length, checksum]``; every load checks all of them.
+which expire.
+
+The manifest (format 2) is what is served: the session id and tenant, the committed generation and
+its write id, the model fingerprint, the token and byte counters, the total size, the checksum
+algorithm and per-part ``[length, checksum]``, sealed (``integrity.ManifestSeal``: a digest, or a
+keyed MAC with ``ATLAS_STATE_KEY``). Every read of a session checks the seal and that the loose hash
+fields agree with it; a session whose metadata fails is refused (``state_corrupt``) alone: it is
+listed as broken, never blocks its tenant, and can always be deleted. Manifests of format 1 (no
+seal, counters in the hash) are still read when no key is set, and rewritten at the next commit.
+
+``P:tenant:{tenant}`` also enforces the per-tenant session cap: an id is admitted to it by one
+script that counts and adds atomically (``create(max_sessions=)``), so concurrent creates and forks
+never exceed it, and nothing is listed to count. ``P:alive:{owner}`` is the heartbeat of a runtime
+(owners named ``runtime-*``): a lease whose holder's heartbeat expired is taken over at once instead
+of after the lease's TTL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -46,7 +64,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from .base import Buffer, Lease, SessionMeta, StateStore, StatsRecorder, StoreStats
+from .base import KEEP, Buffer, Keep, Lease, SessionMeta, StateStore, StatsRecorder, StoreStats
 from .errors import (
     ForeignModelError,
     LeaseConflictError,
@@ -56,11 +74,17 @@ from .errors import (
     StateNotFoundError,
     StoreError,
     StoreUnavailableError,
+    TooManySessionsError,
 )
+from .integrity import ManifestSeal
 from .redis_scripts import SCRIPTS
 from .settings import StoreSettings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format 1 manifests (no seal, no counters) are still read when no key is set.
+LEGACY_FORMAT = 1
+#: Lease owners with this prefix keep a heartbeat key alive (``RedisStore.heartbeat``).
+HEARTBEAT_OWNERS = "runtime-"
 #: Part checksums a manifest may name. xxh3 (XXH3-128, the default) runs at ~25 GB/s per core, so
 #: checking costs far less than moving the bytes; crc32 at ~3 GB/s; sha256 at ~1.5 GB/s with SHA-NI,
 #: for deployments that want a cryptographic hash. Parts are hashed in worker threads while other
@@ -69,7 +93,10 @@ CHECKSUMS: dict[str, Callable[[memoryview | bytes], str]] = {
     "xxh3": xxhash.xxh3_128_hexdigest,
     "sha256": lambda b: hashlib.sha256(b).hexdigest(),
     "crc32": lambda b: f"{zlib.crc32(b):08x}",
+    "blake2b": lambda b: hashlib.blake2b(b, digest_size=32).hexdigest(),
 }
+#: Checksums an adversary cannot match with other bytes: the only ones a keyed store writes or reads.
+CRYPTOGRAPHIC = ("sha256", "blake2b")
 #: Parts are sent in pipelined batches of about this many bytes (their checksums are computed by
 #: worker threads meanwhile) ...
 WRITE_BATCH_BYTES = 16 << 20
@@ -84,11 +111,77 @@ SOCKET_READ_BYTES = 1 << 20
 
 _ID_RE = re.compile(r"[!-z|~]{1,200}")  # printable ASCII without spaces or braces (hash tags)
 _META_FIELDS = ("tenant", "created", "updated", "tokens", "bytes_committed", "state_bytes",
-                "fingerprint", "gen", "ttl_s", "extra")
+                "fingerprint", "gen", "ttl_s", "extra", "wid", "manifest")
+#: A create's index entry counts as on its way (not stale) for this long before its session exists.
+PENDING_CREATE_MS = 60_000
+#: A manifest over this size is refused unread (a 512 MB state in 4 MiB parts is ~12 KB).
+MAX_MANIFEST_BYTES = 1 << 20
+
+class _Broken(Exception):
+    """Why a session's metadata is refused (turned into StateCorruptError by the store)."""
+
+
+def _well_formed(m: dict[str, Any]) -> bool:
+    """A format 2 manifest has every field, of the right type, and parts that add up."""
+    try:
+        parts = m["parts"]
+        return (all(isinstance(m[k], str) for k in ("sid", "tenant", "wid", "fingerprint", "hash"))
+                and all(type(m[k]) is int and m[k] >= 0 for k in ("gen", "size", "tokens", "bytes_committed"))
+                and m["hash"] in CHECKSUMS and isinstance(parts, list)
+                and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and p[0] >= 0
+                        and isinstance(p[1], str) for p in parts)
+                and sum(p[0] for p in parts) == m["size"]
+                and (m["gen"] == 0) == (m["wid"] == "") and (m["gen"] > 0 or not parts)
+                and (m["wid"] == "" or _ID_RE.fullmatch(m["wid"]) is not None))
+    except (KeyError, TypeError):
+        return False
+
+
+def _legacy_manifest(sid: str, m: dict[str, Any], f: dict[str, str]) -> dict[str, Any]:
+    """A format 1 manifest (no seal; counters in the hash) in format 2's shape."""
+    try:
+        out = {**m, "v": LEGACY_FORMAT, "sid": sid, "tenant": f["tenant"], "gen": int(f["gen"]),
+               "tokens": int(f.get("tokens") or 0), "bytes_committed": int(f.get("bytes_committed") or 0),
+               "size": int(m["size"]), "parts": [[int(p[0]), p[1]] for p in m["parts"]]}
+        ok = (_well_formed(out) and out["gen"] > 0 and m["wid"] == f.get("wid")
+              and m["fingerprint"] == f.get("fingerprint"))
+    except (KeyError, TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise _Broken("unreadable manifest")
+    return out
+
 
 def part_digest(part: memoryview | bytes, algorithm: str = "sha256") -> str:
     """Checksum of one part, as the manifest records it."""
     return CHECKSUMS[algorithm](part)
+
+
+def _int0(v: str) -> int:
+    """A counter field read leniently (what a replacing commit needs from a broken session)."""
+    try:
+        return max(0, int(v))
+    except ValueError:
+        return 0
+
+
+def _float0(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        return 0.0
+    return x if math.isfinite(x) else 0.0
+
+
+def _claims(f: dict[str, str], tenant: str) -> bool:
+    """Whether a session's hash says it is ``tenant``'s: its tenant field or, when that field is
+    damaged, its manifest (the index alone is not proof: a failed create leaves entries)."""
+    if f.get("tenant") == tenant:
+        return True
+    try:
+        return json.loads(f.get("manifest") or "null")["tenant"] == tenant
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def _text(v: bytes | str | None) -> str:
@@ -179,6 +272,10 @@ class RedisStore(StateStore):
         self._prefix = self.settings.key_prefix
         self._part_bytes = self.settings.part_bytes
         self._stats = StatsRecorder()
+        self._seal = ManifestSeal(
+            self.settings.state_key.get_secret_value() if self.settings.state_key else None,
+            [k.strip() for k in (self.settings.state_keys_old.get_secret_value()
+                                 if self.settings.state_keys_old else "").split(",")])
         self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -210,6 +307,9 @@ class RedisStore(StateStore):
     def _fence_key(self, sid: str) -> str:
         return self._base(sid) + ":fence"
 
+    def _pending_key(self, sid: str) -> str:
+        return self._base(sid) + ":new"
+
     def _index_key(self, tenant: str) -> str:
         return f"{self._prefix}:tenant:{{{tenant}}}"
 
@@ -237,57 +337,104 @@ class RedisStore(StateStore):
                                                 thread_name_prefix="atlas-store")
             return self._pool
 
-    def _meta_from_fields(self, sid: str, fields: dict[str, str]) -> SessionMeta:
+    # -- manifests and metadata -------------------------------------------------------------------
+    def _checksum(self) -> str:
+        algo = self.settings.state_checksum
+        return algo if not self._seal.keyed or algo in CRYPTOGRAPHIC else "blake2b"
+
+    def _manifest(self, sid: str, f: dict[str, str], strict: bool = True) -> dict[str, Any] | None:
+        """The session's manifest (format 2 shape), checked: shape, seal, and agreement with the
+        loose hash fields. None for a format 1 session with nothing committed. A failed check raises
+        StateCorruptError, or with ``strict`` False gives None (what a replacing commit reads)."""
         try:
-            ttl = fields.get("ttl_s", "")
-            return SessionMeta(
-                id=sid, tenant=fields["tenant"], created=float(fields["created"]),
-                updated=float(fields["updated"]), tokens=int(fields.get("tokens") or 0),
-                bytes_committed=int(fields.get("bytes_committed") or 0),
-                state_bytes=int(fields.get("state_bytes") or 0),
-                fingerprint=fields.get("fingerprint", ""), generation=int(fields.get("gen") or 0),
-                ttl_s=int(ttl) if ttl else None, extra=json.loads(fields.get("extra") or "{}"))
+            return self._checked_manifest(sid, f)
+        except _Broken as e:
+            if not strict:
+                return None
+            self._stats.count("corrupt")
+            raise StateCorruptError(f"session {sid}: {e}; the session is refused", sid=sid) from None
+
+    def _checked_manifest(self, sid: str, f: dict[str, str]) -> dict[str, Any] | None:
+        raw = f.get("manifest", "")
+        if not raw:
+            if f.get("gen", "") in ("", "0") and f.get("wid", "") == "" and not self._seal.keyed:
+                return None
+            raise _Broken("the manifest is missing")
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise _Broken("the manifest is oversized")
+        try:
+            m = json.loads(raw)
+        except ValueError:
+            m = None
+        if not isinstance(m, dict):
+            raise _Broken("unreadable manifest")
+        if m.get("v") == LEGACY_FORMAT and not self._seal.keyed:
+            return _legacy_manifest(sid, m, f)
+        if m.get("v") != FORMAT_VERSION:
+            raise _Broken(f"unreadable manifest (format {m.get('v')!r})")
+        if why := self._seal.check(m):
+            raise _Broken(why)
+        if not _well_formed(m):
+            raise _Broken("unreadable manifest")
+        if self._seal.keyed and m["gen"] > 0 and m["hash"] not in CRYPTOGRAPHIC:
+            raise _Broken(f"parts checked with {m['hash']}, not a cryptographic hash "
+                          "(ATLAS_STATE_KEY is set)")
+        if m["sid"] != sid:
+            raise _Broken(f"the manifest is session {m['sid']}'s")
+        loose = {"tenant": m["tenant"], "gen": str(m["gen"]), "wid": m["wid"],
+                 "fingerprint": m["fingerprint"], "tokens": str(m["tokens"]),
+                 "bytes_committed": str(m["bytes_committed"]), "state_bytes": str(m["size"])}
+        for name, want in loose.items():
+            if f.get(name, "") != want:
+                raise _Broken(f"the {name} field disagrees with the sealed manifest")
+        return m
+
+    def _meta(self, sid: str, f: dict[str, str]) -> tuple[SessionMeta, dict[str, Any] | None]:
+        """Metadata of a session from its hash fields, the counters from its checked manifest."""
+        m = self._manifest(sid, f)
+        try:
+            ttl, extra = f.get("ttl_s", ""), json.loads(f.get("extra") or "{}")
+            created, updated = float(f["created"]), float(f["updated"])
+            if not isinstance(extra, dict) or not (math.isfinite(created) and math.isfinite(updated)):
+                raise ValueError("not an object or not a finite time")
+            if m is None:  # format 1, nothing committed
+                m = {"tenant": f["tenant"], "tokens": 0, "bytes_committed": 0, "size": 0,
+                     "fingerprint": f.get("fingerprint", ""), "gen": 0}
+                counters = None
+            else:
+                counters = m
+            meta = SessionMeta(id=sid, tenant=m["tenant"], created=created, updated=updated,
+                               tokens=m["tokens"], bytes_committed=m["bytes_committed"],
+                               state_bytes=m["size"], fingerprint=m["fingerprint"], generation=m["gen"],
+                               ttl_s=int(ttl) if ttl else None, extra=extra)
         except (KeyError, ValueError, TypeError) as e:
             self._stats.count("corrupt")
-            raise StateCorruptError(f"session {sid}: unreadable metadata ({e})", sid=sid) from e
+            raise StateCorruptError(f"session {sid}: unreadable metadata ({type(e).__name__}); the "
+                                    "session is refused", sid=sid) from None
+        return meta, counters
 
     @staticmethod
     def _flat_to_dict(flat: Sequence[Any]) -> dict[str, str]:
         return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
-    def _read_fields(self, sid: str, with_manifest: bool) -> dict[str, str]:
-        names = _META_FIELDS + (("manifest",) if with_manifest else ())
+    def _read_fields(self, sid: str) -> dict[str, str]:
         with _redis_errors(sid):
-            values = self._client.hmget(self._hash_key(sid), list(names))
-        if values[0] is None:  # tenant is always set on a live session
+            values = self._client.hmget(self._hash_key(sid), list(_META_FIELDS))
+        if all(v is None for v in values):
             raise StateNotFoundError(f"session {sid} not found", sid=sid)
-        return {n: _text(v) for n, v in zip(names, values, strict=True)}
+        return {n: _text(v) for n, v in zip(_META_FIELDS, values, strict=True)}
 
-    def _parse_manifest(self, sid: str, raw: str, gen: int) -> dict[str, Any] | None:
-        """The manifest of committed generation ``gen`` (None for 0), checked for shape."""
-        if gen == 0:
-            return None
+    def _current_parts(self, sid: str, fields: dict[str, str]) -> tuple[str, list[str]]:
+        """The committed generation as stored (the scripts' guard compares it) and its part keys,
+        read leniently: a replacing commit or a delete must find them even in a broken manifest.
+        Keys are built under the session's own hash tag, so a forged manifest names no other key."""
         try:
-            m = json.loads(raw)
-            ok = (isinstance(m, dict) and m.get("v") == FORMAT_VERSION and m.get("hash") in CHECKSUMS
-                  and isinstance(m.get("wid"), str) and _ID_RE.fullmatch(m["wid"]) is not None
-                  and isinstance(m.get("fingerprint"), str) and isinstance(m.get("parts"), list)
-                  and all(isinstance(p[1], str) and int(p[0]) >= 0 for p in m["parts"])
-                  and sum(int(p[0]) for p in m["parts"]) == int(m["size"]))
-        except (ValueError, TypeError, KeyError, IndexError):
-            ok = False
-        if not ok:
-            self._stats.count("corrupt")
-            raise StateCorruptError(f"session {sid}: unreadable manifest of generation {gen}", sid=sid)
-        return m
-
-    def _current_parts(self, sid: str, fields: dict[str, str]) -> tuple[int, list[str]]:
-        """Committed generation and its part keys (none if the manifest is unreadable)."""
-        gen = int(fields.get("gen") or 0)
-        try:
-            return gen, self._manifest_keys(sid, self._parse_manifest(sid, fields.get("manifest", ""), gen))
-        except StateCorruptError:
-            return gen, []  # a broken state is replaced or deleted; its parts are left to leak
+            m = json.loads(fields.get("manifest") or "null")
+            wid, n = m["wid"], len(m["parts"])
+            keys = self._part_keys(sid, wid, n) if wid and _ID_RE.fullmatch(wid) else []
+        except (ValueError, TypeError, KeyError):
+            keys = []
+        return fields.get("gen") or "0", keys
 
     def _raise_status(self, sid: str, res: Sequence[Any]) -> None:
         status = _text(res[0])
@@ -337,30 +484,80 @@ class RedisStore(StateStore):
     # -- public API -----------------------------------------------------------------------------
     def create(self, tenant: str, *, sid: str | None = None, fingerprint: str = "",
                ttl_s: int | None = None, extra: dict[str, Any] | None = None,
-               data: Buffer | None = None) -> SessionMeta:
+               data: Buffer | None = None, tokens: int | None = None, bytes_committed: int | None = None,
+               max_sessions: int | None = None) -> SessionMeta:
         sid = uuid.uuid4().hex if sid is None else sid
         self._check_id("session id", sid)
         self._check_id("tenant", tenant)
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         now = repr(time.time())
+        manifest = self._seal.seal({"v": FORMAT_VERSION, "sid": sid, "tenant": tenant, "gen": 0, "wid": "",
+                                    "fingerprint": fingerprint, "size": 0, "hash": self._checksum(),
+                                    "parts": [], "tokens": 0, "bytes_committed": 0})
         fields = {"tenant": tenant, "created": now, "updated": now, "tokens": "0",
                   "bytes_committed": "0", "state_bytes": "0", "fingerprint": fingerprint, "gen": "0",
                   "wid": "", "ttl_s": "" if ttl_s is None else str(ttl_s),
-                  "extra": json.dumps(extra or {}), "manifest": ""}
+                  "extra": json.dumps(extra or {}), "manifest": json.dumps(manifest)}
         args: list[Any] = [uuid.uuid4().hex, "" if ttl_s is None else ttl_s * 1000]
         for k, v in fields.items():
             args += [k, v]
+        # Admitted to the tenant's index first: the cap is counted there, and a crash in between
+        # leaves an index entry that pruning drops, never a session that list() cannot see. The
+        # pending key tells pruning, meanwhile, that the entry's session is on its way.
         with _redis_errors(sid):
-            # Index first: a crash in between leaves an index entry list() prunes, never a session
-            # that list() cannot see.
-            self._client.sadd(self._index_key(tenant), sid)
-            res = self._run("create", [self._hash_key(sid), self._fence_key(sid)], args)
+            self._client.set(self._pending_key(sid), "1", px=PENDING_CREATE_MS)
+        added = self._admit(tenant, sid, max_sessions)
+        try:
+            with _redis_errors(sid):
+                res = self._run("create", [self._hash_key(sid), self._fence_key(sid),
+                                           self._pending_key(sid)], args)
             if _text(res[0]) != "ok":
                 self._raise_status(sid, res)
+        except BaseException:
+            if added:
+                with contextlib.suppress(redis.RedisError):
+                    self._client.srem(self._index_key(tenant), sid)
+            raise
         if data is not None:
-            return self.put(sid, data, fingerprint=fingerprint)
-        return self._meta_from_fields(sid, fields)
+            return self.put(sid, data, fingerprint=fingerprint, tokens=tokens,
+                            bytes_committed=bytes_committed)
+        return self._meta(sid, fields)[0]
+
+    def _admit(self, tenant: str, sid: str, cap: int | None) -> bool:
+        """Add ``sid`` to the tenant's index unless that would pass ``cap`` (one atomic script);
+        True if it was added now. At the cap, ids of sessions that expired are pruned first."""
+        key = self._index_key(tenant)
+        for attempt in range(2):
+            with _redis_errors(sid):
+                res = self._run("admit", [key], [sid, "" if cap is None else cap])
+            status = _text(res[0])
+            if status != "full":
+                return status == "added"
+            if attempt == 0 and not self._prune(tenant):
+                break
+        raise TooManySessionsError(f"this tenant holds {int(res[1])} sessions, the limit is {cap}; "
+                                   "delete some first", sid=sid)
+
+    def _prune(self, tenant: str) -> int:
+        """Drop index entries of sessions that no longer exist (expired); how many were dropped."""
+        key = self._index_key(tenant)
+        with _redis_errors():
+            sids = [_text(s) for s in self._client.smembers(key)]
+            pipe = self._client.pipeline(transaction=False)
+            for sid in sids:
+                pipe.exists(self._hash_key(sid), self._pending_key(sid))
+            gone = [sid for sid, n in zip(sids, pipe.execute() if sids else [], strict=True) if not n]
+            if gone:
+                self._client.srem(key, *gone)
+        return len(gone)
+
+    def owns(self, tenant: str, sid: str) -> bool:
+        """Whether ``sid`` is in the tenant's index: who may delete a session whose metadata is broken."""
+        self._check_id("tenant", tenant)
+        self._check_id("session id", sid)
+        with _redis_errors(sid):
+            return bool(self._client.sismember(self._index_key(tenant), sid))
 
     def put(self, sid: str, data: Buffer, *, fingerprint: str, tokens: int | None = None,
             bytes_committed: int | None = None, extra: dict[str, Any] | None = None,
@@ -377,7 +574,7 @@ class RedisStore(StateStore):
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
         fence_arg = "" if fence is None else str(fence)
         pending_ms = self.settings.pending_ttl_s * 1000
-        algo = self.settings.state_checksum
+        algo = self._checksum()
         digests: list[Future[str]] = []
         with _redis_errors(sid):
             try:
@@ -388,21 +585,30 @@ class RedisStore(StateStore):
                 for b, idx in enumerate(self._batches(sizes, WRITE_BATCH_BYTES) if views else [range(0)]):
                     pipe = self._client.pipeline(transaction=False)
                     if b == 0:
-                        pipe.hmget(hk, ["gen", "manifest", "ttl_s"])
+                        pipe.hmget(hk, list(_META_FIELDS))
                     for i in idx:
                         pipe.set(new_keys[i], views[i], px=pending_ms)
                     res = pipe.execute()
                     if b == 0:
                         cur = res[0]
-                old_gen, old_keys = self._current_parts(
-                    sid, {"gen": _text(cur[0]), "manifest": _text(cur[1])})
-                ttl_ms: int | str = int(_text(cur[2])) * 1000 if _text(cur[2]) else ""
+                f = {name: _text(v) for name, v in zip(_META_FIELDS, cur, strict=True)}
+                old_gen, old_keys = self._current_parts(sid, f)
+                # A broken manifest is replaced: its counters then come from the loose fields.
+                old = self._manifest(sid, f, strict=False) or {
+                    "tenant": f["tenant"], "gen": _int0(old_gen), "tokens": _int0(f["tokens"]),
+                    "bytes_committed": _int0(f["bytes_committed"])}
+                ttl_ms: int | str = int(f["ttl_s"]) * 1000 if f["ttl_s"].isdigit() else ""
                 # Round trip 2: the atomic switch.
-                manifest = {"v": FORMAT_VERSION, "wid": wid, "fingerprint": fingerprint, "size": n,
-                            "hash": algo,
-                            "parts": [[s, d.result()] for s, d in zip(sizes, digests, strict=True)]}
-                fields = {"manifest": json.dumps(manifest), "state_bytes": str(n), "fingerprint": fingerprint,
-                          **_changed_fields(tokens, bytes_committed, extra)}
+                manifest = self._seal.seal({
+                    "v": FORMAT_VERSION, "sid": sid, "tenant": old["tenant"], "gen": old["gen"] + 1,
+                    "wid": wid, "fingerprint": fingerprint, "size": n, "hash": algo,
+                    "parts": [[s, d.result()] for s, d in zip(sizes, digests, strict=True)],
+                    "tokens": old["tokens"] if tokens is None else int(tokens),
+                    "bytes_committed": (old["bytes_committed"] if bytes_committed is None
+                                        else int(bytes_committed))})
+                fields = {"manifest": json.dumps(manifest), "gen": str(manifest["gen"]),
+                          "state_bytes": str(n), "fingerprint": fingerprint, "tenant": manifest["tenant"],
+                          **_changed_fields(manifest["tokens"], manifest["bytes_committed"], extra)}
                 args: list[Any] = [fence_arg, old_gen, wid, len(old_keys), len(new_keys), ttl_ms]
                 for k, v in fields.items():
                     args += [k, v]
@@ -414,7 +620,7 @@ class RedisStore(StateStore):
                     d.cancel()
                 self._discard(new_keys)
                 raise
-        meta = self._meta_from_fields(sid, self._flat_to_dict(res[1]))
+        meta = self._meta(sid, self._flat_to_dict(res[1]))[0]
         self._stats.save(time.perf_counter() - t0, n)
         return meta
 
@@ -431,46 +637,70 @@ class RedisStore(StateStore):
             pass
 
     def update(self, sid: str, *, tokens: int | None = None, bytes_committed: int | None = None,
-               extra: dict[str, Any] | None = None, fence: int | None = None) -> SessionMeta:
+               extra: dict[str, Any] | None = None, fence: int | None = None,
+               ttl_s: int | None | Keep = KEEP, labels_only: bool = False) -> SessionMeta:
         self._check_id("session id", sid)
-        fields = _changed_fields(tokens, bytes_committed, extra)
+        if isinstance(ttl_s, int) and ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        if labels_only and (tokens is not None or bytes_committed is not None or fence is not None):
+            raise ValueError("labels_only changes extra and the TTL, nothing a writer owns")
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
         for _ in range(RETRIES):
-            cur = self._read_fields(sid, with_manifest=True)
+            cur = self._read_fields(sid)
+            meta, m = self._meta(sid, cur)  # a broken session is not updated, only replaced or deleted
             gen, parts = self._current_parts(sid, cur)
-            ttl_ms: int | str = int(cur["ttl_s"]) * 1000 if cur["ttl_s"] else ""
-            args: list[Any] = ["" if fence is None else str(fence), gen, ttl_ms]
+            m = m or {"v": FORMAT_VERSION, "sid": sid, "tenant": meta.tenant, "gen": 0, "wid": "",
+                      "fingerprint": meta.fingerprint, "size": 0, "hash": self._checksum(), "parts": [],
+                      "tokens": 0, "bytes_committed": 0}
+            sealed = self._seal.seal({**m, "v": FORMAT_VERSION,
+                                      "tokens": m["tokens"] if tokens is None else int(tokens),
+                                      "bytes_committed": (m["bytes_committed"] if bytes_committed is None
+                                                          else int(bytes_committed))})
+            fields = {"manifest": json.dumps(sealed),
+                      **_changed_fields(sealed["tokens"], sealed["bytes_committed"], extra)}
+            ttl_ms: int | str = meta.ttl_s * 1000 if meta.ttl_s else ""
+            if not isinstance(ttl_s, Keep):
+                fields["ttl_s"] = "" if ttl_s is None else str(ttl_s)
+                ttl_ms = "-1" if ttl_s is None else ttl_s * 1000
+            # labels_only: no writer check (a lease's holder never writes extra or the TTL; the
+            # generation guard still orders this update with its commits).
+            args: list[Any] = ["*" if labels_only else "" if fence is None else str(fence), gen, ttl_ms]
             for k, v in fields.items():
                 args += [k, v]
             with _redis_errors(sid):
                 res = self._run("update", [hk, fk, lk, *parts], args)
             if _text(res[0]) == "ok":
-                return self._meta_from_fields(sid, self._flat_to_dict(res[1]))
+                return self._meta(sid, self._flat_to_dict(res[1]))[0]
             if _text(res[0]) != "retry":
                 self._raise_status(sid, res)
         raise LeaseConflictError(f"session {sid}: kept changing during update", sid=sid)
+
+    def touch(self, sid: str) -> None:
+        self._check_id("session id", sid)
+        cur = self._read_fields(sid)
+        ttl = cur["ttl_s"]
+        if not ttl.isdigit():
+            return
+        _, parts = self._current_parts(sid, cur)
+        with _redis_errors(sid):
+            pipe = self._client.pipeline(transaction=False)
+            for key in (self._hash_key(sid), self._fence_key(sid), *parts):
+                pipe.pexpire(key, int(ttl) * 1000)
+            pipe.execute()
 
     def get(self, sid: str, *, expected_fingerprint: str | None = None) -> tuple[bytes, SessionMeta]:
         self._check_id("session id", sid)
         t0 = time.perf_counter()
         for _ in range(RETRIES):
-            fields = self._read_fields(sid, with_manifest=True)
-            meta = self._meta_from_fields(sid, fields)
-            gen = meta.generation
-            if gen == 0:
+            meta, manifest = self._meta(sid, self._read_fields(sid))
+            if manifest is None or meta.generation == 0:
                 raise NoStateError(f"session {sid} has no state yet", sid=sid)
-            manifest = self._parse_manifest(sid, fields["manifest"], gen)
-            assert manifest is not None
-            if manifest["fingerprint"] != meta.fingerprint:
-                self._stats.count("corrupt")
-                raise StateCorruptError(f"session {sid}: manifest and metadata disagree on the model",
-                                        sid=sid)
             if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
                 self._stats.count("foreign")
                 raise ForeignModelError(
                     f"session {sid} holds a state of model {manifest['fingerprint'][:16]}..., "
                     f"expected {expected_fingerprint[:16]}...", sid=sid)
-            data = self._load_parts(sid, gen, manifest)
+            data = self._load_parts(sid, meta.generation, manifest)
             if data is None:
                 continue  # a commit replaced this generation while we read it: read the new one
             self._stats.load(time.perf_counter() - t0, len(data))
@@ -513,7 +743,7 @@ class RedisStore(StateStore):
 
     def meta(self, sid: str) -> SessionMeta:
         self._check_id("session id", sid)
-        return self._meta_from_fields(sid, self._read_fields(sid, with_manifest=False))
+        return self._meta(sid, self._read_fields(sid))[0]
 
     def generation(self, sid: str) -> int:
         self._check_id("session id", sid)
@@ -521,25 +751,31 @@ class RedisStore(StateStore):
             g = self._client.hget(self._hash_key(sid), "gen")
         if g is None:
             raise StateNotFoundError(f"session {sid} not found", sid=sid)
-        return int(g)
+        return _int0(_text(g))
 
-    def delete(self, sid: str, *, fence: int | None = None) -> None:
+    def delete(self, sid: str, *, fence: int | None = None, tenant: str | None = None) -> None:
+        """Also a session whose metadata is broken; ``tenant``: the index to drop it from (else the
+        one its tenant field names)."""
         self._check_id("session id", sid)
         hk, fk, lk = self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)
         for _ in range(RETRIES):
-            cur = self._read_fields(sid, with_manifest=True)
+            cur = self._read_fields(sid)
             gen, parts = self._current_parts(sid, cur)
             args = ["" if fence is None else str(fence), gen, self.settings.fence_retention_s * 1000]
             with _redis_errors(sid):
                 res = self._run("delete", [hk, fk, lk, *parts], args)
                 if _text(res[0]) == "ok":
-                    self._client.srem(self._index_key(cur["tenant"]), sid)
+                    for owner in {tenant, cur["tenant"]} - {None, ""}:
+                        if _ID_RE.fullmatch(owner or ""):
+                            self._client.srem(self._index_key(owner or ""), sid)
                     return
             if _text(res[0]) != "retry":
                 self._raise_status(sid, res)
         raise LeaseConflictError(f"session {sid}: kept changing during delete", sid=sid)
 
     def list(self, tenant: str) -> list[SessionMeta]:
+        """A session whose metadata fails its checks is listed with ``broken`` set (and counted),
+        so that it can be seen and deleted; it never hides the others."""
         self._check_id("tenant", tenant)
         with _redis_errors():
             sids = sorted(_text(s) for s in self._client.smembers(self._index_key(tenant)))
@@ -548,20 +784,37 @@ class RedisStore(StateStore):
                 pipe = self._client.pipeline(transaction=False)
                 for sid in sids:
                     pipe.hmget(self._hash_key(sid), list(_META_FIELDS))
+                    pipe.exists(self._pending_key(sid))
                 rows = pipe.execute()
             out, stale = [], []
-            for sid, values in zip(sids, rows, strict=True):
-                if values[0] is None or _text(values[0]) != tenant:
-                    stale.append(sid)  # expired by its TTL, or an index write of a failed create
+            for sid, values, pending in zip(sids, rows[::2], rows[1::2], strict=True):
+                f = dict(zip(_META_FIELDS, map(_text, values), strict=True))
+                if all(v is None for v in values):
+                    if not pending:  # expired by its TTL, or an index write of a failed create
+                        stale.append(sid)
                     continue
-                out.append(self._meta_from_fields(sid, dict(zip(_META_FIELDS, map(_text, values),
-                                                                strict=True))))
+                try:
+                    if not _claims(f, tenant):  # in this tenant's index, its owner unreadable
+                        raise StateCorruptError(f"session {sid}: its tenant field and manifest are "
+                                                "unreadable", sid=sid)
+                    out.append(self._meta(sid, f)[0])
+                except StateCorruptError as e:
+                    self._stats.count("broken")
+                    out.append(SessionMeta(id=sid, tenant=tenant, created=_float0(f["created"]),
+                                           updated=_float0(f["updated"]), broken=e.message))
             if stale:
                 self._client.srem(self._index_key(tenant), *stale)
         return sorted(out, key=lambda m: (m.created, m.id))
 
+    def heartbeat(self, owner: str, ttl_ms: int) -> None:
+        """Say that lease owner ``owner`` (named ``runtime-*``) is alive for another ``ttl_ms``."""
+        with _redis_errors():
+            self._client.set(self._alive_key(owner), "1", px=ttl_ms)
+
     def lease(self, sid: str, owner: str = "", ttl_ms: int | None = None,
-              wait_ms: int = 0) -> RedisLease:
+              wait_ms: int = 0, reclaim: bool = False) -> RedisLease:
+        """``reclaim``: a lease this same ``owner`` still holds is a leftover (a release lost with
+        Redis, say) and is taken over; only for an owner that runs one operation per session."""
         self._check_id("session id", sid)
         ttl = int(ttl_ms or self.settings.lease_ttl_ms)
         owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -569,22 +822,47 @@ class RedisStore(StateStore):
         nonce = uuid.uuid4().hex
         deadline = time.monotonic() + wait_ms / 1000
         keys = [self._hash_key(sid), self._fence_key(sid), self._lease_key(sid)]
+        steal = ""
         while True:
             with _redis_errors(sid):
-                res = self._run("acquire", keys, [nonce, owner, ttl])
+                res = self._run("acquire", keys, [nonce, owner, ttl, steal])
             status = _text(res[0])
             if status == "ok":
                 return RedisLease(self, sid, owner, int(res[1]), ttl, nonce)
             if status != "held":
                 self._raise_status(sid, res)
+            value, left_ms = _text(res[1]), max(0, int(res[2]))
+            holder = value.split(" ", 2)[2] if value.count(" ") >= 2 else ""
+            if value != steal:
+                if reclaim and holder == owner:
+                    steal = value
+                    continue
+                gone_in = self._heartbeat_left_ms(holder)
+                if gone_in == 0:  # its runtime is gone: the lease would only block until its TTL
+                    steal = value
+                    continue
+                if gone_in is not None:
+                    left_ms = min(left_ms, gone_in)
             left = deadline - time.monotonic()
             if left <= 0:
                 self._stats.count("conflicts")
-                holder = _text(res[1]).split(" ")
+                fence_no = value.split(" ")[0]
                 raise LeaseConflictError(
-                    f"session {sid} is leased to {' '.join(holder[2:]) or '?'} (fence {holder[0]}) "
-                    f"for another {int(res[2])} ms", sid=sid, retry_after_ms=max(0, int(res[2])))
-            time.sleep(min(left, 0.02, max(int(res[2]), 1) / 1000))
+                    f"session {sid} is leased to {holder or '?'} (fence {fence_no}) for up to another "
+                    f"{left_ms} ms", sid=sid, retry_after_ms=left_ms)
+            steal = ""
+            time.sleep(min(left, 0.02, max(left_ms, 1) / 1000))
+
+    def _alive_key(self, owner: str) -> str:
+        return f"{self._prefix}:alive:{{{owner}}}"
+
+    def _heartbeat_left_ms(self, holder: str) -> int | None:
+        """How long the heartbeat of lease holder ``holder`` has left (0: expired); None if the
+        holder keeps no heartbeat."""
+        if not holder.startswith(HEARTBEAT_OWNERS):
+            return None
+        with _redis_errors():
+            return max(0, int(self._client.pttl(self._alive_key(holder))))
 
     def ping(self) -> bool:
         try:
@@ -611,16 +889,22 @@ class RedisStore(StateStore):
             pass
 
 
+def retry_on_reconnect() -> Retry:  # noqa: N802 - reads as the policy it is
+    """Retry once, at once, only when the connection failed (not on a timeout)."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
 def connect(url: str, *, cluster: bool = False, timeout_s: float | None = 30.0,
             **kwargs: Any) -> redis.Redis | RedisCluster:
     """A redis-py client for ``url`` tuned for large values.
 
-    Standalone clients retry a failed command once, at once (a pooled connection may have died
-    with a server restart), then fail fast; the store's scripts are idempotent under such a retry.
+    Standalone clients retry a command whose connection failed once, at once (a pooled connection
+    may have died with a server restart), then fail fast; the store's scripts are idempotent under
+    such a retry. A timeout is not retried: a frozen Redis holds a request for ``timeout_s``, once.
     Cluster clients keep redis-py's retry policy, which also follows slot moves and fail-overs."""
     common: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                   socket_read_size=SOCKET_READ_BYTES)
     common.update(kwargs)
     if cluster:
         return RedisCluster.from_url(url, **common)
-    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **common)
+    return redis.Redis.from_url(url, retry=retry_on_reconnect(), **common)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -39,7 +39,13 @@ class StoreSettings(BaseSettings):
     #: against (flipped bytes, truncated or mixed-up parts) at ~25 GB/s, so saves and loads stay near
     #: raw SET/GET speed; sha256 also resists deliberate tampering; crc32 needs no extra package.
     #: Each manifest names its algorithm, so changing this never breaks stored states.
-    state_checksum: Literal["xxh3", "sha256", "crc32"] = "xxh3"
+    state_checksum: Literal["xxh3", "sha256", "crc32", "blake2b"] = "xxh3"
+    #: Key of the manifests' MAC (engine/store/integrity.py). Set, a state whose manifest is not
+    #: sealed with it (or an old key) is refused, and parts are checked with a cryptographic hash
+    #: (blake2b, or sha256 if chosen above): whoever can write to Redis cannot forge a served state.
+    state_key: SecretStr | None = None
+    #: Earlier keys, comma-separated, still accepted on reads while sessions are rewritten (rotation).
+    state_keys_old: SecretStr | None = None
     #: Byte budget of the hot cache of live states (device memory).
     cache_bytes: int = Field(2 * GiB, ge=0)
     #: Prefix of every key, so several deployments (or tests) can share one Redis.

@@ -3,54 +3,177 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from atlas.engine import session_file
 from atlas.engine.runtime import IngestProgress
+from atlas.engine.store.base import KEEP, Keep
 
 from ..dependencies import MetricsDep, ServicesDep, SessionIdDep, SettingsDep, TenantDep
 from ..errors import ApiError, error_event
 from ..metrics import Metrics
 from ..schemas import (
+    MAX_NAME_CHARS,
+    MAX_TTL_S,
     GenerateDoneEvent,
     GenerateRequest,
     IngestEvent,
     SessionCreate,
     SessionList,
     SessionOut,
+    SessionPatch,
     Usage,
 )
-from ..streaming import EventStream, Finished, generation, primed, sse
+from ..streaming import EventStream, Finished, Token, generation, primed, sse
 from .common import ERRORS, GEN_ERRORS, JSON_ERRORS, JSON_GEN_ERRORS, prompt_ids, sampling
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SSE_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+#: An export streams in pieces of this size.
+EXPORT_PIECE = 1 << 20
 
 
 @router.post("", status_code=201, response_model=SessionOut, responses=JSON_ERRORS)
-async def create_session(request: Request, who: TenantDep, services: ServicesDep, settings: SettingsDep,
+async def create_session(who: TenantDep, services: ServicesDep, settings: SettingsDep,
                          body: SessionCreate | None = Body(None)) -> SessionOut:
-    """A new empty session. 429 ``too_many_sessions`` once the tenant holds ATLAS_MAX_SESSIONS_PER_TENANT."""
-    limit = settings.max_sessions_per_tenant
-    locks: dict[str, asyncio.Lock] = request.app.state.create_locks
-    async with locks.setdefault(who, asyncio.Lock()):  # one create at a time per tenant: the count holds
-        held = len(await services.runtime.list_sessions(who))
-        if held >= limit:
-            raise ApiError("too_many_sessions",
-                           f"this tenant holds {held} sessions, the limit is {limit}; delete some first")
-        meta = await services.runtime.create_session(who, ttl_s=body.ttl_s if body else None)
+    """A new empty session. 429 ``too_many_sessions`` once the tenant holds ATLAS_MAX_SESSIONS_PER_TENANT
+    (counted atomically in the store: concurrent creates and forks never pass it)."""
+    meta = await services.runtime.create_session(who, ttl_s=body.ttl_s if body else None,
+                                                 max_sessions=settings.max_sessions_per_tenant)
     return SessionOut.of(meta)
 
 
 @router.get("", response_model=SessionList, responses=ERRORS)
-async def list_sessions(who: TenantDep, services: ServicesDep) -> SessionList:
-    """The caller's sessions, oldest first."""
-    return SessionList(data=[SessionOut.of(m) for m in await services.runtime.list_sessions(who)])
+async def list_sessions(who: TenantDep, services: ServicesDep,
+                        limit: int = Query(100, ge=1, le=1000, description="Sessions per page."),
+                        cursor: str | None = Query(None, max_length=300,
+                                                   description="next_cursor of the previous page."),
+                        name: str | None = Query(None, max_length=MAX_NAME_CHARS,
+                                                 description="Only sessions of this name."),
+                        metadata: list[str] = Query([], description="Only sessions whose metadata has "
+                                                    "KEY=VALUE (repeatable; all must match).")
+                        ) -> SessionList:
+    """The caller's sessions, oldest first, in pages. A session whose stored metadata fails its
+    checks is listed with ``broken`` (why): it serves nothing (409 ``state_corrupt``) and can be
+    deleted."""
+    wanted = [_metadata_filter(m) for m in metadata]
+    after = _decode_cursor(cursor) if cursor else None
+    rows = [SessionOut.of(m) for m in await services.runtime.list_sessions(who)]
+    rows = [r for r in rows if (name is None or r.name == name)
+            and all(k in r.metadata and _label(r.metadata[k]) == v for k, v in wanted)
+            and (after is None or (r.created, r.id) > after)]
+    page = rows[:limit]
+    more = len(rows) > limit
+    return SessionList(data=page, has_more=more,
+                       next_cursor=_encode_cursor(page[-1].created, page[-1].id) if more else None)
+
+
+def _label(value: object) -> str:
+    """A metadata value as a filter compares it: strings as they are, the rest as JSON (3, true)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _metadata_filter(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ApiError("invalid_request", f"metadata filter {text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _encode_cursor(created: float, sid: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created, sid]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, sid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return float(created), str(sid)
+    except (ValueError, TypeError) as e:
+        raise ApiError("invalid_request", "cursor is not one this server gave") from e
+
+
+@router.patch("/{sid}", response_model=SessionOut, responses=JSON_GEN_ERRORS)
+async def update_session(req: SessionPatch, sid: SessionIdDep, who: TenantDep,
+                         services: ServicesDep) -> SessionOut:
+    """Change the session's ``ttl_s`` (null: none; counted from now), ``sliding_ttl``, ``name``,
+    ``metadata`` (replaced whole). Fields left out stay; the state is never touched, also while an
+    ingest runs."""
+    given = req.model_fields_set
+    labels: dict[str, Any] = {}
+    if "name" in given:
+        labels["name"] = req.name
+    if "metadata" in given:
+        labels["metadata"] = req.metadata or None
+    if "sliding_ttl" in given:
+        labels["sliding_ttl"] = req.sliding_ttl or None
+    ttl: int | None | Keep = req.ttl_s if "ttl_s" in given else KEEP
+    return SessionOut.of(await services.runtime.update_session(sid, who, labels, ttl_s=ttl))
+
+
+STATE_FILE_DOC = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+@router.get("/{sid}/state", response_class=StreamingResponse, responses={**GEN_ERRORS, 200: STATE_FILE_DOC})
+async def export_state(sid: SessionIdDep, who: TenantDep, services: ServicesDep,
+                       metrics: MetricsDep) -> StreamingResponse:
+    """The session's committed state as one file (safetensors with the session's manifest:
+    docs/formats.md, "Session files"), for POST /v1/sessions/import on this or another server."""
+    data = await services.runtime.export_session(sid, who)
+    metrics.session_exports.inc()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        view = memoryview(data)
+        for i in range(0, len(view), EXPORT_PIECE):
+            yield bytes(view[i:i + EXPORT_PIECE])
+
+    return StreamingResponse(pieces(), media_type="application/octet-stream", headers={
+        "Content-Length": str(len(data)),
+        "Content-Disposition": f'attachment; filename="{sid}.atlas-session"'})
+
+
+IMPORT_BODY = {"requestBody": {"required": True, "description": "A session file (GET .../state).",
+                               "content": STATE_FILE_DOC["content"]}}
+
+
+@router.post("/import", status_code=201, response_model=SessionOut, openapi_extra=IMPORT_BODY,
+             responses={**GEN_ERRORS, 413: ERRORS[404]})
+async def import_state(request: Request, who: TenantDep, services: ServicesDep, settings: SettingsDep,
+                       metrics: MetricsDep,
+                       ttl_s: int | None = Query(None, ge=1, le=MAX_TTL_S, description="The new "
+                                                 "session's TTL (default: none).")) -> SessionOut:
+    """A new session of the caller from a session file, identical to the exported one. Refused
+    with 400 ``invalid_session_file`` (truncated, altered, another format, unexpected tensors or
+    values), 409 ``foreign_model``, 413 ``body_too_large`` (over the model's state size: checked
+    while the body streams in), 429 ``too_many_sessions``."""
+    limit = services.atlas.state_bytes + session_file.MAX_HEADER_BYTES
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        metrics.session_import_refusals.labels("oversized").inc()
+        raise ApiError("body_too_large", f"a session file of this model is at most {limit} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            metrics.session_import_refusals.labels("oversized").inc()
+            raise ApiError("body_too_large", f"a session file of this model is at most {limit} bytes")
+    try:
+        meta = await services.runtime.import_session(who, bytes(body), ttl_s=ttl_s,
+                                                     max_sessions=settings.max_sessions_per_tenant)
+    except session_file.SessionFileError as e:
+        metrics.session_import_refusals.labels(e.reason).inc()
+        raise
+    metrics.session_imports.inc()
+    return SessionOut.of(meta)
 
 
 @router.get("/{sid}", response_model=SessionOut, responses=ERRORS)
@@ -68,11 +191,9 @@ async def delete_session(sid: SessionIdDep, who: TenantDep, services: ServicesDe
 @router.post("/{sid}/fork", status_code=201, response_model=SessionOut, responses=GEN_ERRORS)
 async def fork_session(sid: SessionIdDep, who: TenantDep, services: ServicesDep,
                        settings: SettingsDep) -> SessionOut:
-    """A new session that starts from this one's committed state (copy-on-write: cheap)."""
-    limit = settings.max_sessions_per_tenant
-    if len(await services.runtime.list_sessions(who)) >= limit:
-        raise ApiError("too_many_sessions", f"the limit is {limit} sessions; delete some first")
-    return SessionOut.of(await services.runtime.fork(sid, who))
+    """A new session that starts from this one's committed state; counted against
+    ATLAS_MAX_SESSIONS_PER_TENANT like a create."""
+    return SessionOut.of(await services.runtime.fork(sid, who, settings.max_sessions_per_tenant))
 
 
 INGEST_BODY = {"requestBody": {"required": True, "description": "The document (UTF-8 text), streamed.",
@@ -206,7 +327,7 @@ async def generate(req: GenerateRequest, sid: SessionIdDep, who: TenantDep, serv
                                     total_tokens=item.prompt_tokens + item.completion_tokens),
                         session=SessionOut.of(item.session) if item.session else None)
                     yield sse(done.model_dump())
-                else:
+                elif isinstance(item, Token):  # (no prompt log-probabilities are asked for here)
                     yield sse({"text": item.text, "token": item.id})
         except Exception as e:
             yield sse(error_event(e))

@@ -10,28 +10,75 @@ ingest resumes, what an event means) are plain classes and functions.
 from __future__ import annotations
 
 import asyncio
+import enum
+import io
 import json
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol, TypeVar, Union, overload
 
 import httpx
 
-from ._source import IngestSource, Source
-from .errors import RETRYABLE_CODES, AtlasError, Busy, Unreachable, error_from_body, error_from_response
-from .models import GenerateDone, IngestProgress, Session, Token, Usage
+from ._source import IngestSource, Source, _seekable
+from .errors import (
+    FINAL_CODES,
+    RETRYABLE_CODES,
+    AtlasError,
+    Busy,
+    Unreachable,
+    error_from_body,
+    error_from_response,
+)
+from .models import (
+    ChatCompletion,
+    GenerateDone,
+    IngestProgress,
+    MetadataValue,
+    Session,
+    SessionPage,
+    Token,
+    Usage,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 T = TypeVar("T")
 AC = TypeVar("AC", bound="AsyncClosing")
 ProgressCallback = Callable[[IngestProgress], None]
+#: Chat messages as OpenAI's API takes them: ``{"role": "user", "content": "..."}``.
+Messages = Sequence[Mapping[str, Any]]
 Events = AsyncGenerator[dict[str, Any], None]
 #: Reads one event of a token stream: the token to yield (or None) and how the stream has ended so far.
 EventReader = Callable[[dict[str, Any], GenerateDone | None], tuple[Token | None, GenerateDone | None]]
+#: A session's metadata as the calls take it: a flat mapping of strings, numbers, booleans, None.
+Labels = Mapping[str, MetadataValue]
+
+
+class BinaryWriter(Protocol):
+    """Anything with ``write(bytes)``: a file open in binary mode, ``sys.stdout.buffer``, a socket's
+    file, io.BytesIO. One that can also seek is rewound when a download starts over."""
+
+    def write(self, data: bytes, /) -> Any: ...
+
+
+#: Where ``export_state`` puts a session file: a path (written aside, then renamed into place) or a
+#: binary file open for writing.
+StateTarget = Union[str, "os.PathLike[str]", BinaryWriter]  # noqa: UP007 - a runtime alias: Python 3.10
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+    def __repr__(self) -> str:  # as help() shows the default
+        return "KEEP"
+
+
+#: ``update_session``'s default: leave the field as it is (None means remove it, so None cannot).
+KEEP: Final = _Keep.KEEP
 
 
 def result(step: Awaitable[T]) -> T:
@@ -58,6 +105,10 @@ class BlockingIO:
     async def lines(self, response: httpx.Response) -> AsyncIterator[str]:
         for line in response.iter_lines():
             yield line
+
+    async def chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        for piece in response.iter_bytes():
+            yield piece
 
     def body(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
         return pieces
@@ -86,6 +137,9 @@ class AsyncIO:
 
     def lines(self, response: httpx.Response) -> AsyncIterator[str]:
         return response.aiter_lines()
+
+    def chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        return response.aiter_bytes()
 
     async def body(self, pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
         # httpx.AsyncClient sends only an async body; the pieces are read on the event loop's thread
@@ -117,7 +171,8 @@ class Retry:
         """Seconds to wait before trying again after ``error``; raises it when it is not worth
         retrying (the server refused for good, or too many failures in a row)."""
         self.failures += 1
-        retryable = isinstance(error, (Busy, Unreachable)) or error.code in RETRYABLE_CODES
+        retryable = (isinstance(error, (Busy, Unreachable)) and error.code not in FINAL_CODES
+                     or error.code in RETRYABLE_CODES)
         if not retryable or self.failures > self.limit:
             raise error
         delay = min(self.cap_s, self.base_s * 2 ** (self.failures - 1)) * (0.5 + random.random() / 2)
@@ -181,6 +236,12 @@ def sid_of(session: str | Session) -> str:
     return session.id if isinstance(session, Session) else session
 
 
+def metadata_filter(metadata: Labels) -> list[str]:
+    """``?metadata=K=V`` values: the server compares a string as it is and any other value as JSON
+    (``3``, ``true``, ``null``), so a filter matches the value it was set to."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in metadata.items()]
+
+
 def sampling_body(prompt: str, max_tokens: int | None, temperature: float, top_p: float, top_k: int,
                   seed: int | None, stop: str | list[str] | None) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "temperature": temperature, "top_p": top_p, "top_k": top_k}
@@ -209,6 +270,24 @@ def completion_event(event: dict[str, Any],
     for choice in event.get("choices") or []:
         if choice.get("text"):
             token = Token(text=choice["text"])
+        if choice.get("finish_reason"):
+            done = GenerateDone(finish_reason=choice["finish_reason"], usage=done.usage if done else None)
+    return token, done
+
+
+def chat_event(event: dict[str, Any],
+               done: GenerateDone | None) -> tuple[Token | None, GenerateDone | None]:
+    """One ``chat.completion.chunk``: ``choices[0].delta.content`` and/or how the stream ended
+    (``finish_reason``, then ``usage`` in a last chunk without choices)."""
+    if event.get("usage"):
+        usage = Usage(**event["usage"])
+        done = done.model_copy(update={"usage": usage}) if done else GenerateDone(finish_reason="length",
+                                                                                 usage=usage)
+    token = None
+    for choice in event.get("choices") or []:
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            token = Token(text=content)
         if choice.get("finish_reason"):
             done = GenerateDone(finish_reason=choice["finish_reason"], usage=done.usage if done else None)
     return token, done
@@ -330,8 +409,49 @@ class Calls(AsyncClosing):
     async def create_session(self, ttl_s: int | None = None) -> Session:
         return Session(**await self._json("POST", "/v1/sessions", json={"ttl_s": ttl_s} if ttl_s else None))
 
-    async def list_sessions(self) -> list[Session]:
-        return [Session(**s) for s in (await self._json("GET", "/v1/sessions"))["data"]]
+    async def list_sessions_page(self, *, name: str | None = None,
+                                 metadata: Labels | None = None,
+                                 limit: int | None = None, cursor: str | None = None) -> SessionPage:
+        """One page of your sessions, oldest first: ``limit`` of them (the server's default 100, at
+        most 1000) after ``cursor`` (the previous page's ``next_cursor``), only those named ``name``
+        and whose metadata holds every item of ``metadata``."""
+        params: list[tuple[str, str | int]] = [("metadata", m) for m in metadata_filter(metadata or {})]
+        for key, value in (("name", name), ("limit", limit), ("cursor", cursor)):
+            if value is not None:
+                params.append((key, value))
+        return SessionPage(**await self._json("GET", "/v1/sessions", params=params))
+
+    async def iter_sessions(self, *, name: str | None = None, metadata: Labels | None = None,
+                            limit: int | None = None) -> AsyncGenerator[Session, None]:
+        """Your sessions (filtered as ``list_sessions_page``), page after page of ``limit`` as they are
+        read: the next page is asked for only when this one is used up."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_sessions_page(name=name, metadata=metadata, limit=limit, cursor=cursor)
+            for s in page.data:
+                yield s
+            if not page.has_more or not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    async def list_sessions(self, *, name: str | None = None, metadata: Labels | None = None,
+                            limit: int | None = None) -> list[Session]:
+        """All your sessions, oldest first (every page, ``limit`` per request), only those named
+        ``name`` and whose metadata holds every item of ``metadata`` (``{"project": "x"}``).
+        A session listed with ``broken`` set serves nothing and can be deleted."""
+        return [s async for s in self.iter_sessions(name=name, metadata=metadata, limit=limit)]
+
+    async def update_session(self, session: str | Session, *, name: str | None | _Keep = KEEP,
+                             metadata: Labels | None | _Keep = KEEP,
+                             ttl_s: int | None | _Keep = KEEP, sliding_ttl: bool | _Keep = KEEP) -> Session:
+        """Change a session's labels and expiry; what is not given stays. ``name=None`` removes the
+        name, ``metadata`` replaces the old one whole (None or ``{}`` clears it), ``ttl_s`` restarts the
+        TTL from now (None: the session never expires), ``sliding_ttl=True`` restarts it on every
+        request that uses the session. The state is never touched."""
+        fields: dict[str, Any] = {"name": name, "ttl_s": ttl_s, "sliding_ttl": sliding_ttl,
+                                  "metadata": dict(metadata) if isinstance(metadata, Mapping) else metadata}
+        body = {k: v for k, v in fields.items() if v is not KEEP}
+        return Session(**await self._json("PATCH", f"/v1/sessions/{sid_of(session)}", json=body))
 
     async def get_session(self, session: str | Session) -> Session:
         return Session(**await self._json("GET", f"/v1/sessions/{sid_of(session)}"))
@@ -341,6 +461,82 @@ class Calls(AsyncClosing):
 
     async def fork(self, session: str | Session) -> Session:
         return Session(**await self._json("POST", f"/v1/sessions/{sid_of(session)}/fork"))
+
+    # -- session files -------------------------------------------------------------------------------
+
+    @overload
+    async def export_state(self, session: str | Session, target: None = None) -> bytes: ...
+
+    @overload
+    async def export_state(self, session: str | Session, target: StateTarget) -> int: ...
+
+    async def export_state(self, session: str | Session, target: StateTarget | None = None) -> bytes | int:
+        """The session's committed state as one session file (``import_state`` makes a session of it,
+        here or on another server running the same model). Streamed to ``target``, a path or a binary
+        file, and the number of bytes written returned; without one, returned as bytes. A path is
+        written beside itself first (``<path>.part``) and renamed when whole: never half a file."""
+        path = f"/v1/sessions/{sid_of(session)}/state"
+        if target is None:
+            buffer = io.BytesIO()
+            await self._download(path, buffer)
+            return buffer.getvalue()
+        if not isinstance(target, (str, os.PathLike)):
+            return await self._download(path, target)
+        dest = Path(target)
+        part = dest.with_name(dest.name + ".part")
+        try:
+            with open(part, "wb") as f:
+                written = await self._download(path, f)
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+        return written
+
+    async def _download(self, path: str, sink: BinaryWriter) -> int:
+        """GET ``path`` into ``sink``, piece by piece; returns the bytes written. A connection dropped
+        mid-body starts it over (a GET changes nothing) when ``sink`` can be rewound."""
+        rewind: Any = sink if _seekable(sink) else None
+        start = rewind.tell() if rewind is not None else 0
+        retry = Retry(self.retries, self.backoff)
+        while True:
+            response = await self._send("GET", path, stream=True)
+            written = 0
+            try:
+                async for piece in self._io.chunks(response):
+                    sink.write(piece)
+                    written += len(piece)
+                return written
+            except httpx.TransportError as e:
+                lost = self._unreachable(e, "connection_lost")
+                if rewind is None:
+                    raise lost from e
+            finally:
+                await self._io.close(response)
+            await self._io.sleep(retry.wait_s(lost))
+            rewind.seek(start)
+            rewind.truncate()
+
+    async def import_state(self, source: IngestSource, ttl_s: int | None = None) -> Session:
+        """A new session from a session file (``export_state``'s): a path, bytes or a binary file,
+        streamed up. It is the exported session again (state bit for bit, counters, name, metadata)
+        under a new id, expiring after ``ttl_s`` (default: never). A damaged file or another format
+        raises AtlasError ``invalid_session_file`` (400), another model's Conflict ``foreign_model``."""
+        src = Source(source)
+        size = src.size()
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:  # lets the server refuse an oversized file before it is sent
+            headers["Content-Length"] = str(size)
+        params = {"ttl_s": ttl_s} if ttl_s is not None else {}
+        retry = Retry(self.retries, self.backoff)
+        while True:  # each try sends the source again from its start (a stream is replayed from memory)
+            try:
+                response = await self._attempt("POST", "/v1/sessions/import", params=params, headers=headers,
+                                               content=self._io.body(src.pieces(0)))
+                return Session(**response.json())
+            except AtlasError as e:
+                if e.code == "connection_lost":
+                    raise  # the session may have been made: only the caller knows whether to repeat
+                await self._io.sleep(retry.wait_s(e))
 
     # -- ingest --------------------------------------------------------------------------------------
 
@@ -408,3 +604,40 @@ class Calls(AsyncClosing):
             body["session_id"] = sid_of(session)
         return AsyncTokenStream(self._events(lambda: self._send("POST", "/v1/completions", json=body,
                                                                 stream=True)), completion_event)
+
+    @overload
+    def chat(self, messages: Messages, *, session_id: str | Session | None = None, commit: bool = False,
+             stream: Literal[True] = True, max_tokens: int | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: str | list[str] | None = None) -> AsyncTokenStream: ...
+
+    @overload
+    def chat(self, messages: Messages, *, session_id: str | Session | None = None, commit: bool = False,
+             stream: Literal[False], max_tokens: int | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: str | list[str] | None = None) -> Awaitable[ChatCompletion]: ...
+
+    def chat(self, messages: Messages, *, session_id: str | Session | None = None, commit: bool = False,
+             stream: bool = True, max_tokens: int | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: str | list[str] | None = None) -> AsyncTokenStream | Awaitable[ChatCompletion]:
+        """OpenAI's chat completions (``/v1/chat/completions``): the answer to ``messages``
+        (``[{"role": "user", "content": "..."}]``), as a token stream, or with ``stream=False`` one
+        ``ChatCompletion`` (``.text``). With ``session_id`` the conversation is read after that
+        session's document, on a fork; ``commit`` appends the messages and the answer to the session
+        instead (send only the new messages next time: the session holds the earlier ones)."""
+        body: dict[str, Any] = {**sampling_body("", max_tokens, temperature, top_p, top_k, seed, stop),
+                                "messages": [dict(m) for m in messages], "stream": stream}
+        del body["prompt"]
+        if session_id is not None:
+            body["session_id"] = sid_of(session_id)
+        if commit:
+            body["commit"] = True
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            return AsyncTokenStream(self._events(lambda: self._send("POST", "/v1/chat/completions", json=body,
+                                                                    stream=True)), chat_event)
+        return self._chat_completion(body)
+
+    async def _chat_completion(self, body: dict[str, Any]) -> ChatCompletion:
+        return ChatCompletion(**await self._json("POST", "/v1/chat/completions", json=body))

@@ -48,6 +48,17 @@ class Source:
             pieces: Iterable[bytes | str] = src
             self._it = (p.encode() if isinstance(p, str) else bytes(p) for p in pieces)
 
+    def size(self) -> int | None:
+        """The source's length in bytes when it is known without reading it (a path, bytes, a
+        seekable file from where it stood); None for a stream."""
+        if self._path is not None:
+            return self._path.stat().st_size
+        if self._data is not None:
+            return len(self._data)
+        if self._file is not None:
+            return self._file.seek(0, os.SEEK_END) - self._base  # pieces() seeks back before reading
+        return None
+
     def pieces(self, start: int) -> Iterator[bytes]:
         """The source's bytes from offset ``start``, in pieces of at most ``piece_bytes``."""
         if self._path is not None:

@@ -48,6 +48,8 @@ _BY_STATUS: dict[int, type[AtlasError]] = {401: Unauthorized, 404: NotFound, 409
 
 #: Error codes that mean "try again later" even inside an event stream that already started.
 RETRYABLE_CODES = {"queue_full", "lease_conflict", "store_unavailable", "shutting_down", "not_ready"}
+#: Busy answers that waiting does not clear: the tenant must delete sessions first.
+FINAL_CODES = {"too_many_sessions"}
 
 
 def _retry_after(headers: httpx.Headers | None) -> float | None:

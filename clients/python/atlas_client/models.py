@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+#: A session metadata value: the server keeps a flat JSON object of these.
+MetadataValue = str | int | float | bool | None
 
 
 class _Model(BaseModel):
@@ -11,7 +14,9 @@ class _Model(BaseModel):
 
 
 class Session(_Model):
-    """A session's counters. ``bytes_committed`` is where an ingest resumes."""
+    """A session's counters and labels. ``bytes_committed`` is where an ingest resumes; ``broken``
+    says why, when the server found the session's stored metadata damaged (it serves nothing then,
+    and can be deleted)."""
 
     id: str
     created: float
@@ -22,6 +27,18 @@ class Session(_Model):
     generation: int = 0
     ttl_s: int | None = None
     forked_from: str | None = None
+    sliding_ttl: bool = False
+    name: str | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    broken: str | None = None
+
+
+class SessionPage(_Model):
+    """One page of ``GET /v1/sessions``: pass ``next_cursor`` back for the next (None: the last)."""
+
+    data: list[Session]
+    has_more: bool = False
+    next_cursor: str | None = None
 
 
 class IngestProgress(_Model):
@@ -56,3 +73,34 @@ class GenerateDone(_Model):
     finish_reason: str
     usage: Usage | None = None
     session: Session | None = None
+
+
+class ChatMessage(_Model):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Model):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Model):
+    """OpenAI's ``chat.completion`` (``POST /v1/chat/completions`` without streaming); ``text`` is
+    the answer."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+    @property
+    def text(self) -> str:
+        return (self.choices[0].message.content or "") if self.choices else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if self.choices else None

@@ -1,0 +1,164 @@
+"""The memory layer alone: this project's `AtlasMemory` against lucidrains' titans-pytorch `NeuralMemory`.
+
+Both read and write a 2-layer MLP memory (expansion 4) per head of width 64, on chunks of 64 tokens, in
+fp32, on one sequence of 4,096 tokens (default). ATLAS does more per chunk: the Omega rule over a window
+of c = 8 tokens and 5 Newton-Schulz steps (Muon) on both memory matrices. `AtlasMemory` runs the way the
+served model runs it, one chunk block at a time (`AtlasMemory.forward`, commit on every chunk), under
+`torch.inference_mode`; `NeuralMemory.forward` takes the whole sequence. Repetitions are interleaved
+(ATLAS, titans, ATLAS, titans, ...) so that machine noise hits both alike; ratios are titans' time over
+ATLAS' time per repetition (> 1: ATLAS is faster), reported as min, median and max.
+
+titans-pytorch is not a dependency of this project; install it into the environment for this
+benchmark only (it must not replace the pinned torch: check with `pip install --dry-run` first):
+
+    .venv/bin/pip install titans-pytorch
+    python bench/memory_layer.py                         # dim 256/4 heads and 1024/16 heads, 1 thread
+    python bench/memory_layer.py --dims 256 --reps 3 --threads 2
+
+Without titans-pytorch it measures ATLAS alone and says so. Writes bench/results/memory-layer-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atlas.engine import ModelConfig
+from atlas.engine.machine import describe_machine, load_average
+from atlas.engine.model.memory import AtlasMemory
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+HEAD_DIM = 64
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", default="256,1024", help="model widths; heads = dim / 64")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each, interleaved")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-titans", action="store_true", help="measure ATLAS alone")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/memory-layer-cpu.json")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def atlas_runner(dim: int, tokens: int, chunk: int) -> tuple[Callable[[], None], dict[str, Any]]:
+    cfg = ModelConfig(d_model=dim, n_heads=dim // HEAD_DIM, chunk_size=chunk, swa_window=max(256, chunk))
+    mem = AtlasMemory(cfg).eval()
+    x = torch.randn(1, tokens, dim)
+    commit, ends = torch.ones(1, dtype=torch.bool), torch.full((1,), chunk - 1)
+
+    def run() -> None:
+        with torch.inference_mode():
+            st = mem.init_state(1, torch.float32)
+            for j in range(tokens // chunk):
+                _, st = mem.forward(x[:, j * chunk:(j + 1) * chunk], st, commit, ends)
+
+    params = sum(p.numel() for p in mem.parameters())
+    return run, {"parameters": params, "omega_window": cfg.omega_window, "ns_steps": cfg.ns_steps,
+                 "optimizer": cfg.optimizer, "mem_hidden": cfg.mem_hidden}
+
+
+def titans_runner(dim: int, tokens: int, chunk: int) -> tuple[Callable[[], None], dict[str, Any]] | None:
+    try:
+        from titans_pytorch import NeuralMemory  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        return None
+    mem = NeuralMemory(dim, chunk_size=chunk, dim_head=HEAD_DIM, heads=dim // HEAD_DIM,
+                       default_model_kwargs={"depth": 2, "expansion_factor": 4.0}).eval()
+    x = torch.randn(1, tokens, dim)
+
+    def run() -> None:
+        # Its inner gradients are torch.func transforms, which ignore an outer no_grad.
+        with torch.no_grad():
+            mem(x)
+
+    params = sum(p.numel() for p in mem.parameters())
+    from importlib.metadata import version
+    return run, {"parameters": params, "version": version("titans-pytorch")}
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    ours, ours_info = atlas_runner(dim, args.tokens, args.chunk)
+    theirs = None if args.no_titans else titans_runner(dim, args.tokens, args.chunk)
+    ours()  # warm-up: allocator, lazy init
+    if theirs is not None:
+        theirs[0]()
+    t_ours: list[float] = []
+    t_theirs: list[float] = []
+    for _ in range(args.reps):
+        t_ours.append(timed(ours))
+        if theirs is not None:
+            t_theirs.append(timed(theirs[0]))
+    row: dict[str, Any] = {
+        "dim": dim, "heads": dim // HEAD_DIM, "head_dim": HEAD_DIM, "tokens": args.tokens, "chunk": args.chunk,
+        "atlas": {**ours_info, "seconds": [round(t, 4) for t in t_ours],
+                  "best_tok_s": round(args.tokens / min(t_ours), 1),
+                  "median_tok_s": round(args.tokens / statistics.median(t_ours), 1)},
+    }
+    if theirs is not None:
+        ratios = [b / a for a, b in zip(t_ours, t_theirs, strict=True)]
+        row["titans"] = {**theirs[1], "seconds": [round(t, 4) for t in t_theirs],
+                         "best_tok_s": round(args.tokens / min(t_theirs), 1),
+                         "median_tok_s": round(args.tokens / statistics.median(t_theirs), 1)}
+        row["speedup"] = {"best_of": round(min(t_theirs) / min(t_ours), 3),
+                          "min": round(min(ratios), 3), "median": round(statistics.median(ratios), 3),
+                          "max": round(max(ratios), 3)}
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dims = [int(d) for d in args.dims.split(",") if d.strip()]
+    if any(d % HEAD_DIM for d in dims):
+        raise SystemExit(f"every dim must be a multiple of {HEAD_DIM}")
+    info = describe_machine("cpu")
+    if not args.no_titans and titans_runner(HEAD_DIM, args.chunk, args.chunk) is None:
+        print("titans-pytorch is not installed (pip install titans-pytorch): measuring ATLAS alone")
+        args.no_titans = True
+    started = time.perf_counter()
+    rows = []
+    for dim in dims:
+        row = bench_dim(dim, args)
+        rows.append(row)
+        line = f"dim {dim:>5} / {dim // HEAD_DIM:>2} heads: ATLAS {row['atlas']['best_tok_s']:>9,.0f} tok/s"
+        if "titans" in row:
+            s = row["speedup"]
+            line += (f", titans {row['titans']['best_tok_s']:>9,.0f} tok/s; ATLAS/titans best-of {s['best_of']:.2f}x,"
+                     f" per-rep min {s['min']:.2f}x median {s['median']:.2f}x max {s['max']:.2f}x")
+        print(line, flush=True)
+    result = {
+        "benchmark": "memory_layer",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**info, "load_average_at_end": load_average()},
+        "threads": args.threads,
+        "reps": args.reps,
+        "results": rows,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    out = args.out or RESULTS / "memory-layer-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO) if out.resolve().is_relative_to(REPO) else out.name}")
+
+
+if __name__ == "__main__":
+    main()
