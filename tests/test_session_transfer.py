@@ -285,6 +285,7 @@ def test_patch_name_metadata_and_ttl(client):
     assert r.status_code == 200, r.text
     s = r.json()
     assert (s["name"], s["metadata"], s["ttl_s"]) == ("contract", labels, 60)
+    assert s["updated"] == s["created"]  # `updated` is the last commit's time: labels are not one
     s = client.patch(f"/v1/sessions/{sid}", headers=A, json={"ttl_s": None}).json()
     assert s["ttl_s"] is None and s["name"] == "contract"  # fields left out stay
     s = client.patch(f"/v1/sessions/{sid}", headers=A, json={"name": None, "metadata": {}}).json()

@@ -658,6 +658,8 @@ class RedisStore(StateStore):
                                                           else int(bytes_committed))})
             fields = {"manifest": json.dumps(sealed),
                       **_changed_fields(sealed["tokens"], sealed["bytes_committed"], extra)}
+            if labels_only:
+                del fields["updated"]  # the time of the last commit: labels and TTLs are not one
             ttl_ms: int | str = meta.ttl_s * 1000 if meta.ttl_s else ""
             if not isinstance(ttl_s, Keep):
                 fields["ttl_s"] = "" if ttl_s is None else str(ttl_s)
