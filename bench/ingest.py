@@ -240,7 +240,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from atlas.engine.threads import apply_thread_policy
 
     torch.manual_seed(args.seed)
-    models = {"demo": Atlas.load(device="cpu"), "default": Atlas.from_config(ModelConfig(), seed=0, device="cpu")}
+    models = {"demo": Atlas.load(device="cpu"),
+              "default": Atlas.from_config(ModelConfig(), seed=0, device="cpu")}
     out: dict[str, Any] = {"mode": args.child, "models": {}}
     for name, atlas in models.items():
         threads = (apply_thread_policy(atlas.parameters).threads if args.child == "policy"
@@ -286,7 +287,7 @@ def spread(xs: list[float]) -> dict[str, float]:
 
 
 def contended(args: argparse.Namespace) -> dict[str, Any]:
-    console = Console()
+    console = Console(width=160)
     info = describe_machine("cpu")
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in THREAD_MODES}
@@ -295,8 +296,8 @@ def contended(args: argparse.Namespace) -> dict[str, Any]:
             runs[mode].append(run_child(mode, args))
             console.print(f"rep {rep + 1}/{args.reps} {mode}: done")
     summary: dict[str, Any] = {}
-    table = Table(title=f"ingest of {args.tokens} tokens, quiet vs beside a CPU hog ({info['cpu_cores_usable']} "
-                        "usable cores)")
+    table = Table(title=f"ingest of {args.tokens} tokens, quiet vs beside a CPU hog "
+                        f"({info['cpu_cores_usable']} usable cores)")
     for col in ("model", "threads", "setting", "quiet tok/s", "contended tok/s", "contended/quiet",
                 "decode 1 tok/s", f"decode {args.sessions} tok/s"):
         table.add_column(col, justify="right")
@@ -305,7 +306,8 @@ def contended(args: argparse.Namespace) -> dict[str, Any]:
             rows = [r["models"][name] for r in runs[mode]]
             quiet = [q for r in rows for q in r["quiet_tok_s"]]
             cont = [c for r in rows for c in r["contended_tok_s"]]
-            ratios = [c / q for r in rows for q, c in zip(r["quiet_tok_s"], r["contended_tok_s"], strict=True)]
+            ratios = [c / q for r in rows
+                      for q, c in zip(r["quiet_tok_s"], r["contended_tok_s"], strict=True)]
             s: dict[str, Any] = {"threads": rows[0]["threads"], "parameters": rows[0]["parameters"],
                                  "quiet_tok_s": spread(quiet), "contended_tok_s": spread(cont),
                                  "contended_over_quiet": spread(ratios)}

@@ -108,7 +108,8 @@ def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         if theirs is not None:
             t_theirs.append(timed(theirs[0]))
     row: dict[str, Any] = {
-        "dim": dim, "heads": dim // HEAD_DIM, "head_dim": HEAD_DIM, "tokens": args.tokens, "chunk": args.chunk,
+        "dim": dim, "heads": dim // HEAD_DIM, "head_dim": HEAD_DIM, "tokens": args.tokens,
+        "chunk": args.chunk,
         "atlas": {**ours_info, "seconds": [round(t, 4) for t in t_ours],
                   "best_tok_s": round(args.tokens / min(t_ours), 1),
                   "median_tok_s": round(args.tokens / statistics.median(t_ours), 1)},
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         line = f"dim {dim:>5} / {dim // HEAD_DIM:>2} heads: ATLAS {row['atlas']['best_tok_s']:>9,.0f} tok/s"
         if "titans" in row:
             s = row["speedup"]
-            line += (f", titans {row['titans']['best_tok_s']:>9,.0f} tok/s; ATLAS/titans best-of {s['best_of']:.2f}x,"
-                     f" per-rep min {s['min']:.2f}x median {s['median']:.2f}x max {s['max']:.2f}x")
+            line += (f", titans {row['titans']['best_tok_s']:>9,.0f} tok/s; "
+                     f"ATLAS/titans best-of {s['best_of']:.2f}x, per-rep min {s['min']:.2f}x "
+                     f"median {s['median']:.2f}x max {s['max']:.2f}x")
         print(line, flush=True)
     result = {
         "benchmark": "memory_layer",

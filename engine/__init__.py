@@ -1,12 +1,16 @@
 """The ATLAS engine: model, session state, tokenizer, checkpoints, sampling. Knows nothing of HTTP."""
 
-from .api import Atlas, GeneratedToken, Generation
-from .checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
-from .config import ModelConfig
-from .model import AtlasModel
-from .sampling import SamplingParams
-from .state import ForeignStateError, SessionState, StateError, StateFormatError
-from .tokenizer import ByteTokenizer, load_tokenizer
+from .threads import set_openmp_env
+
+set_openmp_env()  # before torch loads: OpenMP reads its wait policy once (engine/threads.py)
+
+from .api import Atlas, GeneratedToken, Generation  # noqa: E402
+from .checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .model import AtlasModel  # noqa: E402
+from .sampling import SamplingParams  # noqa: E402
+from .state import ForeignStateError, SessionState, StateError, StateFormatError  # noqa: E402
+from .tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
     "Atlas", "AtlasModel", "ByteTokenizer", "CheckpointError", "ForeignStateError", "GeneratedToken",

@@ -35,9 +35,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _log = logging.getLogger(__name__)
 
-#: Parameters per intra-op thread. Below this size, per-operator work is too small for a fork/join
-#: to pay (the 4.6M default model and the 158k demo model ingest fastest on one thread on a 2-core
-#: machine, and one thread does not collapse under contention); the paper's 170M model gets 7.
+#: Parameters per intra-op thread. Below this size one thread: the 158k demo model ingests as fast on
+#: one thread as on two, and the 4.6M default model, though ~1.7x faster on two threads of an idle
+#: 2-core machine, falls to 0.06x of that beside one busy process, where one thread keeps ~0.6x
+#: (docs/performance.md). The paper's 170M model gets 7 threads where 7 cores are usable.
 PARAMS_PER_THREAD = 25_000_000
 
 #: The OpenMP settings that make waiting threads sleep (set only where the environment has none).
@@ -53,7 +54,8 @@ class ThreadSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ATLAS_", extra="ignore")
 
-    threads: int | None = Field(None, ge=1, validation_alias=AliasChoices("ATLAS_THREADS", "ATLAS_TORCH_THREADS"))
+    threads: int | None = Field(None, ge=1,
+                                validation_alias=AliasChoices("ATLAS_THREADS", "ATLAS_TORCH_THREADS"))
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ def apply_thread_policy(model_params: int | None = None, override: int | None = 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     wait = os.environ.get("OMP_WAIT_POLICY")
-    choice = ThreadChoice(threads, usable, affinity, quota, "override" if override is not None else "policy", wait)
+    source = "override" if override is not None else "policy"
+    choice = ThreadChoice(threads, usable, affinity, quota, source, wait)
     if threads > 1 and (wait or "").upper() != "PASSIVE":
         _log.warning("%d torch threads with OMP_WAIT_POLICY=%s: waiting threads spin; set "
                      "OMP_WAIT_POLICY=PASSIVE before torch is imported", threads, wait or "unset")

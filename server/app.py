@@ -43,6 +43,7 @@ from atlas.engine import Atlas
 from atlas.engine.checkpoint import CheckpointError
 from atlas.engine.runtime import Runtime, RuntimeSettings
 from atlas.engine.store import StateStore, StoreSettings, open_store
+from atlas.engine.threads import apply_thread_policy
 
 from .dependencies import Services, json_content
 from .errors import ApiError, error_response, install_handlers, unexpected_response
@@ -72,10 +73,11 @@ def build_services(settings: ServerSettings, atlas: Atlas | None, store: StateSt
     """Load the model, open the store, start the runtime (blocking; run in a thread)."""
     import torch
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     if atlas is None:
         atlas = Atlas.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    # Threads from the model's size and the cores really available (engine/threads.py): torch's
+    # default collapses 15-50x as soon as another process wants a core.
+    apply_thread_policy(atlas.parameters, override=settings.torch_threads)
     owns_store = store is None
     store_settings = StoreSettings()
     if store is None:

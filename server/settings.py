@@ -58,7 +58,7 @@ class ServerSettings(BaseSettings):
     #: Dtype of the weights and activations (float32, bfloat16 or float16; bf16, fp16, fp32 too).
     #: The recurrent state stays fp32 whatever it is (docs/model.md, "Precision").
     dtype: WeightsDtype = "float32"
-    #: torch intra-op threads (unset: torch's default). 1 is often fastest for small models.
+    #: torch intra-op threads (unset: engine/threads.py chooses from the model and the free cores).
     torch_threads: int | None = Field(None, ge=1)
 
     # -- limits -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Everything is differentiable (training backprops through the chunk recurrence) a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -42,20 +43,37 @@ def gelu(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def gelu_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The tanh-form GELU and its derivative from one tanh (the gradients need both at the same h).
+
+    Written out rather than F.gelu: on CPU, ATen's tanh-GELU runs ~6x slower than its tanh, and
+    x.pow(3) ~20x slower than a product. Every product here is a separate out-of-place operation
+    (training differentiates through it); it rounds differently from F.gelu in the last bits only."""
+    xx = x * x
+    t = torch.tanh(torch.addcmul(x, x, xx, value=GELU_CUBIC) * SQRT_2_OVER_PI)  # tanh(s (x + c x^3))
+    half = x * 0.5
+    value = torch.addcmul(half, half, t)  # x/2 (1 + t)
+    # gelu' = (1 + t)/2 + x/2 (1 - t^2) s (1 + 3 c x^2)
+    slope = xx * (3 * GELU_CUBIC * SQRT_2_OVER_PI) + SQRT_2_OVER_PI
+    grad = torch.addcmul(t * 0.5 + 0.5, half * slope, 1.0 - t * t)
+    return value, grad
+
+
 def gelu_grad(x: Tensor) -> Tensor:
     """d/dx of the tanh-form GELU."""
-    inner = SQRT_2_OVER_PI * (x + GELU_CUBIC * x.pow(3))
-    t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x * x)
+    return gelu_and_grad(x)[1]
 
 
 def feature_map(x: Tensor, coeffs: Tensor) -> Tensor:
     """phi(x) = sum_i a_i x^i, elementwise; x (B, H, N, d), coeffs (H, p)."""
-    out = torch.zeros_like(x)
-    power = torch.ones_like(x)
-    for i in range(coeffs.shape[-1]):
+    # The sum a_1 x + a_2 x^2 + ... in this order, as the formula reads (no Horner: the same bits
+    # as summing the powers), with the coefficients laid out once.
+    a = coeffs.to(x.dtype).T[:, None, :, None, None]  # (p, 1, H, 1, 1)
+    out = a[0] * x
+    power = x
+    for i in range(1, coeffs.shape[-1]):
         power = power * x
-        out = out + coeffs[:, i].to(x.dtype)[None, :, None, None] * power
+        out = out + a[i] * power
     return out
 
 
@@ -77,10 +95,10 @@ def memory_grads(weights: Weights, x: Tensor, v: Tensor, omega: Tensor) -> Weigh
         return (err.mT @ x,)
     w1, w2 = weights
     h = x @ w2.mT
-    u = gelu(h)
+    u, du = gelu_and_grad(h)
     err = (x + u @ w1.mT - v) * omega[..., None]
     d_w1 = err.mT @ u
-    d_w2 = ((err @ w1) * gelu_grad(h)).mT @ x
+    d_w2 = ((err @ w1) * du).mT @ x
     return (d_w1, d_w2)
 
 
@@ -89,26 +107,56 @@ def ns_scale(rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-def newton_schulz(x: Tensor, steps: int) -> Tensor:
-    """Approximate orthogonalisation of each matrix in x (..., rows, cols), as in Muon."""
-    rows, cols = x.shape[-2:]
-    dtype = torch.promote_types(x.dtype, torch.float32)  # never below fp32
-    x = x.to(dtype)
-    wide = x.mT if rows > cols else x
+def _ns_wide(wide: Tensor, steps: int) -> Tensor:
+    """The iteration on matrices already in the wide orientation, (n, r, c) with r <= c.
+
+    The scalars ride in the matrix products (baddbmm: beta * input + alpha * product), so a step is
+    three BLAS calls and no elementwise pass: B = n2 A + n3 A^2, then Y <- n1 Y + B Y."""
     wide = wide / (torch.linalg.matrix_norm(wide, keepdim=True) + NS_EPS)
     n1, n2, n3 = NS_COEFFS
     for _ in range(steps):
-        a = wide @ wide.mT
-        wide = n1 * wide + (n2 * a + n3 * (a @ a)) @ wide
-    out = wide.mT if rows > cols else wide
-    return out * ns_scale(rows, cols)
+        a = torch.bmm(wide, wide.mT)
+        wide = torch.baddbmm(wide, torch.baddbmm(a, a, a, beta=n2, alpha=n3), wide, beta=n1)
+    return wide
 
 
+def newton_schulz(x: Tensor, steps: int) -> Tensor:
+    """Approximate orthogonalisation of each matrix in x (..., rows, cols), as in Muon."""
+    return newton_schulz_many((x,), steps)[0]
+
+
+def newton_schulz_many(xs: tuple[Tensor, ...], steps: int) -> tuple[Tensor, ...]:
+    """`newton_schulz` of each tensor of xs. Where their wide orientations have the same shape (W1
+    (d, e) and W2 (e, d) always do), they run as one batch: one BLAS call per product for both."""
+    wides = []
+    for x in xs:
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # never below fp32
+        wides.append(x.mT if x.shape[-2] > x.shape[-1] else x)
+    shape = wides[0].shape
+    if all(w.shape == shape and w.dtype == wides[0].dtype for w in wides):
+        both = torch.stack(wides) if len(wides) > 1 else wides[0]
+        outs = _ns_wide(both.reshape(-1, *shape[-2:]), steps).view(len(wides), *shape).unbind(0)
+    else:
+        outs = tuple(_ns_wide(w.reshape(-1, *w.shape[-2:]), steps).view(w.shape) for w in wides)
+    result = []
+    for x, out in zip(xs, outs, strict=True):
+        rows, cols = x.shape[-2:]
+        out = out.mT if rows > cols else out
+        scale = ns_scale(rows, cols)
+        result.append(out * scale if scale != 1.0 else out)  # x * 1.0 is x: skip the pass
+    return tuple(result)
+
+
+@functools.lru_cache(maxsize=64)
 def omega_counts(chunk: int, window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """#{t in chunk : i <= t <= i + c - 1} for the c-1 tail tokens and the chunk's b tokens."""
+    """#{t in chunk : i <= t <= i + c - 1} for the c-1 tail tokens and the chunk's b tokens.
+
+    Cached (every chunk of a model needs the same one): callers must not modify it. Made outside
+    inference mode, so a tensor first asked for while serving can still be used in training."""
     tail = [max(0, min(window - m, chunk)) for m in range(window - 1, 0, -1)]
     body = [min(window, chunk - r) for r in range(chunk)]
-    return torch.tensor(tail + body, dtype=dtype, device=device)
+    with torch.inference_mode(False):
+        return torch.tensor(tail + body, dtype=dtype, device=device)
 
 
 def chunk_update(
@@ -135,16 +183,19 @@ def chunk_update(
     hundreds of chunks."""
     grads = memory_grads(tuple(w.detach() for w in weights) if first_order else weights, x, v, omega)
     eta, alpha, theta = (g.to(weights[0].dtype)[..., None, None] for g in (eta, alpha, theta))
-    new_w, new_s = [], []
-    for i, (w, g) in enumerate(zip(weights, grads, strict=True)):
-        if optimizer == "gd":
-            step = g
-        else:
-            s = theta * momentum[i] + g
-            new_s.append(s)
-            step = newton_schulz(s, ns_steps).to(w.dtype) if optimizer == "muon" else s
-        new_w.append(alpha * w - eta * step)
-    return tuple(new_w), tuple(new_s)
+    if optimizer == "gd":
+        new_s: Weights = ()
+        steps = grads
+    else:
+        new_s = tuple(torch.addcmul(g, theta, s) for s, g in zip(momentum, grads, strict=True))  # theta S + G
+        steps = new_s
+        if optimizer == "muon":  # both matrices orthogonalised in one batch
+            ortho = newton_schulz_many(new_s, ns_steps)
+            steps = tuple(o.to(w.dtype) for o, w in zip(ortho, weights, strict=True))
+    # alpha W - eta step
+    new_w = tuple(torch.addcmul(alpha * w, eta, step, value=-1.0)
+                  for w, step in zip(weights, steps, strict=True))
+    return new_w, new_s
 
 
 def _memory_of(state: dict[str, Tensor], optimizer: str) -> tuple[tuple[str, ...], Weights, Weights]:
@@ -339,8 +390,9 @@ class AtlasMemory(nn.Module):
 
     def project(self, x: Tensor, conv_tail: Tensor) -> tuple[Tensor, ...]:
         """Per-token features: phi(q), phi(k), v (B, H, T, d), gate logits (B, H, T, 4), the new conv
-        tail (in the conv tail's dtype), and the raw projections (B, T, 3D) (the decode cache keeps
-        them). The saved conv tail holds earlier projections exactly, so it is cast back losslessly."""
+        tail (in the conv tail's dtype), and the raw projections after the conv tail's (B, K-1+T, 3D)
+        (the decode cache keeps the last of them). The saved conv tail holds earlier projections
+        exactly, so it is cast back losslessly."""
         c = self.cfg
         bsz, t, _ = x.shape
         zx = self.qkv(x)
@@ -350,7 +402,7 @@ class AtlasMemory(nn.Module):
         q, k, v = F.silu(conv).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logits = self.gates(x).view(bsz, t, 4, c.n_heads).permute(0, 3, 1, 2)
-        return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail, zx
+        return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail, z
 
     def decode(self, x: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """One new token per session (x (B, 1, D)) inside an unfinished chunk: reads only, no
@@ -374,16 +426,17 @@ class AtlasMemory(nn.Module):
         none), which sets its decode cache. Returns the per-head-normed reads (B, H, L, d) and the
         state."""
         c = self.cfg
-        fq, fk, v, logits, conv_tail, zx = self.project(x, st["conv"])
+        fq, fk, v, logits, conv_tail, z = self.project(x, st["conv"])
         names = self._names
         weights = tuple(st[n] for n in names)
         # Every token of a chunk reads the memory as it stood at the chunk's start.
         out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
-        z = torch.cat([st["conv"].to(zx.dtype), zx], dim=1)
         rows = ends[:, None] + 1 + torch.arange(c.conv_kernel - 1, device=x.device)
         cache = {"cache_conv": torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[-1]))}
         if not bool(commit.any()):
-            return out, dict(st, **cache)
+            new = dict(st)
+            new.update(cache)
+            return out, new
         if x.shape[1] != c.chunk_size:
             raise ValueError("a committed chunk must have chunk_size rows")
         # Gates of the whole batch in one layout before any selection, the sigmoids in float64:
@@ -412,6 +465,7 @@ class AtlasMemory(nn.Module):
                                   eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps,
                                   first_order=self.first_order and torch.is_grad_enabled())
         new = dict(st)
+        new.update(cache)
         tail = c.omega_window - 1
         new["tail_k"] = put(st["tail_k"], keys[:, :, keys.shape[2] - tail:])
         new["tail_v"] = put(st["tail_v"], vals[:, :, vals.shape[2] - tail:])
@@ -421,4 +475,4 @@ class AtlasMemory(nn.Module):
             new[n] = put(st[n], w)
             if s is not None:
                 new["S" + n[1:]] = put(st["S" + n[1:]], s)
-        return out, dict(new, **cache)
+        return out, new
