@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -23,7 +24,14 @@ from .. import session_file
 from ..api import Atlas, GeneratedToken
 from ..sampling import SamplingParams
 from ..state import SessionState
-from ..store import HotCache, SessionMeta, SessionNotFoundError, StateCorruptError, StateStore, StoreError
+from ..store import (
+    HotCache,
+    SessionMeta,
+    SessionNotFoundError,
+    StateCorruptError,
+    StateStore,
+    StoreUnavailableError,
+)
 from ..store.base import KEEP, Keep
 from ..store.redis_store import HEARTBEAT_OWNERS
 from .errors import QueueFullError, ShuttingDownError
@@ -36,6 +44,8 @@ from .stats import RuntimeStats
 from .worker import Worker
 
 _END = object()
+
+log = logging.getLogger("atlas.runtime")
 
 Work = Callable[[asyncio.Queue, Control], Awaitable[object]]
 
@@ -71,8 +81,10 @@ class Runtime:
         """Keep this runtime's heartbeat key alive (a thread: it must beat while the loop is busy)."""
         period_s = self.settings.heartbeat_ms / 1000
         while not self._stop.is_set():
-            with contextlib.suppress(StoreError):  # an unreachable store: leases fail on their own
+            try:
                 self.store.heartbeat(self.owner, 3 * self.settings.heartbeat_ms)
+            except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.debug("heartbeat of %s not written: %s", self.owner, e)
             self._stop.wait(period_s)
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -236,11 +248,18 @@ class Runtime:
                 await asyncio.to_thread(lease.renew)
 
         renewer = asyncio.create_task(renew())
+        store_away = False
         try:
             yield lease.fence
+        except StoreUnavailableError:
+            # Not released: that would hold the caller another socket timeout. The lease is this
+            # runtime's leftover, which its next request on the session reclaims (or it expires).
+            store_away = True
+            raise
         finally:
             renewer.cancel()
-            await asyncio.to_thread(lease.release)
+            if not store_away:
+                await asyncio.to_thread(lease.release)
 
     async def _stream(self, work: Work) -> AsyncGenerator[Any, None]:
         """Run `work` as its own task and relay its events. The task is never cancelled from here:

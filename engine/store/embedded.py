@@ -149,7 +149,10 @@ class EmbeddedStore(RedisStore):
                 Path(client.socket_file).unlink(missing_ok=True)  # see __init__: a dead server's socket
                 client._start_redis()
                 client._wait_for_server_start()
-                client.connection_pool.disconnect()
+                # Idle connections only: one another thread is reading from fails on its own, as a
+                # ConnectionError that is retried once on a new connection (closing it under that
+                # thread would raise a ValueError no layer expects).
+                client.connection_pool.disconnect(inuse_connections=False)
                 self._stats.count("restarts")
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

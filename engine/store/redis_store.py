@@ -615,10 +615,13 @@ class RedisStore(StateStore):
                 res = self._run("commit", [hk, fk, lk, *old_keys, *new_keys], args)
                 if _text(res[0]) != "ok":
                     self._raise_status(sid, res)
-            except BaseException:
+            except BaseException as e:
                 for d in digests:
                     d.cancel()
-                self._discard(new_keys)
+                if not isinstance(e, redis.ConnectionError | redis.TimeoutError):
+                    # Redis away or frozen: the parts expire (pending TTL); waiting for it to drop
+                    # them would hold the caller another timeout.
+                    self._discard(new_keys)
                 raise
         meta = self._meta(sid, self._flat_to_dict(res[1]))[0]
         self._stats.save(time.perf_counter() - t0, n)
