@@ -46,10 +46,11 @@ def settings_names() -> set[str]:
     """Every ATLAS_* variable the server, the store, the runtime and the kernels read."""
     from atlas.engine.runtime.settings import RuntimeSettings
     from atlas.engine.store.settings import StoreSettings
+    from atlas.engine.threads import ThreadSettings
     from atlas.kernels.settings import KernelSettings
     from atlas.server.settings import ServerSettings
 
-    classes = (ServerSettings, StoreSettings, RuntimeSettings, KernelSettings)
+    classes = (ServerSettings, StoreSettings, RuntimeSettings, KernelSettings, ThreadSettings)
     return {f"ATLAS_{name.upper()}" for cls in classes for name in cls.model_fields}
 
 
@@ -406,15 +407,17 @@ def test_makefile_installs_pinned_torch_before_the_project() -> None:
 @pytest.mark.parametrize("variant", ["cpu", "cuda"])
 def test_dockerfile_builds_like_the_makefile(variant: str) -> None:
     steps = list(instructions(DOCKERFILES[variant]))
-    args = {k: v for i, a in steps if i == "ARG" and "=" in a for k, v in [a.split("=", 1)]}
-    froms = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], a) for i, a in steps if i == "FROM"]
+    # Build arguments at their defaults (what a plain `docker build` uses), quotes removed.
+    args = {k: v.strip('"') for i, a in steps if i == "ARG" and "=" in a for k, v in [a.split("=", 1)]}
+    expand = lambda text: re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+    froms = [expand(a) for i, a in steps if i == "FROM"]
     assert len(froms) >= 2 and any(" AS " in f.upper() for f in froms), "multi-stage"
     if variant == "cuda":
         assert froms[-1].startswith(("nvidia/cuda:", "pytorch/pytorch:")), froms
     else:
         assert froms[-1].startswith("python:"), froms
 
-    installs = [words for i, a in steps if i == "RUN" for words in pip_installs(a)]
+    installs = [words for i, a in steps if i == "RUN" for words in pip_installs(expand(a))]
     torch = [n for n, words in enumerate(installs) if any(w.startswith("torch==") for w in words)]
     project = [n for n, words in enumerate(installs) if words in (["."], [".[gpu]"])]
     assert torch and project and torch[0] < project[0], installs

@@ -258,15 +258,18 @@ def test_a_raising_decode_batch_steps_its_members_alone(model, tmp_path, monkeyp
 
         try:
             out = asyncio.run(main())
-            assert max(batches) > 1
-            return out if bad else [None, *out]
+            return (out if bad else [None, *out]), max(batches)
         finally:
             monkeypatch.undo()
             rt.close()
             store.close()
 
-    ref = run(False, "ref")
-    got = run(True, "bad")
+    ref, _ = run(False, "ref")
+    for attempt in range(5):  # on a loaded machine the four generations may reach the worker apart
+        got, peak = run(True, f"bad{attempt}")
+        if peak > 1:
+            break
+    assert peak > 1  # the corrupt session was in a batch with the others
     assert isinstance(got[0], StateFormatError) and MEMORY_WEIGHT in str(got[0]), got[0]
     assert got[1:] == ref[1:]
     assert all(isinstance(t, list) and len(t) == GREEDY.max_tokens for t in got[1:])

@@ -29,11 +29,39 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train`, `eval`, `init` and `convert` to a typer app (the `atlas` command line uses this)."""
+    """Add `train`, `eval`, `init`, `convert` and `tokenizer train` to a typer app (the `atlas`
+    command line uses this)."""
     app.command()(train)
     app.command(name="eval")(evaluate)
     app.command(name="init")(init_model)
     app.command()(convert)
+    tokenizer = typer.Typer(help="Tokenizers for new models.", no_args_is_help=True)
+    tokenizer.command(name="train")(train_tokenizer)
+    app.add_typer(tokenizer, name="tokenizer")
+
+
+def train_tokenizer(
+    files: Annotated[list[str], typer.Argument(help="Text files (txt, jsonl, parquet) or glob patterns")],
+    out: Annotated[Path, typer.Option(help=(
+        "The tokenizer.json to write (tokenizer_config.json goes beside it)"))],
+    vocab: Annotated[int, typer.Option(min=2, help="Tokens in all, special tokens included")] = 8192,
+    min_frequency: Annotated[int, typer.Option(min=1, help="Merge only pairs seen this often")] = 2,
+    text_field: Annotated[str, typer.Option(help="The field of jsonl records / parquet column")] = "text",
+) -> None:
+    """Learn a byte-level BPE tokenizer from text files (for atlas init --tokenizer)."""
+    from tokenizers import Tokenizer
+
+    from .tokenizer_trainer import train_tokenizer as learn
+
+    start = time.perf_counter()
+    try:
+        path = learn(files, vocab, out, min_frequency=min_frequency, text_field=text_field)
+    except (OSError, ValueError, ImportError) as e:
+        _fail(str(e))
+    size = Tokenizer.from_file(str(path)).get_vocab_size()
+    err.print(f"tokenizer {path}: {size} tokens ({time.perf_counter() - start:.0f}s); next: "
+              f"atlas init --config MODEL.json --tokenizer {path} --out MODEL_DIR",
+              markup=False, highlight=False, soft_wrap=True)
 
 
 def init_model(
@@ -108,9 +136,11 @@ def train(
     resume: Annotated[bool, typer.Option(
         help="Continue from OUT_DIR/model/training_state/trainer.pt if it exists")] = True,
 ) -> None:
-    """Train a model on the synthetic long-context tasks; checkpoints to OUT_DIR/model."""
+    """Train a model on the synthetic long-context tasks or on text files ([corpus]); checkpoints to
+    OUT_DIR/model. Under torchrun (python -m atlas.training) every process runs this."""
     from pydantic import ValidationError
 
+    from .distributed import World
     from .trainer import TrainConfig, run_training
 
     try:
@@ -122,8 +152,12 @@ def train(
         err.print(f"[red]bad training config {config}: {e}[/red]")
         raise typer.Exit(2) from e
     start = time.perf_counter()
-    path = run_training(cfg, resume=resume)
-    err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
+    try:
+        path = run_training(cfg, resume=resume)
+    except (OSError, ValueError, ImportError) as e:  # missing files, a corpus that does not fit, ...
+        _fail(f"atlas train {config}: {e}")
+    if World.from_env().main:
+        err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
 
 
 def evaluate(

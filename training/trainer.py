@@ -5,33 +5,50 @@ curriculum, fp32 or bf16, checkpoints, resume, a progress bar and a loss log."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import math
 import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from atlas.engine.api import resolve_device
-from atlas.engine.checkpoint import TRAINING_STATE_DIR, load_checkpoint, read_config, save_checkpoint
+from atlas.engine.checkpoint import (
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TRAINING_STATE_DIR,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
 from atlas.engine.config import ModelConfig
 from atlas.engine.machine import portable_path
 from atlas.engine.model import AtlasModel
-from atlas.engine.tokenizer import ByteTokenizer
+from atlas.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
+from . import distributed
+from .authoring import guess_eos_token_id
+from .data import CorpusConfig, CorpusLoader
+from .distributed import World
+from .precision import autocast
 from .tasks import KEY_DIGITS, TRAIN_TASKS, make_sample, min_length
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
+
+log = logging.getLogger(__name__)
 
 
 class OptimConfig(BaseModel):
@@ -46,12 +63,22 @@ class OptimConfig(BaseModel):
 def lm_loss(model: AtlasModel, tokens: Tensor, loss_mask: Tensor | None = None) -> Tensor:
     """Mean next-token cross-entropy of tokens (B, T) from a fresh state; loss_mask (B, T-1) selects
     which predicted positions count."""
-    logits, _ = model(tokens[:, :-1], model.init_state(tokens.shape[0]))
+    return text_loss(model, tokens, loss_mask=loss_mask)[0]
+
+
+def text_loss(model: AtlasModel, tokens: Tensor, gates: GateConfig | None = None,
+              loss_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Next-token cross-entropy of tokens (B, T) (over loss_mask's positions, if given) plus the
+    gate costs, and its parts by name (`lm`, and the gates' means as in `task_loss`)."""
+    logits, logged = _forward_logging_gates(model, tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     if loss_mask is None:
-        return loss.mean()
-    mask = loss_mask.flatten().to(loss.dtype)
-    return (loss * mask).sum() / mask.sum().clamp_min(1)
+        ce = loss.mean()
+    else:
+        mask = loss_mask.flatten().to(loss.dtype)
+        ce = (loss * mask).sum() / mask.sum().clamp_min(1)
+    parts, costs = _gate_terms(logged, gates)
+    return sum(costs, start=ce), {"lm": ce, **parts}
 
 
 def make_optimizer(model: AtlasModel, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -197,10 +224,28 @@ class TrainConfig(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
+    # Train next-token prediction on text files (training/data.py) instead of the synthetic tasks
+    # of `data`, with `tokenizer` (a tokenizer.json; default: init_from's, else the byte tokenizer).
+    corpus: CorpusConfig | None = None
+    tokenizer: Path | None = None
+    # The step's batch is cut into this many micro-batches, each one forward and backward pass; the
+    # processes share them (each runs micro_batches / processes, accumulating the gradients). The
+    # data and the arithmetic depend on this, not on the number of processes.
+    micro_batches: int = Field(1, ge=1)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes (torchrun)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    dist_timeout_s: float = Field(600, gt=0)  # a collective that waits longer ends the job
+    log_csv: bool = False  # log.csv beside log.jsonl (rewritten at each checkpoint)
+    tensorboard: bool = False  # OUT/tensorboard, if the tensorboard package is installed
 
     @model_validator(mode="after")
     def _gate_costs_fit(self) -> TrainConfig:
         self.gates.weights(sum(m != "swa" for m in self.model.mixers))
+        if self.tokenizer is not None and self.corpus is None:
+            raise ValueError("tokenizer is for [corpus] training; the synthetic tasks are byte-level")
+        if self.corpus is not None and self.corpus.batch_rows % self.micro_batches:
+            raise ValueError(f"corpus.batch_rows {self.corpus.batch_rows} is not a multiple of "
+                             f"micro_batches {self.micro_batches}")
         return self
 
     @classmethod
@@ -278,15 +323,7 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
     name (answer: the plain mean, prompt, end: the mean over end_mask, and with memory layers the
     mean write gate `eta` (/ eta_max), forgetting `forget` (1 - alpha) and momentum gate `theta.i`
     of the prompt's chunks)."""
-    mems = model.memories
-    for mem in mems:
-        mem.gate_log = []
-    try:
-        logits, _ = model(tokens[:, :-1], model.init_state(tokens.shape[0]))
-        logged = [torch.stack(mem.gate_log).float() for mem in mems if mem.gate_log]
-    finally:
-        for mem in mems:
-            mem.gate_log = None
+    logits, logged = _forward_logging_gates(model, tokens[:, :-1])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     ce = ce.view_as(answer_mask.float())
     parts = {"answer": ce[answer_mask].mean(), "prompt": ce[prompt_mask].mean()}
@@ -295,20 +332,42 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
         parts["end"] = ce[end_mask].mean()
         weight = answer_mask.float() + (end_weight - 1) * end_mask.float()
         answer = (ce * weight).sum() / weight.sum().clamp_min(1e-9)
-    total = answer + lm_weight * parts["prompt"]
-    if logged:
-        g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
-        eta, forget, theta = g[..., 0], 1 - g[..., 1], g[..., 2]
-        parts["eta"], parts["forget"] = eta.mean(), forget.mean()
-        parts.update({f"eta.{i}": e.mean() for i, e in enumerate(eta)})
-        parts.update({f"theta.{i}": t.mean() for i, t in enumerate(theta)})
-        if gates is not None:
-            write_w, forget_w, momentum_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
-            over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
-            span = -torch.log1p(-theta.clamp_max(1 - 1e-7)).flatten(1).mean(1)  # log of 1 / (1 - theta)
-            total = (total + (write_w * over_horizon(eta)).mean() + (forget_w * over_horizon(forget)).mean()
-                     + (momentum_w * span).mean())
-    return total, parts
+    gate_parts, costs = _gate_terms(logged, gates)
+    return sum(costs, start=answer + lm_weight * parts["prompt"]), {**parts, **gate_parts}
+
+
+def _forward_logging_gates(model: AtlasModel, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The logits of inputs (B, T) from a fresh state, and each memory layer's chunk gates
+    (chunks, B, H, 3: eta / eta_max, alpha, theta) as the forward pass computed them."""
+    mems = model.memories
+    for mem in mems:
+        mem.gate_log = []
+    try:
+        logits, _ = model(inputs, model.init_state(inputs.shape[0]))
+        logged = [torch.stack(mem.gate_log).float() for mem in mems if mem.gate_log]
+    finally:
+        for mem in mems:
+            mem.gate_log = None
+    return logits, logged
+
+
+def _gate_terms(logged: list[Tensor], gates: GateConfig | None) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """The gates' means (write `eta`, forgetting `forget`, by layer `eta.i` and `theta.i`) and the
+    costs of `gates` on them (GateConfig: writing, forgetting, the momentum's span)."""
+    if not logged:
+        return {}, []
+    g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
+    eta, forget, theta = g[..., 0], 1 - g[..., 1], g[..., 2]
+    parts = {"eta": eta.mean(), "forget": forget.mean()}
+    parts.update({f"eta.{i}": e.mean() for i, e in enumerate(eta)})
+    parts.update({f"theta.{i}": t.mean() for i, t in enumerate(theta)})
+    if gates is None:
+        return parts, []
+    write_w, forget_w, momentum_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
+    over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
+    span = -torch.log1p(-theta.clamp_max(1 - 1e-7)).flatten(1).mean(1)  # log of 1 / (1 - theta)
+    return parts, [(write_w * over_horizon(eta)).mean(), (forget_w * over_horizon(forget)).mean(),
+                   (momentum_w * span).mean()]
 
 
 def _trim_log(path: Path, last_step: int) -> None:
@@ -342,79 +401,289 @@ def _initial_model(cfg: TrainConfig, device: torch.device) -> tuple[AtlasModel, 
     return model, earlier
 
 
+class Objective(nn.Module):
+    """The training loss as one module, so that DDP and FSDP wrap everything a step runs (the fresh
+    state and the forward pass), and one process and N compute the same function: the synthetic
+    tasks' `task_loss` for a batch with answer masks, else `text_loss`."""
+
+    def __init__(self, model: AtlasModel, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.data, self.gates = cfg.data, cfg.gates
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if "answer_mask" in batch:
+            return task_loss(self.model, batch["tokens"], batch["answer_mask"], batch["prompt_mask"],
+                             self.data.lm_weight, self.gates, batch["end_mask"], self.data.end_weight)
+        return text_loss(self.model, batch["tokens"], self.gates)
+
+
+#: Parts of the loss the log names `NAME_loss`; the others are the gates' means, `mean_NAME`.
+LOSS_PARTS = ("answer", "prompt", "end", "lm")
+
+MicroBatches = tuple[list[dict[str, Tensor]], dict[str, int]]
+
+
+def task_micro_batches(step: int, cfg: TrainConfig, slots: list[int]) -> MicroBatches:
+    """The micro-batches `slots` of the step's task batch (its rows cut into cfg.micro_batches
+    parts), and the step's prompt length and rows."""
+    b = task_batch(step, cfg.data, cfg.seed)
+    rows = b.tokens.shape[0]
+    if rows < cfg.micro_batches:
+        raise ValueError(f"step {step}'s batch has {rows} rows, fewer than micro_batches "
+                         f"{cfg.micro_batches}: raise data.tokens_per_batch")
+    fields = {"tokens": b.tokens, "answer_mask": b.answer_mask, "prompt_mask": b.prompt_mask,
+              "end_mask": b.end_mask}
+    parts = {name: t.tensor_split(cfg.micro_batches) for name, t in fields.items()}
+    return [{name: parts[name][k] for name in fields} for k in slots], {"length": b.length, "batch": rows}
+
+
+class _Text(NamedTuple):
+    """What corpus training reads with: the tokenizer (its file, None for bytes), its
+    tokenizer_config.json if any, and the end-of-sequence id (documents' separator)."""
+
+    tokenizer: Tokenizer
+    file: Path | None
+    config_file: Path | None
+    eos: int | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> _Text:
+        file = cfg.tokenizer
+        if file is None and cfg.init_from is not None and (cfg.init_from / TOKENIZER_FILE).is_file():
+            file = cfg.init_from / TOKENIZER_FILE
+        if file is None:
+            return cls(ByteTokenizer(), None, None, None)
+        beside = file.with_name(TOKENIZER_CONFIG_FILE)
+        config_file = beside if beside.is_file() else None
+        tok_cfg = json.loads(beside.read_text()) if config_file else None
+        return cls(HFTokenizer(file), file, config_file, guess_eos_token_id(file, tok_cfg))
+
+
+def _with_vocab(cfg: TrainConfig, vocab: int) -> TrainConfig:
+    """The config with a vocabulary of at least `vocab` (the tokenizer's size, as `atlas init`)."""
+    if vocab <= cfg.model.vocab_size:
+        return cfg
+    return cfg.model_copy(update={"model": ModelConfig(**{**cfg.model.model_dump(), "vocab_size": vocab})})
+
+
+def _checkpoint_blocks(model: AtlasModel) -> None:
+    """Activation checkpointing: each block keeps only its inputs and recomputes the rest in the
+    backward pass (the parameter names, so the checkpoints, stay the same)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _step_record(step: int, measured: list[dict[str, float]], info: dict[str, int], lr: float,
+                 grad_norm: float, wall: float, seconds: float) -> dict[str, Any]:
+    """log.jsonl's line for a step: the means over every micro-batch of every process (a part some
+    micro-batches lack, such as `end`, over those that have it), and the tokens read."""
+    names = dict.fromkeys(k for m in measured for k in m if k != "tokens")
+    mean = {k: sum(m[k] for m in measured if k in m) / sum(k in m for m in measured) for k in names}
+    tokens = int(sum(m["tokens"] for m in measured))
+    rec: dict[str, Any] = {"step": step, "loss": round(mean.pop("loss"), 5)}
+    rec.update({f"{k}_loss": round(mean[k], 5) for k in LOSS_PARTS if k in mean})
+    rec.update({f"mean_{k}": round(v, 7) for k, v in mean.items() if k not in LOSS_PARTS})
+    rec.update(length=info["length"], batch=info["batch"], lr=lr, grad_norm=round(grad_norm, 4),
+               wall_s=round(wall, 2), tokens=tokens, tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
+    return rec
+
+
+def _write_csv(out: Path) -> None:
+    """log.csv from log.jsonl: one column per key any step logged."""
+    import csv
+
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    with (out / "log.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in recs for k in r)))
+        writer.writeheader()
+        writer.writerows(recs)
+
+
+def _tensorboard(out: Path, step: int) -> Any:
+    """A TensorBoard writer in OUT/tensorboard, or None (with a warning) without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard = true, but the tensorboard package is not installed: logging to "
+                    "log.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step)
+
+
 def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     """Train per `cfg`, checkpointing to cfg.out_dir: model/ (a checkpoint folder, docs/formats.md),
-    with model/training_state/trainer.pt (weights, optimiser and step, to resume; loading ignores
-    it), and log.jsonl (one line per step). Returns model/."""
-    device = resolve_device(cfg.device)
+    with model/training_state/trainer.pt (weights, optimiser, step, data position and RNG, to
+    resume; loading ignores it), and log.jsonl (one line per step). Returns model/.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: they join a process group, share each
+    step's micro-batches and reduce the gradients (DDP or FSDP, `cfg.parallel`); rank 0 logs and
+    writes the checkpoints."""
+    world = World.from_env()
+    device = distributed.start(world, resolve_device(cfg.device), cfg.dist_timeout_s)
+    try:
+        return _run(cfg, world, device, resume, progress)
+    finally:
+        distributed.stop()
+
+
+def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, progress: bool) -> Path:
+    if cfg.micro_batches % world.size:
+        raise ValueError(f"micro_batches {cfg.micro_batches} cannot be shared by {world.size} processes: "
+                         f"make it a multiple")
+    per_rank = cfg.micro_batches // world.size
+    slots = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))
+    text = _Text.of(cfg) if cfg.corpus is not None else None
+    if text is not None:
+        cfg = _with_vocab(cfg, text.tokenizer.vocab_size)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    if world.main:
+        (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     model, earlier = _initial_model(cfg, device)
-    opt = make_optimizer(model, cfg.optim)
-    step, wall = 0, 0.0
     trainer = out / "model" / TRAINING_STATE_DIR / "trainer.pt"
     earlier_layout = out / "trainer.pt"  # where earlier versions kept it
+    saved = None
     if resume and (trainer.exists() or earlier_layout.exists()):
         saved = torch.load(trainer if trainer.exists() else earlier_layout, map_location=device,
                            weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        step, wall = int(saved["step"]), float(saved["wall_s"])
-    _trim_log(out / "log.jsonl", step)  # steps after the checkpoint will be logged again
+        model.load_state_dict(saved["model"])  # before FSDP shards the weights
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    wrapped = distributed.wrap(Objective(model, cfg), model, cfg.parallel, world, device)
+    opt = make_optimizer(model, cfg.optim)  # after wrapping: FSDP replaces the parameters by shards
+    loader = None
+    if cfg.corpus is not None and text is not None:
+        loader = CorpusLoader(cfg.corpus, text.tokenizer, text.eos, slots, cfg.micro_batches)
+    step, wall, seen = 0, 0.0, 0
+    if saved is not None:
+        distributed.load_optimizer(wrapped, opt, saved["optimizer"])
+        step, wall, seen = int(saved["step"]), float(saved["wall_s"]), int(saved.get("tokens", 0))
+        if "rng" in saved:
+            torch.set_rng_state(saved["rng"]["torch"].cpu())
+            random.setstate(saved["rng"]["python"])
+        if loader is not None:
+            loader.load_state_dict(saved["data"]["slots"], saved["data"]["micro_batches"])
+    if world.main:
+        _trim_log(out / "log.jsonl", step)  # steps after the checkpoint will be logged again
     model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     end = min(cfg.steps, cfg.stop_after or cfg.steps)
-    bar = tqdm(total=end, initial=step, disable=not progress, desc=cfg.name, unit="step")
+    bar = tqdm(total=end, initial=step, disable=not (progress and world.main), desc=cfg.name, unit="step")
+    board = _tensorboard(out, step) if cfg.tensorboard and world.main else None
 
-    def checkpoint() -> Path:
-        # The resume state first, whole (weights included): a crash while the checkpoint folder is
-        # written then resumes from it. Nothing else is needed to resume: the batch of a step is a
-        # pure function of (seed, step) and training draws no other random numbers.
-        trainer.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "wall_s": wall}, trainer.with_suffix(".tmp"))
-        trainer.with_suffix(".tmp").replace(trainer)
-        meta = {"training": {"name": cfg.name, "steps": step, "wall_s": round(wall, 1),
-                             "device": str(device), "precision": cfg.precision, "seed": cfg.seed,
-                             "max_train_len": max(cfg.data.max_len, earlier.get("max_train_len", 0)),
-                             "tasks": cfg.data.tasks}}
-        if earlier:
-            meta["training"]["init_from"] = earlier
-        return save_checkpoint(model, out / "model", extra=meta)
+    def checkpoint() -> None:
+        # Every rank takes part (FSDP gathers the shards, each rank has its slots' data position);
+        # rank 0 writes. The resume state first, whole (weights included): a crash while the
+        # checkpoint folder is written then resumes from it.
+        weights, optim_state = distributed.full_states(wrapped, opt)
+        positions = distributed.gather(loader.state_dict(), world) if loader is not None else []
+        if world.main:
+            state = {"model": weights, "optimizer": optim_state, "step": step, "wall_s": wall,
+                     "tokens": seen, "processes": world.size,
+                     "scheduler": {"lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps,
+                                   "min_lr_ratio": cfg.optim.min_lr_ratio, "total_steps": cfg.steps},
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+            if loader is not None:
+                state["data"] = {"micro_batches": cfg.micro_batches,
+                                 "slots": {k: v for rank in positions for k, v in rank.items()}}
+            trainer.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, trainer.with_suffix(".tmp"))
+            trainer.with_suffix(".tmp").replace(trainer)
+            record = _record(cfg, step, wall, seen, device, world, earlier)
+            sharded = cfg.parallel == "fsdp" and world.size > 1
+            _save_model(cfg, model if not sharded else None, weights, out / "model", record, text)
+            if cfg.log_csv:
+                _write_csv(out)
+        distributed.barrier()
 
-    with (out / "log.jsonl").open("a") as log:
+    with (out / "log.jsonl").open("a") if world.main else contextlib.nullcontext() as log_file:
         while step < end:
             start = time.perf_counter()
-            tokens, answer_mask, prompt_mask, length, end_mask = task_batch(step, cfg.data, cfg.seed)
-            tokens, answer_mask, prompt_mask, end_mask = (t.to(device) for t in (tokens, answer_mask,
-                                                                                  prompt_mask, end_mask))
+            micro, info = ([{"tokens": t} for t in loader.next_micro_batches()],
+                           {"length": cfg.corpus.seq_len, "batch": cfg.corpus.batch_rows}) \
+                if loader is not None and cfg.corpus is not None else task_micro_batches(step, cfg, slots)
             lr = lr_at(step, cfg.steps, cfg.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with autocast:
-                loss, parts = task_loss(model, tokens, answer_mask, prompt_mask, cfg.data.lm_weight,
-                                        cfg.gates, end_mask, cfg.data.end_weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            measured: list[dict[str, float]] = []
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with distributed.gradient_sync(wrapped, i == len(micro) - 1):
+                    with autocast(device.type, cfg.precision):
+                        loss, parts = wrapped(batch)
+                    (loss / len(micro)).backward()
+                measured.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                                 "tokens": batch["tokens"][:, 1:].numel()})
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             opt.step()
             step += 1
-            wall += time.perf_counter() - start
-            gate_means = {f"mean_{k}": round(v.item(), 7) for k, v in parts.items()
-                          if k not in ("answer", "prompt", "end")}
-            losses = {f"{k}_loss": round(parts[k].item(), 5)
-                      for k in ("answer", "prompt", "end") if k in parts}
-            rec = {"step": step, "loss": round(loss.item(), 5), **losses, **gate_means,
-                   "length": length, "batch": tokens.shape[0],
-                   "lr": lr, "grad_norm": round(float(grad_norm), 4), "wall_s": round(wall, 2)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            everything = [m for rank in distributed.gather(measured, world) for m in rank]
+            seconds = time.perf_counter() - start
+            wall += seconds
+            rec = _step_record(step, everything, info, lr, float(grad_norm), wall, seconds)
+            seen += rec["tokens"]
+            if log_file is not None:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            if board is not None:
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, int | float):
+                        board.add_scalar(k, v, step)
             bar.update(1)
-            bar.set_postfix(answer=f"{rec['answer_loss']:.3f}", prompt=f"{rec['prompt_loss']:.3f}",
-                            len=length)
+            bar.set_postfix(_postfix(rec, world.size))
             if step % cfg.checkpoint_every == 0 or step == end:
                 checkpoint()
     bar.close()
+    if board is not None:
+        board.close()
     model.eval()
     return out / "model"
+
+
+def _postfix(rec: dict[str, Any], processes: int) -> dict[str, str]:
+    """What the progress bar shows: the losses, the learning rate, tokens/s per process, the write
+    gate's mean."""
+    shown = {k.removesuffix("_loss"): f"{v:.3f}" for k, v in rec.items() if k.endswith("_loss")}
+    shown = {"loss": f"{rec['loss']:.3f}", **shown, "lr": f"{rec['lr']:.1e}",
+             "tok/s/proc": f"{rec['tokens_per_s'] / processes:,.0f}"}
+    if "mean_eta" in rec:
+        shown["eta"] = f"{rec['mean_eta']:.3f}"
+    if "length" in rec:
+        shown["len"] = str(rec["length"])
+    return shown
+
+
+def _record(cfg: TrainConfig, step: int, wall: float, seen: int, device: torch.device, world: World,
+            earlier: dict) -> dict[str, Any]:
+    """config.json's `training` record of the run so far."""
+    rec: dict[str, Any] = {"name": cfg.name, "steps": step, "wall_s": round(wall, 1), "device": str(device),
+                           "precision": cfg.precision, "seed": cfg.seed}
+    if cfg.corpus is None:
+        rec.update(max_train_len=max(cfg.data.max_len, earlier.get("max_train_len", 0)), tasks=cfg.data.tasks)
+    else:
+        rec.update(max_train_len=max(cfg.corpus.seq_len, earlier.get("max_train_len", 0)), tokens=seen,
+                   corpus=[portable_path(f) for f in cfg.corpus.files])
+    if world.size > 1:
+        rec.update(processes=world.size, parallel=cfg.parallel)
+    if earlier:
+        rec["init_from"] = earlier
+    return rec
+
+
+def _save_model(cfg: TrainConfig, model: AtlasModel | None, weights: dict[str, Tensor], path: Path,
+                record: dict[str, Any], text: _Text | None) -> Path:
+    """The checkpoint folder of `model`, or (None: FSDP, whose parameters are shards) of a model
+    made from the gathered weights; with the tokenizer of a corpus run and its end-of-sequence id."""
+    if model is None:
+        with torch.device("meta"):
+            model = AtlasModel(cfg.model)
+        model.load_state_dict(weights, assign=True)
+    if text is None:
+        return save_checkpoint(model, path, extra={"training": record})
+    return save_checkpoint(model, path, extra={"training": record}, tokenizer=text.file,
+                           tokenizer_config=text.config_file, generation_config={"eos_token_id": text.eos})

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,8 @@ from atlas import kernels
 from atlas.kernels.settings import kernel_settings
 
 from ..config import ModelConfig
+
+T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
@@ -77,6 +81,23 @@ def feature_map(x: Tensor, coeffs: Tensor) -> Tensor:
     return out
 
 
+def outside_autocast(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run the memory's inner loop at the precision docs/model.md ("Precision") requires, also
+    under autocast (bf16 training): autocast would lower its products, whose inputs the model casts
+    to the state dtype, back to bf16. Costs nothing where autocast is off."""
+
+    @functools.wraps(fn)
+    def run(weights: Weights, *args: Any, **kwargs: Any) -> T:
+        device = weights[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(weights, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(weights, *args, **kwargs)
+
+    return run
+
+
+@outside_autocast
 def memory_read(weights: Weights, x: Tensor) -> Tensor:
     """M_W(x) for x (B, H, N, d)."""
     x = x.to(weights[0].dtype)
@@ -263,6 +284,7 @@ def use_kernels(weights: Weights, *tensors: Tensor) -> bool:
     return kernels.available() and kernels.supported(len(weights), d, e)
 
 
+@outside_autocast
 def chunk_step(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega: Tensor, eta: Tensor,
                alpha: Tensor, theta: Tensor, optimizer: str, ns_steps: int,
                first_order: bool = False) -> tuple[Weights, Weights]:
