@@ -259,38 +259,34 @@ def generate_event(event: dict[str, Any],
     return Token(**event), done
 
 
-def completion_event(event: dict[str, Any],
-                     done: GenerateDone | None) -> tuple[Token | None, GenerateDone | None]:
-    """One /v1/completions chunk: a token and/or (usage, finish reason) the end of the stream."""
+def _openai_event(event: dict[str, Any], done: GenerateDone | None,
+                  text_of: Callable[[dict[str, Any]], str | None]
+                  ) -> tuple[Token | None, GenerateDone | None]:
+    """One chunk of an OpenAI stream: a token (the text `text_of` finds in a choice) and/or how the
+    stream ended (``finish_reason``, then ``usage`` in a last chunk without choices)."""
     if event.get("usage"):
         usage = Usage(**event["usage"])
         done = done.model_copy(update={"usage": usage}) if done else GenerateDone(finish_reason="length",
                                                                                  usage=usage)
     token = None
     for choice in event.get("choices") or []:
-        if choice.get("text"):
-            token = Token(text=choice["text"])
+        if text := text_of(choice):
+            token = Token(text=text)
         if choice.get("finish_reason"):
             done = GenerateDone(finish_reason=choice["finish_reason"], usage=done.usage if done else None)
     return token, done
+
+
+def completion_event(event: dict[str, Any],
+                     done: GenerateDone | None) -> tuple[Token | None, GenerateDone | None]:
+    """One /v1/completions chunk: ``choices[0].text``."""
+    return _openai_event(event, done, lambda choice: choice.get("text"))
 
 
 def chat_event(event: dict[str, Any],
                done: GenerateDone | None) -> tuple[Token | None, GenerateDone | None]:
-    """One ``chat.completion.chunk``: ``choices[0].delta.content`` and/or how the stream ended
-    (``finish_reason``, then ``usage`` in a last chunk without choices)."""
-    if event.get("usage"):
-        usage = Usage(**event["usage"])
-        done = done.model_copy(update={"usage": usage}) if done else GenerateDone(finish_reason="length",
-                                                                                 usage=usage)
-    token = None
-    for choice in event.get("choices") or []:
-        content = (choice.get("delta") or {}).get("content")
-        if content:
-            token = Token(text=content)
-        if choice.get("finish_reason"):
-            done = GenerateDone(finish_reason=choice["finish_reason"], usage=done.usage if done else None)
-    return token, done
+    """One ``chat.completion.chunk``: ``choices[0].delta.content``."""
+    return _openai_event(event, done, lambda choice: (choice.get("delta") or {}).get("content"))
 
 
 class AsyncClosing:
