@@ -1,5 +1,5 @@
-"""`atlas train`, `atlas eval`, `atlas init` and `atlas convert`: the commands `atlas` mounts with
-``register(app)``.
+"""`atlas train`, `atlas eval`, `atlas init`, `atlas convert` and `atlas corpus build`: the commands
+`atlas` mounts with ``register(app)``.
 
 Heavy modules (torch, the trainer) load inside the commands, so that `atlas --help` and the serving
 commands start without them."""
@@ -29,8 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train`, `eval`, `init`, `convert` and `tokenizer train` to a typer app (the `atlas`
-    command line uses this)."""
+    """Add `train`, `eval`, `init`, `convert`, `tokenizer train` and `corpus build` to a typer app
+    (the `atlas` command line uses this)."""
     app.command()(train)
     app.command(name="eval")(evaluate)
     app.command(name="init")(init_model)
@@ -38,6 +38,33 @@ def register(app: typer.Typer) -> None:
     tokenizer = typer.Typer(help="Tokenizers for new models.", no_args_is_help=True)
     tokenizer.command(name="train")(train_tokenizer)
     app.add_typer(tokenizer, name="tokenizer")
+    corpus = typer.Typer(help="Corpora of real text from what the machine carries.", no_args_is_help=True)
+    corpus.command(name="build")(build_corpus)
+    app.add_typer(corpus, name="corpus")
+
+
+def build_corpus(
+    out: Annotated[Path, typer.Option(help="The folder to write the corpus and manifest.json into")],
+    seed: Annotated[int, typer.Option(help="Salt of the hash that picks the held-out pieces")] = 0,
+    shared: Annotated[Path | None, typer.Option(help=(
+        "The shared texts folder (default ../shared/data beside the checkout, when it exists)"))] = None,
+) -> None:
+    """Gather prose and code (shared texts, the standard library, installed packages' docs and
+    licences) into train-*.txt and held-out eval-*.txt (training/corpus.py has the rules)."""
+    from .corpus import build_corpus as build
+    from .corpus import default_roots, summary
+
+    start = time.perf_counter()
+    try:
+        manifest = build(out, seed, default_roots(shared))
+    except OSError as e:
+        _fail(f"atlas corpus build: {e}")
+    for line in summary(manifest):
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    err.print(f"corpus {out} ({manifest['duplicates_dropped']} duplicates dropped, "
+              f"{time.perf_counter() - start:.0f}s); the real-text tasks read it with "
+              f"atlas eval --tasks passkey_prose,babi_single --prose {out}",
+              markup=False, highlight=False, soft_wrap=True)
 
 
 def train_tokenizer(
@@ -164,7 +191,8 @@ def evaluate(
     model: Annotated[list[str] | None, typer.Option(
         help="NAME=CHECKPOINT_DIR, repeatable (default: demo=the bundled model)")] = None,
     tasks: Annotated[str | None, typer.Option(
-        help="Comma-separated: passkey, multi_needle (default both)")] = None,
+        help=("Comma-separated: passkey, multi_needle (default both); in real prose: passkey_prose, "
+              "multi_needle_prose, babi_single, babi_two, babi_count"))] = None,
     lengths: Annotated[str | None, typer.Option(
         help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,
@@ -176,6 +204,9 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(
         help="Results JSON (default bench/results/passkey-DEVICE.json)")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw accuracy against length to this PNG")] = None,
+    prose: Annotated[Path | None, typer.Option(help=(
+        "Held-out prose of the real-text tasks: a corpus folder (atlas corpus build) or a text file "
+        "(default: a short built-in passage)"))] = None,
     update: Annotated[bool, typer.Option(help=(
         "Add to an existing --out file made with the same seed, gap and trials: the models evaluated "
         "now replace their entries, the others are kept"))] = False,
@@ -191,9 +222,10 @@ def evaluate(
     out = out or Path("bench/results") / f"passkey-{dev.type}.json"
     results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed, "gap": gap,
                      "trials": trials, "lengths": length_list, "tasks": task_list, "models": {}}
+    prose_text = _prose(prose, task_list, results)
     if update and out.exists():
         _keep_earlier_results(results, out)
-    _evaluate_models(results, models, dev, task_list, length_list)
+    _evaluate_models(results, models, dev, task_list, length_list, prose_text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     err.print(f"results {out}")
@@ -205,13 +237,38 @@ def evaluate(
         err.print(f"plot {plot}")
 
 
+def _prose(source: Path | None, task_list: list[str], results: dict) -> str | None:
+    """--prose read (None: the tasks' built-in passage), described in results["prose"] when a
+    real-text task runs: where it came from (as given, relative or the builder's folder name),
+    its size and hash, so that a result names the text it was measured on."""
+    import hashlib
+
+    from .tasks import PROSE_TASKS, held_out_prose
+
+    if not set(task_list) & set(PROSE_TASKS):
+        return None
+    try:
+        text = held_out_prose(source)
+    except (OSError, ValueError) as e:
+        _fail(f"--prose: {e}")
+    name = "built-in FALLBACK_PROSE (training/tasks.py)" if source is None else (
+        source.name if source.is_absolute() else source.as_posix())
+    results["prose"] = {"source": name, "bytes": len(text),
+                        "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if source is not None and (manifest := source / "manifest.json").is_file():  # a corpus folder
+        corpus = json.loads(manifest.read_text())
+        results["prose"].update(corpus_seed=corpus.get("seed"), eval_prose=corpus["files"]["eval-prose.txt"],
+                                manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest())
+    return None if source is None else text
+
+
 def _task_list(tasks: str | None) -> list[str]:
-    """--tasks as a list (default: every evaluation task); exits 2 on an unknown one."""
-    from .tasks import TASKS
+    """--tasks as a list (default: pass-key and multi-needle); exits 2 on an unknown one."""
+    from .tasks import EVAL_TASKS, TASKS
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(TASKS)
-    if bad := [t for t in task_list if t not in TASKS]:
-        err.print(f"[red]unknown task(s) {bad}; choose from {list(TASKS)}[/red]")
+    if bad := [t for t in task_list if t not in EVAL_TASKS]:
+        err.print(f"[red]unknown task(s) {bad}; choose from {list(EVAL_TASKS)}[/red]")
         raise typer.Exit(2)
     return task_list
 
@@ -247,7 +304,7 @@ def _checkpoints(specs: list[str] | None) -> dict[str, Path]:
 def _keep_earlier_results(results: dict, out: Path) -> None:
     """--update: merge the models, lengths and tasks of `out` into `results` (the models evaluated
     now replace their entries later). Exits 2 if `out` was made with another seed, gap or trials."""
-    from .tasks import TASKS
+    from .tasks import EVAL_TASKS
 
     try:
         earlier = json.loads(out.read_text())
@@ -260,16 +317,19 @@ def _keep_earlier_results(results: dict, out: Path) -> None:
                   f"({', '.join(f'{k}={earlier[k]}' for k in differ)})[/red]")
         raise typer.Exit(2)
     results["lengths"] = sorted(set(earlier["lengths"]) | set(results["lengths"]))
-    results["tasks"] = [t for t in TASKS if t in set(earlier["tasks"]) | set(results["tasks"])]
+    results["tasks"] = [t for t in EVAL_TASKS if t in set(earlier["tasks"]) | set(results["tasks"])]
     for name, entry in earlier["models"].items():
         results["models"][name] = {"machine": earlier["machine"], **entry}
+    if "prose" in earlier and results.setdefault("prose", earlier["prose"]) != earlier["prose"]:
+        err.print(f"[red]--update: {out} was measured on other prose ({earlier['prose']['source']})[/red]")
+        raise typer.Exit(2)
     for key in ("max_train_len", "swa_window"):
         if key in earlier:
             results[key] = earlier[key]
 
 
 def _evaluate_models(results: dict, models: dict[str, Path], dev: torch.device, task_list: list[str],
-                     length_list: list[int]) -> None:
+                     length_list: list[int], prose: str | None = None) -> None:
     """Evaluate each checkpoint into results["models"][name], with a progress bar over all tokens."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -279,11 +339,11 @@ def _evaluate_models(results: dict, models: dict[str, Path], dev: torch.device, 
         job = bar.add_task("eval", total=total)
         for name, path in models.items():
             bar.update(job, description=name)
-            _evaluate_model(results, name, path, dev, task_list, length_list, bar, job)
+            _evaluate_model(results, name, path, dev, task_list, length_list, bar, job, prose)
 
 
 def _evaluate_model(results: dict, name: str, path: Path, dev: torch.device, task_list: list[str],
-                    length_list: list[int], bar: Progress, job: TaskID) -> None:
+                    length_list: list[int], bar: Progress, job: TaskID, prose: str | None = None) -> None:
     from atlas.engine.checkpoint import fingerprint, load_checkpoint, read_config
     from atlas.engine.machine import portable_path, with_portable_paths
 
@@ -305,11 +365,11 @@ def _evaluate_model(results: dict, name: str, path: Path, dev: torch.device, tas
         _print_point(name, p)
 
     run_eval(net, task_list, length_list, results["trials"], results["seed"], on_point=on_point,
-             on_progress=lambda n: bar.advance(job, n), gap=results["gap"])
+             on_progress=lambda n: bar.advance(job, n), gap=results["gap"], prose=prose)
 
 
 def _print_point(name: str, p: Point) -> None:
-    err.print(f"{name:>14} {p.task:>12} {p.length:>9,} tokens: {p.correct}/{p.trials} "
+    err.print(f"{name:>14} {p.task:>18} {p.length:>9,} tokens: {p.correct}/{p.trials} "
               f"({100 * p.accuracy:.0f}%; value first {p.prefix_correct}), "
               f"value {p.value_nats:.2f} vs decoy {p.decoy_nats:.2f} "
               f"nats/byte (first byte {p.value_nats_by_byte[0]:.2f} vs "

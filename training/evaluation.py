@@ -2,7 +2,9 @@
 
 For each task and length, `trials` prompts with the asked needle at evenly spaced depths run as
 one batch of sessions: the prompt is streamed in pieces (the state is the same however a stream is
-cut), then the answer is decoded greedily and its first number compared with the needle's."""
+cut), then the answer is decoded greedily and its first number (first word, for the bAbI places)
+compared with the needle's. The real-text tasks (tasks.PROSE_TASKS) read `prose`, the held-out text
+of `atlas corpus build` (default: tasks.FALLBACK_PROSE)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from torch import Tensor
 from atlas.engine.model import AtlasModel
 from atlas.engine.tokenizer import ByteTokenizer
 
-from .tasks import Sample, first_number, make_sample, min_length
+from .tasks import _BABI_MAX_COUNT, EVAL_TASKS, LOCATIONS, Sample, first_answer, make_sample, min_length
 
-# Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits.
-CHANCE = {"passkey": 1 / 50000, "multi_needle": 1 / 9_000_000}
+# Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits;
+# a bAbI place is one of LOCATIONS, a count one of 0 to _BABI_MAX_COUNT.
+CHANCE = {"passkey": 1 / 50000, "multi_needle": 1 / 9_000_000, "passkey_prose": 1 / 50000,
+          "multi_needle_prose": 1 / 9_000_000, "babi_single": 1 / len(LOCATIONS),
+          "babi_two": 1 / len(LOCATIONS), "babi_count": 1 / (_BABI_MAX_COUNT + 1)}
 
 
 @dataclass
@@ -78,12 +83,14 @@ def parse_length(text: str) -> int:
 @torch.no_grad()
 def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed: int = 0,
                    piece: int = 1 << 16, on_progress: Callable[[int], None] | None = None,
-                   gap: int = 0) -> Point:
+                   gap: int = 0, prose: str | None = None) -> Point:
     """Accuracy of `model` on `trials` prompts of `length` tokens; `gap`: at least that many bytes
-    between each needle and the question (e.g. the attention window, to measure the memory alone)."""
+    between each needle and the question (e.g. the attention window, to measure the memory alone);
+    `prose`: the text of the real-text tasks (tasks.held_out_prose)."""
     tok = ByteTokenizer()
     rng = random.Random(zlib.crc32(f"{seed}:{task}:{length}".encode()))
-    samples = [make_sample(task, rng, length, depth=(i + 0.5) / trials, gap=gap) for i in range(trials)]
+    samples = [make_sample(task, rng, length, depth=(i + 0.5) / trials, gap=gap, prose=prose)
+               for i in range(trials)]
     device = model.device
     ids = torch.tensor([tok.encode(s.prompt) for s in samples], dtype=torch.long, device=device)
     state = model.init_state(trials)
@@ -121,7 +128,7 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
 def score(output: str, value: str) -> tuple[bool, bool]:
     """(the answer's number is the value, the output starts with the value): Trial.correct and
     Trial.prefix_correct."""
-    return first_number(output) == value, output.startswith(f" {value}")
+    return first_answer(output, value) == value, output.startswith(f" {value}")
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -169,14 +176,17 @@ def _value_nats(model: AtlasModel, answers: list[str], values: list[str], logits
 
 def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], trials: int, seed: int = 0,
              on_point: Callable[[Point], None] | None = None,
-             on_progress: Callable[[int], None] | None = None, gap: int = 0) -> list[Point]:
-    """Every (task, length) point; lengths a task cannot fit in are skipped."""
+             on_progress: Callable[[int], None] | None = None, gap: int = 0,
+             prose: str | None = None) -> list[Point]:
+    """Every (task, length) point; lengths a task cannot fit in are skipped. `prose`: the held-out
+    text of the real-text tasks (default tasks.FALLBACK_PROSE)."""
     points = []
     for task in tasks:
         for length in lengths:
             if length < min_length(task):
                 continue
-            p = evaluate_point(model, task, length, trials, seed, on_progress=on_progress, gap=gap)
+            p = evaluate_point(model, task, length, trials, seed, on_progress=on_progress, gap=gap,
+                               prose=prose)
             points.append(p)
             if on_point:
                 on_point(p)
@@ -191,9 +201,12 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({p["task"] for m in results["models"].values() for p in m["points"]},
-                   key=["passkey", "multi_needle"].index)
+                   key=list(EVAL_TASKS).index)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    titles = {"passkey": "Pass-key retrieval", "multi_needle": "Multi-needle (4 keys, asked by name)"}
+    titles = {"passkey": "Pass-key retrieval", "multi_needle": "Multi-needle (4 keys, asked by name)",
+              "passkey_prose": "Pass-key in real prose", "multi_needle_prose": "Multi-needle in real prose",
+              "babi_single": "bAbI: single supporting fact", "babi_two": "bAbI: two supporting facts",
+              "babi_count": "bAbI: counting"}
     for ax, task in zip(axes[0], tasks, strict=True):
         for name, m in results["models"].items():
             pts = sorted((p["length"], 100 * p["accuracy"]) for p in m["points"] if p["task"] == task)

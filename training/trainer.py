@@ -41,7 +41,7 @@ from .authoring import guess_eos_token_id
 from .data import CorpusConfig, CorpusLoader
 from .distributed import World
 from .precision import autocast
-from .tasks import KEY_DIGITS, TRAIN_TASKS, make_sample, min_length
+from .tasks import KEY_DIGITS, TRAIN_TASKS, held_out_prose, make_sample, min_length
 
 try:
     import tomllib
@@ -143,6 +143,10 @@ class DataConfig(BaseModel):
     # Weight of the byte that ends each asked-for value (the answer's "."), against 1 for the
     # answers' other bytes: the one decision no digit of the memory makes, where a key stops.
     end_weight: float = Field(1.0, ge=0)
+    # The text the real-text tasks (passkey_prose, babi_single, ...) hide their facts in: a text
+    # file, e.g. the train-prose.txt of `atlas corpus build` (its eval-prose.txt is held out for
+    # `atlas eval --prose`); unset: a short built-in passage.
+    prose: Path | None = None
 
     @field_validator("tasks")
     @classmethod
@@ -271,6 +275,10 @@ class TaskBatch(NamedTuple):
     end_mask: Tensor  # the answers' last bytes, each ending an asked-for value (a subset of answer_mask)
 
 
+#: The prose of a run, read once (a corpus's prose is megabytes; every step draws from it).
+_prose = functools.lru_cache(maxsize=4)(held_out_prose)
+
+
 def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | None = None) -> TaskBatch:
     """The batch of `step` (a pure function of seed and step, so a resumed run sees the same data).
 
@@ -282,8 +290,9 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     names, weights = zip(*cfg.tasks.items(), strict=True)
     batch = max(1, cfg.tokens_per_batch // length)
     tasks = rng.choices(names, weights, k=batch)
+    prose = _prose(cfg.prose)
     samples = [make_sample(t, rng, max(length, min_length(t, cfg.key_digits)), gap=cfg.needle_gap,
-                           key_digits=cfg.key_digits) for t in tasks]
+                           key_digits=cfg.key_digits, prose=prose) for t in tasks]
     rows: list[tuple[list[int], list[tuple[int, int]], list[int]]] = []  # all ids, scored spans, ends
     for s in samples:
         ids = tok.encode(s.prompt)
