@@ -18,7 +18,8 @@ def main(argv: list[str]) -> int:
         i = argv.index("--json")
         target = Path(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
-    env = {**os.environ, "ATLAS_CHAOS_JSON": str(target if target.is_absolute() else ROOT / target)}
+    env = {**os.environ, "ATLAS_CHAOS_JSON": str(target if target.is_absolute() else ROOT / target),
+           "ATLAS_CHAOS_FULL": "1"}
     cmd = [sys.executable, "-m", "pytest", "-m", "slow", "tests/chaos", "-p", "no:cacheprovider", *argv]
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
