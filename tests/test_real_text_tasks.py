@@ -34,8 +34,8 @@ NOVEL = "".join(f"{i}. {LINE}" for i in range(1000))  # 76 kB: cut into three pi
 
 
 def _fake_tree(root: Path) -> list[Root]:
-    """A shared folder, a standard library and a site-packages in miniature."""
-    shared, stdlib, site = root / "shared", root / "lib", root / "site"
+    """A folder of texts, a standard library and a site-packages in miniature."""
+    shared, stdlib, site = root / "texts", root / "lib", root / "site"
     files = {
         shared / "novel.txt": NOVEL,
         shared / "image.png": LINE * 10,  # not a text suffix
@@ -53,7 +53,7 @@ def _fake_tree(root: Path) -> list[Root]:
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(text.encode("latin-1" if path.name == "bad.md" else "utf-8"))
-    return [Root("shared", shared, "shared texts"), Root("stdlib", stdlib, "a standard library"),
+    return [Root("texts", shared, "texts"), Root("stdlib", stdlib, "a standard library"),
             Root("site-packages", site, "installed packages")]
 
 
@@ -64,9 +64,9 @@ def test_corpus_builder_splits_dedups_and_describes_without_machine_paths(tmp_pa
     assert dropped == 1 and "stdlib/json/copy_of_decoder.py" in labels  # first label in sorted order
     assert "stdlib/json/decoder.py" not in labels
     assert {lab.split("#")[0] for lab in labels} == {
-        "shared/novel.txt", "stdlib/json/copy_of_decoder.py", "site-packages/pkg-1.0.dist-info/METADATA",
+        "texts/novel.txt", "stdlib/json/copy_of_decoder.py", "site-packages/pkg-1.0.dist-info/METADATA",
         "site-packages/pkg-1.0.dist-info/licenses/LICENSE", "site-packages/pkg/README.md"}
-    novel = [p for p in pieces if p.label.startswith("shared/novel.txt#")]
+    novel = [p for p in pieces if p.label.startswith("texts/novel.txt#")]
     assert len(novel) == 3 and "".join(p.text for p in novel) == NOVEL
     assert {p.kind for p in pieces if p.label.startswith("stdlib/")} == {"code"}
 

@@ -46,17 +46,17 @@ def register(app: typer.Typer) -> None:
 def build_corpus(
     out: Annotated[Path, typer.Option(help="The folder to write the corpus and manifest.json into")],
     seed: Annotated[int, typer.Option(help="Salt of the hash that picks the held-out pieces")] = 0,
-    shared: Annotated[Path | None, typer.Option(help=(
-        "The shared texts folder (default ../shared/data beside the checkout, when it exists)"))] = None,
+    texts: Annotated[Path | None, typer.Option(help=(
+        "A folder of your own texts (*.txt, *.md) to add to the prose"))] = None,
 ) -> None:
-    """Gather prose and code (shared texts, the standard library, installed packages' docs and
+    """Gather prose and code (your texts, the standard library, installed packages' docs and
     licences) into train-*.txt and held-out eval-*.txt (training/corpus.py has the rules)."""
     from .corpus import build_corpus as build
     from .corpus import default_roots, summary
 
     start = time.perf_counter()
     try:
-        manifest = build(out, seed, default_roots(shared))
+        manifest = build(out, seed, default_roots(texts))
     except OSError as e:
         _fail(f"atlas corpus build: {e}")
     for line in summary(manifest):

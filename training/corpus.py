@@ -3,8 +3,8 @@ machine already carries, split into training text and held-out evaluation text.
 
 Sources, each read as UTF-8 (a file that does not decode, or holds a NUL byte, is skipped):
 
-- ``shared``: every ``*.txt`` / ``*.md`` file of the shared data folder beside the checkout
-  (``../shared/data``: tinyshakespeare.txt, ...), when it exists;
+- ``texts``: every ``*.txt`` / ``*.md`` file of a folder of texts the user names (``--texts DIR``:
+  books, notes; none by default);
 - ``stdlib``: the ``.py`` files of Python's standard library (``sysconfig.get_paths()["stdlib"]``),
   but for ``site-packages`` and the ``test`` / ``tests`` folders (test data includes files in odd
   encodings written to break parsers);
@@ -44,10 +44,6 @@ SPLIT_RULE = (f"eval if int(sha256(f'{{seed}}:{{label}}').hexdigest(), 16) < {HE
               f"else train; files over {PIECE} bytes cut at line breaks into ~{PIECE}-byte pieces "
               "labelled path#k; exact duplicates (stripped text) kept once, first label in sorted order")
 
-#: The shared data folder beside the checkout (as tests/helpers.py finds it).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @dataclass(frozen=True)
 class Piece:
     label: str  # root/relative/path[#k]
@@ -57,19 +53,20 @@ class Piece:
 
 @dataclass(frozen=True)
 class Root:
-    name: str  # "shared", "stdlib", "site-packages"
+    name: str  # "texts", "stdlib", "site-packages"
     path: Path
     description: str  # what the root is, for the manifest (no absolute path)
 
 
-def default_roots(shared: Path | None = None) -> list[Root]:
-    """The shared data (``shared``, default ../shared/data, if it exists), the standard library and
-    the site-packages of the running interpreter."""
+def default_roots(texts: Path | None = None) -> list[Root]:
+    """A folder of the user's texts (``texts``, if given), the standard library and the
+    site-packages of the running interpreter."""
     paths = sysconfig.get_paths()
     roots = []
-    shared = SHARED_DATA if shared is None else shared
-    if shared.is_dir():
-        roots.append(Root("shared", shared, "the shared data folder beside the checkout (shared/data)"))
+    if texts is not None:
+        if not texts.is_dir():
+            raise NotADirectoryError(f"--texts {texts}: not a folder")
+        roots.append(Root("texts", texts, f"a folder of texts named {texts.name!r}"))
     roots.append(Root("stdlib", Path(paths["stdlib"]),
                       f"sysconfig stdlib of Python {platform.python_version()}"))
     roots.append(Root("site-packages", Path(paths["purelib"]),
@@ -80,7 +77,7 @@ def default_roots(shared: Path | None = None) -> list[Root]:
 def _wanted(root: str, rel: Path) -> str | None:
     """The kind of the file `rel` of root `root` ("prose"/"code"), or None to leave it out."""
     name, suffix = rel.name.lower(), rel.suffix.lower()
-    if root == "shared":
+    if root == "texts":
         return "prose" if suffix in (".txt", ".md") else None
     if root == "stdlib":
         skip = {"site-packages", "test", "tests"} & set(rel.parts[:-1])
