@@ -143,6 +143,70 @@ class _Choice:
                                   top_logprobs=self.top_logprobs, text_offset=self.text_offset)
 
 
+#: What a completions stream says next: (choice index, text, its log-probabilities, finish reason).
+Piece = tuple[int, str, CompletionLogprobs | None, str | None]
+
+
+class _Run:
+    """One completions request's choices, filled as its streams (one per prompt) come in."""
+
+    def __init__(self, atlas: Atlas, echoes: list[tuple[str, list[int]]], n: int, want_logprobs: bool):
+        self.atlas, self.echoes, self.n, self.want_logprobs = atlas, echoes, n, want_logprobs
+        self.choices = [_Choice() for _ in range(len(echoes) * n)]
+        self.usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        self.reasons: dict[int, str] = {}
+
+    def echo(self, p: int, entries: Sequence[TokenLogprob | None] | None) -> list[Piece]:
+        """The prompt at the head of each of its choices."""
+        text, ids = self.echoes[p]
+        out: list[Piece] = []
+        for i in range(p * self.n, (p + 1) * self.n):
+            part = None
+            if entries is not None:
+                part = self.choices[i].add(self.atlas, entries, ids, text_offsets(self.atlas, ids)[1])
+            self.choices[i].text += text
+            out.append((i, text, part, None))
+        return out
+
+    def token(self, p: int, item: Token) -> list[Piece]:
+        i = p * self.n + item.index
+        c = self.choices[i]
+        part = None
+        if self.want_logprobs and item.logprob is not None:
+            part = c.add(self.atlas, [item.logprob], [item.id], [len(c.text)])
+        c.text += item.text
+        return [(i, item.text, part, None)] if item.text or part is not None else []
+
+    def finished(self, p: int, item: Finished) -> list[Piece]:
+        u = self.usage
+        u.prompt_tokens += item.prompt_tokens
+        u.completion_tokens += item.completion_tokens
+        u.total_tokens = u.prompt_tokens + u.completion_tokens
+        for i in range(self.n):
+            self.reasons[p * self.n + i] = item.reason(i)
+        return [(i, "", None, self.reasons[i]) for i in range(p * self.n, (p + 1) * self.n)]
+
+    async def pieces(self, streams: list[AsyncGenerator[Any, None]],
+                     echo_first: bool) -> AsyncIterator[Piece]:
+        """Everything the choices receive, in order. `echo_first`: echo the prompts' text at once
+        (echo without log-probabilities; with them, the prompt comes scored from its stream)."""
+        if echo_first:
+            for p in range(len(self.echoes)):
+                for piece in self.echo(p, None):
+                    yield piece
+        async for p, item in merged(streams):
+            got = (self.echo(p, item.logprobs) if isinstance(item, Prompt) else
+                   self.token(p, item) if isinstance(item, Token) else self.finished(p, item))
+            for piece in got:
+                yield piece
+
+    def completion(self, cid: str, created: int, model: str) -> Completion:
+        return Completion(id=cid, created=created, model=model, usage=self.usage, choices=[
+            CompletionChoice(index=i, text=c.text, finish_reason=self.reasons.get(i, "length"),
+                             logprobs=c.logprobs() if self.want_logprobs else None)
+            for i, c in enumerate(self.choices)])
+
+
 @router.post("/v1/completions", response_model=Completion, responses=RESPONSES)
 async def completions(req: CompletionRequest, who: TenantDep, services: ServicesDep,
                       settings: SettingsDep, metrics: MetricsDep):
@@ -163,98 +227,38 @@ async def completions(req: CompletionRequest, who: TenantDep, services: Services
     echoes = [(p if isinstance(p, str) else text_offsets(atlas, ids)[0], ids) if req.echo else ("", ids)
               for p, ids in zip(texts, prompts, strict=True)]
     streams = await start(services, metrics, settings, who, req.session_id, prompts, params, req.commit)
-    cid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-    choices = [_Choice() for _ in range(len(prompts) * n)]
-    want_logprobs = req.logprobs is not None
-
-    def echo(p: int, entries: Sequence[TokenLogprob | None] | None) -> list[tuple[int, str, Any]]:
-        """The prompt at the head of each of its choices: (index, text, log-probabilities)."""
-        text, ids = echoes[p]
-        out = []
-        for i in range(p * n, (p + 1) * n):
-            part = None
-            if entries is not None:
-                part = choices[i].add(atlas, entries, ids, text_offsets(atlas, ids)[1])
-            choices[i].text += text
-            out.append((i, text, part))
-        return out
-
-    def token(p: int, item: Token) -> tuple[int, str, Any]:
-        i = p * n + item.index
-        c = choices[i]
-        part = None
-        if want_logprobs and item.logprob is not None:
-            part = c.add(atlas, [item.logprob], [item.id], [len(c.text)])
-        c.text += item.text
-        return i, item.text, part
-
-    usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-    reasons: dict[int, str] = {}
-
-    def finished(p: int, item: Finished) -> list[int]:
-        usage.prompt_tokens += item.prompt_tokens
-        usage.completion_tokens += item.completion_tokens
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        for i in range(n):
-            reasons[p * n + i] = item.reason(i)
-        return list(range(p * n, (p + 1) * n))
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    run = _Run(atlas, echoes, params.n, req.logprobs is not None)
+    pieces = run.pieces(streams, echo_first=req.echo and not scored)
 
     if not req.stream:
         try:
-            if req.echo and not scored:
-                for p in range(len(prompts)):
-                    echo(p, None)
-            async for p, item in merged(streams):
-                if isinstance(item, Prompt):
-                    echo(p, item.logprobs)
-                elif isinstance(item, Token):
-                    token(p, item)
-                else:
-                    finished(p, item)
+            async for _ in pieces:
+                pass
         finally:
-            for s in streams:
-                await s.aclose()
-        return Completion(id=cid, created=created, model=services.model_id, usage=usage, choices=[
-            CompletionChoice(index=i, text=c.text, finish_reason=reasons.get(i, "length"),
-                             logprobs=c.logprobs() if want_logprobs else None)
-            for i, c in enumerate(choices)])
+            for st in streams:
+                await st.aclose()
+        return run.completion(cid, created, services.model_id)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None) -> bytes:
-        body: dict[str, Any] = {
-            "id": cid, "object": "text_completion", "created": created, "model": services.model_id,
-            "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
-                         "logprobs": logprobs.model_dump() if logprobs is not None else None}]}
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+    head = {"id": cid, "object": "text_completion", "created": created, "model": services.model_id}
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            if req.echo and not scored:
-                for p in range(len(prompts)):
-                    for i, text, part in echo(p, None):
-                        yield chunk(i, text, part, None)
-            async for p, item in merged(streams):
-                if isinstance(item, Prompt):
-                    for i, text, part in echo(p, item.logprobs):
-                        yield chunk(i, text, part, None)
-                elif isinstance(item, Token):
-                    i, text, part = token(p, item)
-                    if text or part is not None:
-                        yield chunk(i, text, part, None)
-                else:
-                    for i in finished(p, item):
-                        yield chunk(i, "", None, reasons[i])
+            async for i, text, part, finish_reason in pieces:
+                body: dict[str, Any] = {**head, "choices": [{
+                    "index": i, "text": text, "finish_reason": finish_reason,
+                    "logprobs": part.model_dump() if part is not None else None}]}
+                if include_usage:
+                    body["usage"] = None
+                yield sse(body)
             if include_usage:
-                yield sse({"id": cid, "object": "text_completion", "created": created,
-                           "model": services.model_id, "choices": [], "usage": usage.model_dump()})
+                yield sse({**head, "choices": [], "usage": run.usage.model_dump()})
         except Exception as e:
             yield sse(error_event(e))
         finally:
-            for s in streams:
-                await s.aclose()
+            for st in streams:
+                await st.aclose()
         yield sse("[DONE]")
 
     return EventStream(events())
