@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -538,6 +539,102 @@ def run_training(cfg: TrainConfig, resume: bool = True, progress: bool = True) -
         distributed.stop()
 
 
+def _resume_file(out: Path) -> Path:
+    """Where a run in `out` keeps its resume state (beside the checkpoint it resumes)."""
+    return out / "model" / TRAINING_STATE_DIR / "trainer.pt"
+
+
+@dataclass
+class _Training:
+    """A run in progress on one process: what its steps change and what its checkpoints save."""
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    model: AtlasModel
+    wrapped: nn.Module
+    opt: torch.optim.Optimizer
+    loader: CorpusLoader | None
+    text: _Text | None
+    earlier: Any  # the training record of the run this one starts from (init_from)
+    step: int = 0
+    wall: float = 0.0
+    seen: int = 0
+
+    @property
+    def resume_file(self) -> Path:
+        return _resume_file(self.cfg.out_dir)
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from a resume state (its weights are loaded before wrapping: see _run)."""
+        distributed.load_optimizer(self.wrapped, self.opt, saved["optimizer"])
+        self.step, self.wall = int(saved["step"]), float(saved["wall_s"])
+        self.seen = int(saved.get("tokens", 0))
+        if "rng" in saved:
+            torch.set_rng_state(saved["rng"]["torch"].cpu())
+            random.setstate(saved["rng"]["python"])
+        if self.loader is not None:
+            self.loader.load_state_dict(saved["data"]["slots"], saved["data"]["micro_batches"])
+
+    def micro_batches(self, slots: list[int]) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+        """This process's micro-batches of the next step, and what the log says of their shape."""
+        cfg = self.cfg
+        if self.loader is not None and cfg.corpus is not None:
+            return ([{"tokens": t} for t in self.loader.next_micro_batches()],
+                    {"length": cfg.corpus.seq_len, "batch": cfg.corpus.batch_rows})
+        return task_micro_batches(self.step, cfg, slots)
+
+    def optimise(self, micro: list[dict[str, Tensor]], lr: float) -> tuple[list[dict[str, float]], float]:
+        """One optimiser step over the micro-batches (gradients accumulated, synchronised on the
+        last); what each micro-batch measured, and the gradient norm before clipping."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        measured: list[dict[str, float]] = []
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with distributed.gradient_sync(self.wrapped, i == len(micro) - 1):
+                with autocast(self.device.type, self.cfg.precision):
+                    loss, parts = self.wrapped(batch)
+                (loss / len(micro)).backward()
+            measured.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                             "tokens": batch["tokens"][:, 1:].numel()})
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.opt.step()
+        self.step += 1
+        return measured, float(grad_norm)
+
+    def checkpoint(self) -> None:
+        """Every rank takes part (FSDP gathers the shards, each rank has its slots' data position);
+        rank 0 writes. The resume state first, whole (weights included): a crash while the
+        checkpoint folder is written then resumes from it."""
+        cfg, world, loader = self.cfg, self.world, self.loader
+        weights, optim_state = distributed.full_states(self.wrapped, self.opt)
+        positions = distributed.gather(loader.state_dict(), world) if loader is not None else []
+        if world.main:
+            state = {"model": weights, "optimizer": optim_state, "step": self.step, "wall_s": self.wall,
+                     "tokens": self.seen, "processes": world.size,
+                     "scheduler": {"lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps,
+                                   "min_lr_ratio": cfg.optim.min_lr_ratio, "total_steps": cfg.steps},
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+            if loader is not None:
+                state["data"] = {"micro_batches": cfg.micro_batches,
+                                 "slots": {k: v for rank in positions for k, v in rank.items()}}
+            path = self.resume_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            record = _record(cfg, self.step, self.wall, self.seen, self.device, world, self.earlier)
+            sharded = cfg.parallel == "fsdp" and world.size > 1
+            _save_model(cfg, self.model if not sharded else None, weights, cfg.out_dir / "model", record,
+                        self.text)
+            if cfg.log_csv:
+                _write_csv(cfg.out_dir)
+        distributed.barrier()
+
+
 def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, progress: bool) -> Path:
     if cfg.micro_batches % world.size:
         raise ValueError(f"micro_batches {cfg.micro_batches} cannot be shared by {world.size} processes: "
@@ -552,7 +649,7 @@ def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, pro
     if world.main:
         (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     model, earlier = _initial_model(cfg, device)
-    trainer = out / "model" / TRAINING_STATE_DIR / "trainer.pt"
+    trainer = _resume_file(out)
     earlier_layout = out / "trainer.pt"  # where earlier versions kept it
     saved = None
     if resume and (trainer.exists() or earlier_layout.exists()):
@@ -566,87 +663,37 @@ def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, pro
     loader = None
     if cfg.corpus is not None and text is not None:
         loader = CorpusLoader(cfg.corpus, text.tokenizer, text.eos, slots, cfg.micro_batches)
-    step, wall, seen = 0, 0.0, 0
+    run = _Training(cfg, world, device, model, wrapped, opt, loader, text, earlier)
     if saved is not None:
-        distributed.load_optimizer(wrapped, opt, saved["optimizer"])
-        step, wall, seen = int(saved["step"]), float(saved["wall_s"]), int(saved.get("tokens", 0))
-        if "rng" in saved:
-            torch.set_rng_state(saved["rng"]["torch"].cpu())
-            random.setstate(saved["rng"]["python"])
-        if loader is not None:
-            loader.load_state_dict(saved["data"]["slots"], saved["data"]["micro_batches"])
+        run.restore(saved)
     if world.main:
-        _trim_log(out / "log.jsonl", step)  # steps after the checkpoint will be logged again
+        _trim_log(out / "log.jsonl", run.step)  # steps after the checkpoint will be logged again
     model.train()
     end = min(cfg.steps, cfg.stop_after or cfg.steps)
-    bar = tqdm(total=end, initial=step, disable=not (progress and world.main), desc=cfg.name, unit="step")
-    board = _tensorboard(out, step) if cfg.tensorboard and world.main else None
-
-    def checkpoint() -> None:
-        # Every rank takes part (FSDP gathers the shards, each rank has its slots' data position);
-        # rank 0 writes. The resume state first, whole (weights included): a crash while the
-        # checkpoint folder is written then resumes from it.
-        weights, optim_state = distributed.full_states(wrapped, opt)
-        positions = distributed.gather(loader.state_dict(), world) if loader is not None else []
-        if world.main:
-            state = {"model": weights, "optimizer": optim_state, "step": step, "wall_s": wall,
-                     "tokens": seen, "processes": world.size,
-                     "scheduler": {"lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps,
-                                   "min_lr_ratio": cfg.optim.min_lr_ratio, "total_steps": cfg.steps},
-                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-            if loader is not None:
-                state["data"] = {"micro_batches": cfg.micro_batches,
-                                 "slots": {k: v for rank in positions for k, v in rank.items()}}
-            trainer.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, trainer.with_suffix(".tmp"))
-            trainer.with_suffix(".tmp").replace(trainer)
-            record = _record(cfg, step, wall, seen, device, world, earlier)
-            sharded = cfg.parallel == "fsdp" and world.size > 1
-            _save_model(cfg, model if not sharded else None, weights, out / "model", record, text)
-            if cfg.log_csv:
-                _write_csv(out)
-        distributed.barrier()
-
+    bar = tqdm(total=end, initial=run.step, disable=not (progress and world.main), desc=cfg.name, unit="step")
+    board = _tensorboard(out, run.step) if cfg.tensorboard and world.main else None
     with (out / "log.jsonl").open("a") if world.main else contextlib.nullcontext() as log_file:
-        while step < end:
+        while run.step < end:
             start = time.perf_counter()
-            micro, info = ([{"tokens": t} for t in loader.next_micro_batches()],
-                           {"length": cfg.corpus.seq_len, "batch": cfg.corpus.batch_rows}) \
-                if loader is not None and cfg.corpus is not None else task_micro_batches(step, cfg, slots)
-            lr = lr_at(step, cfg.steps, cfg.optim)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            measured: list[dict[str, float]] = []
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with distributed.gradient_sync(wrapped, i == len(micro) - 1):
-                    with autocast(device.type, cfg.precision):
-                        loss, parts = wrapped(batch)
-                    (loss / len(micro)).backward()
-                measured.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                                 "tokens": batch["tokens"][:, 1:].numel()})
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            opt.step()
-            step += 1
+            micro, info = run.micro_batches(slots)
+            lr = lr_at(run.step, cfg.steps, cfg.optim)
+            measured, grad_norm = run.optimise(micro, lr)
             everything = [m for rank in distributed.gather(measured, world) for m in rank]
             seconds = time.perf_counter() - start
-            wall += seconds
-            rec = _step_record(step, everything, info, lr, float(grad_norm), wall, seconds)
-            seen += rec["tokens"]
+            run.wall += seconds
+            rec = _step_record(run.step, everything, info, lr, grad_norm, run.wall, seconds)
+            run.seen += rec["tokens"]
             if log_file is not None:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
             if board is not None:
                 for k, v in rec.items():
                     if k != "step" and isinstance(v, int | float):
-                        board.add_scalar(k, v, step)
+                        board.add_scalar(k, v, run.step)
             bar.update(1)
             bar.set_postfix(_postfix(rec, world.size))
-            if step % cfg.checkpoint_every == 0 or step == end:
-                checkpoint()
+            if run.step % cfg.checkpoint_every == 0 or run.step == end:
+                run.checkpoint()
     bar.close()
     if board is not None:
         board.close()
