@@ -19,8 +19,7 @@ from atlas.engine.store import (
     StateCorruptError,
     TooManySessionsError,
 )
-from atlas.engine.store.integrity import ManifestSeal
-from atlas.engine.store.redis_store import part_digest
+from atlas.engine.store.integrity import ManifestSeal, part_digest
 
 from .store_helpers import make_store
 

@@ -43,23 +43,19 @@ of after the lease's TTL.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import re
 import socket
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
-import xxhash
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -76,27 +72,20 @@ from .errors import (
     StoreUnavailableError,
     TooManySessionsError,
 )
-from .integrity import ManifestSeal
+from .integrity import (
+    CRYPTOGRAPHIC,
+    FORMAT_VERSION,
+    ID_RE,
+    ManifestError,
+    ManifestSeal,
+    check_manifest,
+    part_digest,
+)
 from .redis_scripts import SCRIPTS
 from .settings import StoreSettings
 
-FORMAT_VERSION = 2
-#: Format 1 manifests (no seal, no counters) are still read when no key is set.
-LEGACY_FORMAT = 1
 #: Lease owners with this prefix keep a heartbeat key alive (``RedisStore.heartbeat``).
 HEARTBEAT_OWNERS = "runtime-"
-#: Part checksums a manifest may name. xxh3 (XXH3-128, the default) runs at ~25 GB/s per core, so
-#: checking costs far less than moving the bytes; crc32 at ~3 GB/s; sha256 at ~1.5 GB/s with SHA-NI,
-#: for deployments that want a cryptographic hash. Parts are hashed in worker threads while other
-#: parts travel over the socket. Loads use the algorithm the manifest names.
-CHECKSUMS: dict[str, Callable[[memoryview | bytes], str]] = {
-    "xxh3": xxhash.xxh3_128_hexdigest,
-    "sha256": lambda b: hashlib.sha256(b).hexdigest(),
-    "crc32": lambda b: f"{zlib.crc32(b):08x}",
-    "blake2b": lambda b: hashlib.blake2b(b, digest_size=32).hexdigest(),
-}
-#: Checksums an adversary cannot match with other bytes: the only ones a keyed store writes or reads.
-CRYPTOGRAPHIC = ("sha256", "blake2b")
 #: Parts are sent in pipelined batches of about this many bytes (their checksums are computed by
 #: worker threads meanwhile) ...
 WRITE_BATCH_BYTES = 16 << 20
@@ -109,54 +98,10 @@ RETRIES = 8
 #: Socket reads of this size: fewer Python-level iterations per large bulk reply.
 SOCKET_READ_BYTES = 1 << 20
 
-_ID_RE = re.compile(r"[!-z|~]{1,200}")  # printable ASCII without spaces or braces (hash tags)
 _META_FIELDS = ("tenant", "created", "updated", "tokens", "bytes_committed", "state_bytes",
                 "fingerprint", "gen", "ttl_s", "extra", "wid", "manifest")
 #: A create's index entry counts as on its way (not stale) for this long before its session exists.
 PENDING_CREATE_MS = 60_000
-#: A manifest over this size is refused unread (a 512 MB state in 4 MiB parts is ~12 KB).
-MAX_MANIFEST_BYTES = 1 << 20
-
-class _Broken(Exception):
-    """Why a session's metadata is refused (turned into StateCorruptError by the store)."""
-
-
-def _well_formed(m: dict[str, Any]) -> bool:
-    """A format 2 manifest has every field, of the right type, and parts that add up."""
-    try:
-        parts = m["parts"]
-        return (all(isinstance(m[k], str) for k in ("sid", "tenant", "wid", "fingerprint", "hash"))
-                and all(type(m[k]) is int and m[k] >= 0 for k in ("gen", "size", "tokens", "bytes_committed"))
-                and m["hash"] in CHECKSUMS and isinstance(parts, list)
-                and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and p[0] >= 0
-                        and isinstance(p[1], str) for p in parts)
-                and sum(p[0] for p in parts) == m["size"]
-                and (m["gen"] == 0) == (m["wid"] == "") and (m["gen"] > 0 or not parts)
-                and (m["wid"] == "" or _ID_RE.fullmatch(m["wid"]) is not None))
-    except (KeyError, TypeError):
-        return False
-
-
-def _legacy_manifest(sid: str, m: dict[str, Any], f: dict[str, str]) -> dict[str, Any]:
-    """A format 1 manifest (no seal; counters in the hash) in format 2's shape."""
-    try:
-        out = {**m, "v": LEGACY_FORMAT, "sid": sid, "tenant": f["tenant"], "gen": int(f["gen"]),
-               "tokens": int(f.get("tokens") or 0), "bytes_committed": int(f.get("bytes_committed") or 0),
-               "size": int(m["size"]), "parts": [[int(p[0]), p[1]] for p in m["parts"]]}
-        ok = (_well_formed(out) and out["gen"] > 0 and m["wid"] == f.get("wid")
-              and m["fingerprint"] == f.get("fingerprint"))
-    except (KeyError, TypeError, ValueError, IndexError):
-        ok = False
-    if not ok:
-        raise _Broken("unreadable manifest")
-    return out
-
-
-def part_digest(part: memoryview | bytes, algorithm: str = "sha256") -> str:
-    """Checksum of one part, as the manifest records it."""
-    return CHECKSUMS[algorithm](part)
-
-
 def _int0(v: str) -> int:
     """A counter field read leniently (what a replacing commit needs from a broken session)."""
     try:
@@ -322,7 +267,7 @@ class RedisStore(StateStore):
 
     @staticmethod
     def _check_id(kind: str, value: str) -> None:
-        if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        if not isinstance(value, str) or not ID_RE.fullmatch(value):
             raise ValueError(f"invalid {kind} {value!r}: 1-200 printable ASCII characters, "
                              "no spaces or braces")
 
@@ -347,47 +292,12 @@ class RedisStore(StateStore):
         loose hash fields. None for a format 1 session with nothing committed. A failed check raises
         StateCorruptError, or with ``strict`` False gives None (what a replacing commit reads)."""
         try:
-            return self._checked_manifest(sid, f)
-        except _Broken as e:
+            return check_manifest(self._seal, sid, f)
+        except ManifestError as e:
             if not strict:
                 return None
             self._stats.count("corrupt")
             raise StateCorruptError(f"session {sid}: {e}; the session is refused", sid=sid) from None
-
-    def _checked_manifest(self, sid: str, f: dict[str, str]) -> dict[str, Any] | None:
-        raw = f.get("manifest", "")
-        if not raw:
-            if f.get("gen", "") in ("", "0") and f.get("wid", "") == "" and not self._seal.keyed:
-                return None
-            raise _Broken("the manifest is missing")
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise _Broken("the manifest is oversized")
-        try:
-            m = json.loads(raw)
-        except ValueError:
-            m = None
-        if not isinstance(m, dict):
-            raise _Broken("unreadable manifest")
-        if m.get("v") == LEGACY_FORMAT and not self._seal.keyed:
-            return _legacy_manifest(sid, m, f)
-        if m.get("v") != FORMAT_VERSION:
-            raise _Broken(f"unreadable manifest (format {m.get('v')!r})")
-        if why := self._seal.check(m):
-            raise _Broken(why)
-        if not _well_formed(m):
-            raise _Broken("unreadable manifest")
-        if self._seal.keyed and m["gen"] > 0 and m["hash"] not in CRYPTOGRAPHIC:
-            raise _Broken(f"parts checked with {m['hash']}, not a cryptographic hash "
-                          "(ATLAS_STATE_KEY is set)")
-        if m["sid"] != sid:
-            raise _Broken(f"the manifest is session {m['sid']}'s")
-        loose = {"tenant": m["tenant"], "gen": str(m["gen"]), "wid": m["wid"],
-                 "fingerprint": m["fingerprint"], "tokens": str(m["tokens"]),
-                 "bytes_committed": str(m["bytes_committed"]), "state_bytes": str(m["size"])}
-        for name, want in loose.items():
-            if f.get(name, "") != want:
-                raise _Broken(f"the {name} field disagrees with the sealed manifest")
-        return m
 
     def _meta(self, sid: str, f: dict[str, str]) -> tuple[SessionMeta, dict[str, Any] | None]:
         """Metadata of a session from its hash fields, the counters from its checked manifest."""
@@ -431,7 +341,7 @@ class RedisStore(StateStore):
         try:
             m = json.loads(fields.get("manifest") or "null")
             wid, n = m["wid"], len(m["parts"])
-            keys = self._part_keys(sid, wid, n) if wid and _ID_RE.fullmatch(wid) else []
+            keys = self._part_keys(sid, wid, n) if wid and ID_RE.fullmatch(wid) else []
         except (ValueError, TypeError, KeyError):
             keys = []
         return fields.get("gen") or "0", keys
@@ -771,7 +681,7 @@ class RedisStore(StateStore):
                 res = self._run("delete", [hk, fk, lk, *parts], args)
                 if _text(res[0]) == "ok":
                     for owner in {tenant, cur["tenant"]} - {None, ""}:
-                        if _ID_RE.fullmatch(owner or ""):
+                        if ID_RE.fullmatch(owner or ""):
                             self._client.srem(self._index_key(owner or ""), sid)
                     return
             if _text(res[0]) != "retry":
@@ -894,7 +804,7 @@ class RedisStore(StateStore):
             pass
 
 
-def retry_on_reconnect() -> Retry:  # noqa: N802 - reads as the policy it is
+def retry_on_reconnect() -> Retry:
     """Retry once, at once, only when the connection failed (not on a timeout)."""
     return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 

@@ -25,8 +25,7 @@ import redis
 import torch
 
 from atlas.engine import Atlas, SessionState
-from atlas.engine.store.integrity import ManifestSeal
-from atlas.engine.store.redis_store import part_digest
+from atlas.engine.store.integrity import ManifestSeal, part_digest
 from bench.server_process import ServerProcess
 
 from ..helpers import document
