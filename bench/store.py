@@ -1,8 +1,9 @@
 """Benchmark the state store against raw redis-py SET/GET of the same bytes.
 
 For each state size, every repetition does, interleaved so that machine noise hits both alike:
-raw ``SET`` + ``GET`` of one value, then the store's ``put`` (parts + checksums + atomic commit)
-and verified ``get``. Reported: median MB/s of each, and store/raw ratios. Raw operations use the
+raw ``SET`` + ``GET`` of one value and the store's ``put`` (parts + checksums + atomic commit)
+and verified ``get``, in turn first (A B, B A, ...). Reported: median MB/s of each, and the
+store/raw ratio of each repetition: median, quartiles, and best-of. Raw operations use the
 store's own redis-py client (same connection settings), so the ratio is the cost of the store's
 protocol, not of client tuning.
 
@@ -50,36 +51,54 @@ def bench_size(store: RedisStore, raw: redis.Redis, size: int, reps: int, prefix
     data = os.urandom(size)
     raw_key = f"{prefix}:raw"
     t: dict[str, list[float]] = {"raw_set": [], "raw_get": [], "save": [], "load": []}
-    for _ in range(reps):
-        sid = store.create("bench").id
+
+    def raw_pair() -> None:
         dt, _ = timed(lambda: raw.set(raw_key, data))
         t["raw_set"].append(dt)
         dt, got = timed(lambda: raw.get(raw_key))
         t["raw_get"].append(dt)
         assert got == data
-        del got
         raw.delete(raw_key)
-        dt, _ = timed(lambda sid=sid: store.put(sid, data, fingerprint="bench"))
+
+    def store_pair() -> None:
+        sid = store.create("bench").id
+        dt, _ = timed(lambda: store.put(sid, data, fingerprint="bench"))
         t["save"].append(dt)
-        dt, (got, _meta) = timed(lambda sid=sid: store.get(sid, expected_fingerprint="bench"))
+        dt, (got, _meta) = timed(lambda: store.get(sid, expected_fingerprint="bench"))
         t["load"].append(dt)
         assert got == data
-        del got
         store.delete(sid)
+
+    store_pair(), raw_pair()  # warm-up: connections, Lua scripts, Redis' allocator
+    for k in t.values():
+        k.clear()
+    for i in range(reps):  # A B, B A, ...: what comes first (a freshly freed value, a warm cache) alternates
+        for step in ((raw_pair, store_pair) if i % 2 == 0 else (store_pair, raw_pair)):
+            step()
     med = {k: statistics.median(v) for k, v in t.items()}
     mbps = {k: size / MB / v for k, v in med.items()}
+    # per repetition: the store's speed over raw's in the same moment, so load that comes and goes
+    # on a shared machine hits both sides of each ratio
+    save_r = sorted(a / b for a, b in zip(t["raw_set"], t["save"], strict=True))
+    load_r = sorted(a / b for a, b in zip(t["raw_get"], t["load"], strict=True))
     return {
         "size_mb": size // MB, "checksum": store.settings.state_checksum,
         "part_bytes": store.settings.part_bytes, "reps": reps,
         "store_save_MBps": round(mbps["save"], 1), "store_load_MBps": round(mbps["load"], 1),
         "raw_set_MBps": round(mbps["raw_set"], 1), "raw_get_MBps": round(mbps["raw_get"], 1),
-        "save_ratio": round(mbps["save"] / mbps["raw_set"], 3),
-        "load_ratio": round(mbps["load"] / mbps["raw_get"], 3),
+        "save_ratio": round(statistics.median(save_r), 3),
+        "load_ratio": round(statistics.median(load_r), 3),
+        "save_ratio_quartiles": [round(q, 3) for q in _quartiles(save_r)],
+        "load_ratio_quartiles": [round(q, 3) for q in _quartiles(load_r)],
         # best-of ratios: less sensitive to other load on a shared machine
         "save_ratio_best": round(min(t["raw_set"]) / min(t["save"]), 3),
         "load_ratio_best": round(min(t["raw_get"]) / min(t["load"]), 3),
         "seconds": {k: [round(x, 5) for x in v] for k, v in t.items()},
     }
+
+
+def _quartiles(xs: list[float]) -> list[float]:
+    return statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3
 
 
 def cleanup(raw: redis.Redis, prefix: str) -> int:
@@ -118,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{checksum:>6} {size_mb:>4} MB  save {r['store_save_MBps']:>7.0f} MB/s "
                       f"(raw SET {r['raw_set_MBps']:>6.0f}, {r['save_ratio']:.2f}x)   "
                       f"load {r['store_load_MBps']:>7.0f} MB/s (raw GET {r['raw_get_MBps']:>6.0f}, "
-                      f"{r['load_ratio']:.2f}x)", flush=True)
+                      f"{r['load_ratio']:.2f}x); save ratio quartiles {r['save_ratio_quartiles']}",
+                      flush=True)
     finally:
         left = cleanup(client, prefix)
         client.close()
@@ -137,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("the machine was busy with other processes during the run (see load_average_at_*): "
                      "medians are noisy; compare the *_best ratios too.")
     report = {
-        "benchmark": "atlas state store vs raw redis-py SET/GET, median of interleaved repetitions",
+        "benchmark": ("atlas state store vs raw redis-py SET/GET, interleaved repetitions, "
+                      "per-repetition ratios"),
         "machine": desc,
         "server": {"url": args.url.split("@")[-1], "redis_version": info.get("redis_version"), **conf},
         "store": {"part_bytes": args.part_bytes, "batch": "pipelined parts, checksums in worker threads"},

@@ -45,11 +45,11 @@ from atlas.engine.runtime import Runtime, RuntimeSettings
 from atlas.engine.store import StateStore, StoreSettings, open_store
 from atlas.engine.threads import apply_thread_policy
 
-from .dependencies import Services, json_content
+from .dependencies import DemoBaseline, Services, json_content
 from .errors import ApiError, error_response, install_handlers, unexpected_response
 from .logs import new_request_id, request_id, valid_request_id
 from .metrics import Metrics
-from .routes import chat, completions, ops, playground, sessions, tokenize
+from .routes import chat, completions, demo, ops, playground, sessions, tokenize
 from .settings import ServerSettings
 
 log = logging.getLogger("atlas.server")
@@ -161,12 +161,14 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
     app.state.draining = False
     app.state.inflight = 0
     app.state.metrics = Metrics(lambda: app.state.services)
+    app.state.demo_baseline = DemoBaseline()
     install_handlers(app)
     app.include_router(ops.router)
     app.include_router(sessions.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(tokenize.router)
+    app.include_router(demo.router)
     app.include_router(playground.router)
     # add_middleware puts each outside the ones before it: the gate is innermost, the id outermost.
     app.add_middleware(RequestGate)

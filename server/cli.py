@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,74 +25,125 @@ def main() -> None:
 
 @app.command()
 def demo(
+    task: Annotated[str, typer.Option(help=(
+        "What to hide in the document: multi_needle_prose (four named numbers), passkey_prose, "
+        "babi_single (where is Mary?), babi_two (where is the apple?), babi_count, or passkey and "
+        "multi_needle in synthetic filler"))] = "multi_needle_prose",
+    tokens: Annotated[int, typer.Option(
+        help="Length of the document in bytes (tokens of a byte-level model)")] = 8192,
+    seed: Annotated[int, typer.Option(help="Which document: the facts, their places and the prose")] = 0,
+    prose: Annotated[Path | None, typer.Option(exists=True, help=(
+        "Prose to hide the facts in: a text file or a corpus folder (atlas corpus build: its "
+        "eval-prose.txt); default a built-in passage"))] = None,
     text: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=(
-        "Document to stream in (default: a built-in one of TOKENS bytes with a pass key hidden "
-        "half-way)"))] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens of the document to read")] = 8192,
+        "Your own document instead: streamed in, then continued after --question"))] = None,
+    question: Annotated[str, typer.Option(help="With --text: the prompt to continue")] = "\n",
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: bundled)")] = None,
+    baseline: Annotated[Path | None, typer.Option(help=(
+        "Checkpoint whose answers go beside the model's (default: the bundled attention-only "
+        "baseline, when the model is the bundled one)"))] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Ask only the model")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    question: Annotated[str | None, typer.Option(help=(
-        "Prompt to continue after the document (default: the pass-key question after the built-in "
-        "document, a new line after --text)"))] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="With --text: tokens to generate")] = 64,
 ) -> None:
-    """Stream a document into a session, save and restore its state, and continue it."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
+    """Hide facts in a long document of prose, stream it into a session, and ask for each fact:
+    the model's answers beside the truth and the attention-only baseline's."""
     from atlas.engine import Atlas, SamplingParams
 
-    doc, question = _demo_document(text, tokens, question)
     atlas = Atlas.load(checkpoint, device=device)
     cfg = atlas.config
     err.print(f"model {atlas.fingerprint[:12]}  {cfg.n_layers} layers x {cfg.mixers[0]}, "
               f"d_model {cfg.d_model}, chunk {cfg.chunk_size}, device {atlas.device}")
-    ids = atlas.encode(doc)
-    while len(ids) < tokens:
-        ids = ids + ids
-    ids = ids[:tokens]
-    state = atlas.new_state()
-    piece = 16 * cfg.chunk_size
-    start = time.perf_counter()
-    with Progress(TextColumn("ingest"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[rate]}"), console=err) as bar:
-        task = bar.add_task("ingest", total=len(ids), rate="")
-        for i in range(0, len(ids), piece):
-            state, _ = atlas.feed(state, ids[i:i + piece])
-            rate = (i + piece) / (time.perf_counter() - start)
-            bar.update(task, completed=min(len(ids), i + piece), rate=f"{rate:,.0f} tok/s")
-    elapsed = time.perf_counter() - start
-    data = atlas.save_state(state)
-    restored = atlas.load_state(data)
-    err.print(f"read {len(ids):,} tokens in {elapsed:.1f}s ({len(ids) / elapsed:,.0f} tok/s); "
-              f"state {len(data):,} bytes (the same for any length); "
-              f"restored bit-exact: {restored.equal(state)}")
-    gen = atlas.generate(restored, question, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=0))
-    typer.echo(question, nl=False)
-    for tok in gen:
-        typer.echo(tok.text, nl=False)
-    typer.echo()
-
-
-def _demo_document(text: Path | None, tokens: int, question: str | None) -> tuple[str, str]:
-    """The document `atlas demo` reads and the prompt it continues: --text, or a built-in pass-key
-    document (the bundled model's task: its answer comes from the memory, thousands of tokens on)."""
     if text is not None:
         doc = text.read_text(encoding="utf-8", errors="replace")
         if not doc:
             err.print(f"[red]--text {text} is empty[/red]")
             raise typer.Exit(2)
-        return doc, "\n" if question is None else question
-    from atlas.training.tasks import PASSKEY_QUESTION, min_length, passkey
+        state = _demo_read(atlas, doc, tokens, "document")
+        prompt = question.encode().decode("unicode_escape")
+        gen = atlas.generate(state, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=0))
+        typer.echo(prompt, nl=False)
+        for tok in gen:
+            typer.echo(tok.text, nl=False)
+        typer.echo()
+        return
+    _demo_facts(atlas, task, tokens, seed, prose,
+                None if no_baseline else _demo_baseline(baseline, checkpoint), device)
 
-    shortest = min_length("passkey") - len(PASSKEY_QUESTION)
-    if tokens < shortest:
-        err.print(f"[red]--tokens must be at least {shortest} for the built-in document[/red]")
-        raise typer.Exit(2)
-    # The question goes after the document, which is then `tokens` bytes (byte tokens) long.
-    sample = passkey(random.Random(0), tokens + len(PASSKEY_QUESTION), depth=0.5)
-    err.print(f"built-in document: {tokens:,} bytes of filler with the pass key {sample.value} "
-              "hidden half-way")
-    return sample.prompt.removesuffix(PASSKEY_QUESTION), PASSKEY_QUESTION if question is None else question
+
+def _demo_read(atlas: Any, doc: str, tokens: int | None, label: str) -> Any:
+    """A session after `doc` (its first `tokens` tokens, repeated to that length if shorter; all of it
+    if None), with a progress bar, saved and restored to show the state's fixed size."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    ids = atlas.encode(doc)
+    if tokens is not None:
+        while len(ids) < tokens:
+            ids = ids + ids
+        ids = ids[:tokens]
+    state = atlas.new_state()
+    piece = 16 * atlas.config.chunk_size
+    start = time.perf_counter()
+    with Progress(TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[rate]}"), console=err) as bar:
+        job = bar.add_task(label, total=len(ids), rate="")
+        for i in range(0, len(ids), piece):
+            state, _ = atlas.feed(state, ids[i:i + piece])
+            rate = min(len(ids), i + piece) / (time.perf_counter() - start)
+            bar.update(job, completed=min(len(ids), i + piece), rate=f"{rate:,.0f} tok/s")
+    elapsed = time.perf_counter() - start
+    data = atlas.save_state(state)
+    restored = atlas.load_state(data)
+    err.print(f"{label}: read {len(ids):,} tokens in {elapsed:.1f}s ({len(ids) / elapsed:,.0f} tok/s); "
+              f"state {len(data):,} bytes (the same for any length); "
+              f"restored bit-exact: {restored.equal(state)}")
+    return restored
+
+
+def _demo_baseline(baseline: Path | None, checkpoint: Path | None) -> Path | None:
+    """The baseline to ask beside the model: --baseline, else the bundled one beside the bundled model."""
+    from atlas.training.demo import BASELINE_CHECKPOINT
+
+    if baseline is not None:
+        return baseline
+    bundled = checkpoint is None and (BASELINE_CHECKPOINT / "config.json").exists()
+    return BASELINE_CHECKPOINT if bundled else None
+
+
+def _demo_facts(atlas: Any, task: str, tokens: int, seed: int, prose: Path | None, baseline: Path | None,
+                device: str) -> None:
+    """Build the task's document, read it with the model (and the baseline), ask for every fact."""
+    from rich.table import Table
+
+    from atlas.engine import Atlas
+    from atlas.training.demo import ask_all, demo_document, is_right
+    from atlas.training.tasks import held_out_prose
+
+    try:
+        text = None if prose is None else held_out_prose(prose)
+        doc = demo_document(task, tokens, seed, text)
+    except (OSError, ValueError) as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    err.print(f"document: {len(doc.document):,} bytes of {prose or 'the built-in passage'} with "
+              f"{len(doc.facts)} fact(s) of {task} hidden at random places (seed {seed})")
+    answers = {"model": ask_all(atlas, _demo_read(atlas, doc.document, None, "model"), doc.facts)}
+    if baseline is not None:
+        other = Atlas.load(baseline, device=device)
+        answers["baseline"] = ask_all(other, _demo_read(other, doc.document, None, "baseline"), doc.facts)
+    table = Table(title=f"{task}, {len(doc.document):,} bytes")
+    table.add_column("question")
+    table.add_column("truth")
+    for name in answers:
+        table.add_column(name)
+    for i, fact in enumerate(doc.facts):
+        cells = [f"{a.strip()!r} {'right' if is_right(fact, a) else 'wrong'}"
+                 for a in (answers[n][i] for n in answers)]
+        table.add_row(fact.question.strip(), fact.truth, *cells)
+    Console().print(table)
+    for name, said in answers.items():
+        right = sum(is_right(f, a) for f, a in zip(doc.facts, said, strict=True))
+        typer.echo(f"{name}: {right}/{len(doc.facts)} right")
 
 
 @app.command()

@@ -7,9 +7,11 @@ the app imports the routers and nothing imports the app.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
+from pathlib import Path as FilePath
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -47,6 +49,17 @@ class Services:
             self.store.close()
 
 
+@dataclass
+class DemoBaseline:
+    """The attention-only model the playground's demo sets beside the served one (routes/demo.py):
+    loaded on first use and kept; one run at a time (``lock``), its last answers kept by their key."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    path: FilePath | None = None
+    atlas: Atlas | None = None
+    last: tuple[tuple[Any, ...], Any] | None = None
+
+
 def get_services(request: Request) -> Services:
     """The services, or 503 while the model loads (or failed to) and while the server drains."""
     state = request.app.state
@@ -66,6 +79,10 @@ def get_settings(request: Request) -> ServerSettings:
 
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+def get_demo_baseline(request: Request) -> DemoBaseline:
+    return request.app.state.demo_baseline
 
 
 async def get_tenant(request: Request,
@@ -109,3 +126,4 @@ SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 SessionIdDep = Annotated[str, Depends(session_id)]
+DemoBaselineDep = Annotated[DemoBaseline, Depends(get_demo_baseline)]

@@ -50,6 +50,7 @@ STATUS: dict[str, int] = {
     "session_not_found": 404,
     "state_not_found": 404,
     "model_not_found": 404,
+    "baseline_unavailable": 404,  # the demo has no attention-only baseline here (the message says why)
     "method_not_allowed": 405,
     "session_exists": 409,
     "offset_gap": 409,
@@ -70,6 +71,7 @@ STATUS: dict[str, int] = {
     "store_unavailable": 503,
     "store_error": 503,  # an unexpected reply from the store: treated like an unreachable one
     "checkpoint_invalid": 503,  # the model cannot load (at start-up: /ready says why)
+    "demo_prose_invalid": 503,  # ATLAS_DEMO_PROSE cannot be read as prose (too short, not text)
 }
 
 #: Seconds a client should wait before retrying an engine error with this code.

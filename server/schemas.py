@@ -325,3 +325,31 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     model: str | None = None
+
+
+# -- the playground's demo (routes/demo.py) ----------------------------------------------------------
+
+class DemoFact(BaseModel):
+    question: str = Field(description="The prompt asked right after the document (it starts a line).")
+    truth: str = Field(description="The value a right answer starts with, e.g. 31415 or kitchen.")
+
+
+class DemoDocument(BaseModel):
+    task: str
+    seed: int
+    length: int = Field(description="Bytes asked for: the document and the first question together.")
+    document: str = Field(description="The text to ingest, facts hidden in it; no question at the end.")
+    facts: list[DemoFact]
+    prose: str = Field(description="Where the text comes from: ATLAS_DEMO_PROSE's name, the built-in "
+                                   "passage, or synthetic filler (passkey, multi_needle).")
+
+
+class DemoAnswer(DemoFact):
+    answer: str = Field(description="The greedy answer (at most 16 tokens, up to the first '.' or line end).")
+    right: bool = Field(description="The answer's first number (or word, for places) is the truth.")
+
+
+class DemoBaseline(BaseModel):
+    model: str = Field(description="The baseline checkpoint's name.")
+    fingerprint: str
+    answers: list[DemoAnswer]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -88,6 +89,18 @@ class ServerSettings(BaseSettings):
     #: page from another origin cannot read any answer. Keys still go in Authorization headers.
     cors_origins: str = ""
 
+    # -- the playground's demo (routes/demo.py, training/demo.py) ---------------------------------
+    #: Prose the demo hides its facts in: a text file, or a corpus folder (its eval-prose.txt, see
+    #: ``atlas corpus build``). Unset: the built-in passage.
+    demo_prose: str | None = None
+    #: Checkpoint whose answers go beside the model's in the demo (any model, like ``atlas demo
+    #: --baseline``). Unset: the bundled attention-only baseline (engine/assets/demo-baseline), and
+    #: only when the server runs the bundled model.
+    demo_baseline: str | None = None
+    #: The longest demo document, in bytes (a byte-level model's tokens); at most 64 MiB whatever
+    #: this says (training/demo.py, MAX_DEMO_BYTES).
+    demo_max_bytes: int = Field(64 * MiB, ge=1)
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, v: object) -> object:
@@ -100,6 +113,21 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("demo_prose", "demo_baseline", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("demo_prose")
+    @classmethod
+    def _check_prose(cls, v: str | None) -> str | None:
+        if v is not None:  # fail at start, not at the first demo (the text itself is read then)
+            path = Path(v)
+            if not (path / "eval-prose.txt" if path.is_dir() else path).is_file():
+                raise ValueError(f"ATLAS_DEMO_PROSE: {v} is neither a text file nor a corpus folder "
+                                 "with an eval-prose.txt")
+        return v
 
     @field_validator("cors_origins")
     @classmethod

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 import openai
 from typer.testing import CliRunner
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 from atlas.engine import Atlas, fingerprint, load_checkpoint
 from atlas.engine.api import BUNDLED_CHECKPOINT
 from atlas.server.cli import app
+from atlas.training.demo import demo_document
 from atlas.training.tasks import first_number, passkey
 
 from .helpers import TEST_DATA, shared_text
@@ -47,24 +47,30 @@ def test_demo_model_answers_a_passkey_question_through_the_server(tmp_path):
 
 def run_demo(*args: str) -> tuple[int, str]:
     """`atlas demo` on the CPU: its exit code and its output with line breaks as spaces (the progress
-    lines wrap at the console's width)."""
-    res = CliRunner().invoke(app, ["demo", "--device", "cpu", "--max-tokens", "8", *args])
+    lines and the table wrap at the console's width)."""
+    res = CliRunner().invoke(app, ["demo", "--device", "cpu", *args], env={"COLUMNS": "200"})
     return res.exit_code, " ".join(res.output.split())
 
 
-def test_atlas_demo_recalls_the_pass_key_of_its_built_in_document():
-    code, out = run_demo("--tokens", "512")
+def test_atlas_demo_asks_for_the_facts_it_hid():
+    code, out = run_demo("--task", "passkey", "--tokens", "512", "--seed", "3", "--no-baseline")
     assert code == 0, out
-    key = re.search(r"the pass key (\d+) hidden half-way", out).group(1)
-    assert "read 512 tokens" in out and "restored bit-exact: True" in out
-    assert f"What is the pass key? The pass key is {key}." in out  # the model's answer
+    doc = demo_document("passkey", 512, seed=3)
+    key = doc.facts[0].truth
+    assert f"read {len(doc.document)} tokens" in out and "restored bit-exact: True" in out
+    assert f"'{key}' right" in out and "model: 1/1 right" in out, out
+    code, out = run_demo("--task", "babi_single", "--tokens", "2048", "--no-baseline")
+    assert code == 0 and "Where is" in out and "model: " in out and "/1 right" in out, out
     code, out = run_demo("--tokens", "100")
-    assert code == 2 and "--tokens must be at least" in out
+    assert code == 2 and "bytes, not 100" in out
+    code, out = run_demo("--task", "nonsense")
+    assert code == 2 and "unknown demo task" in out
 
 
 def test_atlas_demo_continues_another_text(tmp_path):
     text = shared_text("tinyshakespeare.txt") or TEST_DATA / "utf8-sample.txt"
-    code, out = run_demo("--text", str(text), "--tokens", "256", "--question", "QUESTION:")
+    code, out = run_demo("--text", str(text), "--tokens", "256", "--question", "QUESTION:",
+                         "--max-tokens", "8")
     assert code == 0, out
     assert "read 256 tokens" in out and "restored bit-exact: True" in out and "QUESTION:" in out
     empty = tmp_path / "empty.txt"

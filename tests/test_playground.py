@@ -3,7 +3,9 @@
 It loads ``/`` without a key, stores the key, creates a session, uploads a file and watches the
 progress reach 100%, then asks a question and watches the answer stream. It downloads a session as a
 file and uploads it again (the new session is the same one), and shows a damaged file's refusal.
-A screenshot goes to test-artifacts/. Skipped when chromium or playwright is not installed.
+"Try the memory" builds a document with a pass key in it, reads it into a new session with the
+bundled model and shows the model's answer beside the truth and the baseline's (none, then one).
+Screenshots go to test-artifacts/. Skipped when chromium or playwright is not installed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-from .helpers import document
+from atlas.engine import Atlas, save_checkpoint
+from atlas.training.demo import demo_document
+
+from .helpers import document, tiny_config
 from .server_helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -151,3 +157,52 @@ def _texts(body: str):
             ev = json.loads(line[6:])
             if "text" in ev:
                 yield ev["text"]
+
+
+def test_try_the_memory(tmp_path):
+    """The bundled model (no ATLAS_MODEL) reads a 2048-token document and finds its pass key; the
+    baseline column says why there is none until the checkpoint appears, then shows its answer."""
+    baseline = tmp_path / "baseline"
+    fact = demo_document("passkey", 2048, 0).facts[0]
+    truth = fact.truth
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_server(tmp_path / "srv", {"ATLAS_API_KEYS": f"{KEY}:play", "ATLAS_PROGRESS_INTERVAL_S": "0",
+                                           "ATLAS_DEMO_BASELINE": str(baseline)}, graceful=False) as srv, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(srv.url + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            assert "Try the memory" in page.get_attribute("#question", "placeholder")
+            page.select_option("#demo-task", "passkey")
+            page.fill("#demo-length", "2048")
+            page.fill("#demo-seed", "0")
+            row = "#demo-table tbody tr"
+            done = "document.getElementById('demo-status').dataset.done === '1'"
+            page.click("#demo-run")
+            page.wait_for_function(done, timeout=30_000)
+            assert page.inner_text("#error") == ""
+            assert page.inner_text(f"{row} .demo-truth") == truth
+            assert page.inner_text(f"{row} .demo-model") == f"{truth} right"
+            assert page.inner_text(f"{row} .demo-baseline") == "no baseline"
+            assert "ATLAS_DEMO_BASELINE" in page.get_attribute(f"{row} .demo-baseline", "title")
+            assert "bytes of synthetic filler" in page.inner_text("#demo-status")
+            assert "model: 1/1 right" in page.inner_text("#demo-status")
+            assert page.eval_on_selector("#demo-progress", "e => e.value") == 100
+            sid = page.eval_on_selector("#session-select", "e => e.value")
+            assert page.inner_text("#info-name") == "demo: passkey 2048"
+            assert page.inner_text("#info-bytes") == f"{2048 - len(fact.question):,}"  # the document
+            # the checkpoint appears (a tiny attention-only model): the next run has its answers
+            model = Atlas.from_config(tiny_config(layers=["swa"]), device="cpu", dtype=torch.float32).model
+            save_checkpoint(model, baseline)
+            page.click("#demo-run")
+            page.wait_for_function(done, timeout=30_000)
+            cell = page.inner_text(f"{row} .demo-baseline")
+            assert cell.endswith((" right", " wrong")), cell
+            assert "right (baseline)" in page.inner_text("#demo-status")  # the checkpoint's name
+            assert page.eval_on_selector("#session-select", "e => e.value") != sid  # a new session
+            page.screenshot(path=str(ARTIFACTS / "playground-demo.png"), full_page=True)
+        finally:
+            browser.close()

@@ -202,12 +202,16 @@ def plot(results: dict, path: str) -> None:
 
     tasks = sorted({p["task"] for m in results["models"].values() for p in m["points"]},
                    key=list(EVAL_TASKS).index)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    cols = min(4, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
     titles = {"passkey": "Pass-key retrieval", "multi_needle": "Multi-needle (4 keys, asked by name)",
               "passkey_prose": "Pass-key in real prose", "multi_needle_prose": "Multi-needle in real prose",
               "babi_single": "bAbI: single supporting fact", "babi_two": "bAbI: two supporting facts",
               "babi_count": "bAbI: counting"}
-    for ax, task in zip(axes[0], tasks, strict=True):
+    for ax, task in zip(axes.flat, tasks, strict=False):
         for name, m in results["models"].items():
             pts = sorted((p["length"], 100 * p["accuracy"]) for p in m["points"] if p["task"] == task)
             if pts:

@@ -1,2 +1,3 @@
 """Routers: ops (health, readiness, metrics, models, OpenAPI), sessions (sessions, ingest, generate),
-completions (OpenAI-compatible)."""
+completions and chat (OpenAI-compatible), tokenize, demo (the playground's "Try the memory"),
+playground (the page)."""
