@@ -194,12 +194,13 @@ class Atlas:
         check_values(tensors, self.config.vocab_size, self.config.chunk_size)
         # Decode caches are not stored. They start empty (cache_len 0: valid on a chunk boundary,
         # rebuilt by the next feed otherwise), and the convolution history of an empty chunk is the
-        # committed conv tail.
+        # committed conv tail's queries.
         fresh = self.model.init_state(state.batch_size)
         caches = {k: v.to(self.device) for k, v in fresh.items() if is_cache_key(k)}
         for k in caches:
             if k.endswith(".cache_conv"):
-                caches[k] = tensors[k[:-len("cache_conv")] + "conv"].to(caches[k].dtype)
+                tail = tensors[k[:-len("cache_conv")] + "conv"]
+                caches[k] = tail[..., :caches[k].shape[-1]].to(caches[k].dtype)
         return SessionState(dict(tensors, **caches), state.fingerprint)
 
     # -- running -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,10 +16,16 @@ from .memory import state_dtype
 def rope_cos_sin(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin for integer positions pos (B, T). Angles are formed in float64 and reduced modulo
     2*pi before the cast, so a window at position 1e7 rotates exactly like one at position 0."""
-    half = head_dim // 2
-    inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=pos.device) * 2 / head_dim)
+    inv_freq = _inv_freq(head_dim, base, pos.device)
     ang = torch.remainder(pos.to(torch.float64)[..., None] * inv_freq, 2 * math.pi)
     return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _inv_freq(head_dim: int, base: float, device: torch.device) -> Tensor:
+    """The rotation frequencies (float64), made once per shape and device rather than per call."""
+    half = head_dim // 2
+    return base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / head_dim)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -80,14 +87,15 @@ class SlidingWindowAttention(nn.Module):
                "ring_pos": torch.where(commit[:, None], kpos[:, t:], st["ring_pos"])}
         return out, dict(new, **cache)
 
-    def decode(self, x: Tensor, st: dict[str, Tensor], pos: Tensor,
-               filled: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def decode(self, x: Tensor, st: dict[str, Tensor], pos: Tensor, filled: Tensor,
+               rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """One new token per session at positions pos (B,), attending to the ring, the cached keys
-        of its unfinished chunk (`filled` of them) and itself."""
+        of its unfinished chunk (`filled` of them) and itself. `rope`: rope_cos_sin(pos[:, None]),
+        when the caller computed it once for every layer."""
         c = self.cfg
         bsz = x.shape[0]
         q, k, v = self.qkv(x).view(bsz, 1, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope_cos_sin(pos[:, None], c.head_dim, c.rope_base, x.dtype)
+        cos, sin = rope or rope_cos_sin(pos[:, None], c.head_dim, c.rope_base, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Scores against the ring, the chunk's cached keys and itself, without copying the ring.
         ar = torch.arange(c.chunk_size, device=x.device)

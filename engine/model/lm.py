@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..state import is_cache_key
-from .attention import SlidingWindowAttention
+from .attention import SlidingWindowAttention, rope_cos_sin
 from .memory import AtlasMemory, head_rms_norm, state_dtype
 
 StateDict = dict[str, Tensor]
@@ -56,9 +56,11 @@ class Mixer(nn.Module):
         """One chunk block (see AtlasModel.forward)."""
         return self._mix(x, st, lambda m, sub: m(x, sub, commit, ends), lambda a, sub: a(x, sub, pos, commit))
 
-    def decode(self, x: Tensor, st: StateDict, pos: Tensor, filled: Tensor) -> tuple[Tensor, StateDict]:
+    def decode(self, x: Tensor, st: StateDict, pos: Tensor, filled: Tensor,
+               rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, StateDict]:
         """One token per session inside its unfinished chunk, from the decode cache."""
-        return self._mix(x, st, lambda m, sub: m.decode(x, sub), lambda a, sub: a.decode(x, sub, pos, filled))
+        return self._mix(x, st, lambda m, sub: m.decode(x, sub),
+                         lambda a, sub: a.decode(x, sub, pos, filled, rope))
 
     def _mix(self, x: Tensor, st: StateDict, run_mem, run_attn) -> tuple[Tensor, StateDict]:
         c = self.cfg
@@ -97,8 +99,9 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x)), st
 
-    def decode(self, x: Tensor, st: StateDict, pos: Tensor, filled: Tensor) -> tuple[Tensor, StateDict]:
-        y, st = self.mixer.decode(self.norm1(x), st, pos, filled)
+    def decode(self, x: Tensor, st: StateDict, pos: Tensor, filled: Tensor,
+               rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, StateDict]:
+        y, st = self.mixer.decode(self.norm1(x), st, pos, filled, rope)
         x = x + y
         return x + self.mlp(self.norm2(x)), st
 
@@ -232,10 +235,14 @@ class AtlasModel(nn.Module):
         x = self.embed(tokens)
         pos = state["pos"]
         new = dict(state)
+        c = self.cfg
+        # Every attention layer rotates by the same position: its cos/sin are made once.
+        has_attention = any(kind != "atlas" for kind in c.mixers)
+        rope = rope_cos_sin(pos[:, None], c.head_dim, c.rope_base, x.dtype) if has_attention else None
         for i, block in enumerate(self._blocks()):
             prefix = f"layers.{i}."
             sub = {k[len(prefix):]: val for k, val in state.items() if k.startswith(prefix)}
-            x, sub = block.decode(x, sub, pos, filled)
+            x, sub = block.decode(x, sub, pos, filled, rope)
             new.update({prefix + k: val for k, val in sub.items()})
         logits = self._logits(x)[:, 0].to(state["last_logits"].dtype)
         new.update(pos=pos + 1, tokens=state["tokens"] + 1, last_logits=logits,

@@ -401,7 +401,7 @@ class AtlasMemory(nn.Module):
         z = lambda *s, dt=wdtype: torch.zeros(batch, *s, dtype=dt, device=dev)
         st.update(tail_k=z(h, tail, d), tail_v=z(h, tail, d), tail_gamma=z(h, tail),
                   conv=z(c.conv_kernel - 1, 3 * c.d_model),
-                  cache_conv=z(c.conv_kernel - 1, 3 * c.d_model, dt=dtype))
+                  cache_conv=z(c.conv_kernel - 1, c.d_model, dt=dtype))
         return st
 
     @property
@@ -413,8 +413,8 @@ class AtlasMemory(nn.Module):
     def project(self, x: Tensor, conv_tail: Tensor) -> tuple[Tensor, ...]:
         """Per-token features: phi(q), phi(k), v (B, H, T, d), gate logits (B, H, T, 4), the new conv
         tail (in the conv tail's dtype), and the raw projections after the conv tail's (B, K-1+T, 3D)
-        (the decode cache keeps the last of them). The saved conv tail holds earlier projections
-        exactly, so it is cast back losslessly."""
+        (the decode cache keeps the queries of the last of them). The saved conv tail holds earlier
+        projections exactly, so it is cast back losslessly."""
         c = self.cfg
         bsz, t, _ = x.shape
         zx = self.qkv(x)
@@ -428,12 +428,13 @@ class AtlasMemory(nn.Module):
 
     def decode(self, x: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """One new token per session (x (B, 1, D)) inside an unfinished chunk: reads only, no
-        optimiser step. The decode cache holds the last k-1 raw projections for the convolution."""
+        optimiser step, so only the query is projected (the first D rows of qkv). The decode cache
+        holds the last k-1 raw query projections for the convolution."""
         c = self.cfg
-        bsz = x.shape[0]
-        window = torch.cat([st["cache_conv"], self.qkv(x)], dim=1)  # (B, k, 3D)
-        conv = torch.einsum("bkc,ck->bc", window, self.conv)[:, None]
-        q = F.silu(conv[..., :c.d_model]).view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
+        bsz, d_model = x.shape[0], c.d_model
+        window = torch.cat([st["cache_conv"], F.linear(x, self.qkv.weight[:d_model])], dim=1)  # (B, k, D)
+        conv = torch.einsum("bkc,ck->bc", window, self.conv[:d_model])[:, None]
+        q = F.silu(conv).view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
         fq = feature_map(F.normalize(q, dim=-1), self.phi)
         weights = tuple(st[n] for n in self._names)
         out = head_rms_norm(read_step(weights, fq).to(x.dtype), self.norm, c.norm_eps)
@@ -454,7 +455,8 @@ class AtlasMemory(nn.Module):
         # Every token of a chunk reads the memory as it stood at the chunk's start.
         out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
         rows = ends[:, None] + 1 + torch.arange(c.conv_kernel - 1, device=x.device)
-        cache = {"cache_conv": torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[-1]))}
+        zq = z[..., :c.d_model]  # decode reads the memory, so it convolves only the queries
+        cache = {"cache_conv": torch.gather(zq, 1, rows[..., None].expand(-1, -1, c.d_model))}
         if not bool(commit.any()):
             new = dict(st)
             new.update(cache)

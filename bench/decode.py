@@ -1,0 +1,140 @@
+"""Greedy decode of the default model (4.6M parameters, fresh weights of seed 0): this working tree
+against an earlier commit, in one run.
+
+Each measurement is its own process, the two source trees alternating (A B, B A, A B, ...), so that
+the machine's load hits both alike; the earlier commit is checked out into a temporary git worktree
+and imported in place of this one (PYTHONPATH). Per process: a 2,048-token prefix, then one session
+decoding 128 tokens and 32 sessions decoding 64 steps together, one token per session per step
+through `Atlas.feed` (the one-row fast path, and the block path for each token that completes a
+chunk), with the thread policy of `atlas serve` (engine/threads.py). Reported: tokens/s of each, and
+per pair the ratio working tree / earlier commit, as min, median and max.
+
+    python bench/decode.py --ref HEAD~1            # the commit before the last
+    python bench/decode.py --ref v0.3 --pairs 5
+
+Writes bench/results/decode-cpu.json (the commits by hash, the machine described).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def worker(prefix_len: int, single: int, sessions: int, steps: int) -> dict[str, Any]:
+    """Decode rates of the source tree this process imports (printed as JSON by --worker)."""
+    from atlas.engine import Atlas, ModelConfig
+    from atlas.engine.state import SessionState
+    from atlas.engine.threads import apply_thread_policy
+
+    atlas = Atlas.from_config(ModelConfig(), seed=0, device="cpu")
+    threads = apply_thread_policy(atlas.parameters)
+    prefix = [i * 7 % atlas.config.vocab_size for i in range(prefix_len)]
+
+    def rate(n_sessions: int, n_steps: int) -> float:
+        fresh = SessionState.stack([atlas.new_state()] * n_sessions)
+        state, logits = atlas.feed(fresh, [prefix] * n_sessions)
+        nxt = logits.argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            state, logits = atlas.feed(state, nxt[:, None])
+            nxt = logits.argmax(-1)
+        return n_sessions * n_steps / (time.perf_counter() - t0)
+
+    rate(1, 16)  # warm-up: allocator, lazy initialisation
+    return {"threads": threads.threads, "decode_1_tok_s": round(rate(1, single), 1),
+            "decode_many_tok_s": round(rate(sessions, steps), 1)}
+
+
+def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in a fresh process importing `tree` (None: this working tree)."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    cmd = [sys.executable, __file__, "--worker", "--prefix", str(args.prefix), "--single", str(args.single),
+           "--sessions", str(args.sessions), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def git(*argv: str) -> str:
+    done = subprocess.run(["git", "-C", str(REPO), *argv], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    return {"min": round(min(xs), 3), "median": round(statistics.median(xs), 3), "max": round(max(xs), 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ref", default="HEAD", help="the earlier commit to compare with")
+    p.add_argument("--pairs", type=int, default=4, help="processes per tree")
+    p.add_argument("--prefix", type=int, default=2048)
+    p.add_argument("--single", type=int, default=128, help="tokens one session decodes")
+    p.add_argument("--sessions", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64, help="steps of the batched decode")
+    p.add_argument("--out", type=Path, default=RESULTS / "decode-cpu.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.prefix, args.single, args.sessions, args.steps)))
+        return 0
+
+    from atlas.engine.machine import describe_machine, load_average
+
+    ref = git("rev-parse", args.ref)
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    machine = describe_machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "src"
+        git("worktree", "add", "--detach", str(tree), ref)
+        importable = Path(tmp) / "path"  # a folder whose `atlas` is the earlier tree
+        importable.mkdir()
+        (importable / "atlas").symlink_to(tree)
+        try:
+            rows: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+            for i in range(args.pairs):
+                for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                    row = run_worker(importable if side == "before" else None, args)
+                    rows[side].append(row)
+                    print(f"{side:>6}: 1 session {row['decode_1_tok_s']:>7.1f} tok/s, "
+                          f"{args.sessions} sessions {row['decode_many_tok_s']:>8.1f} tok/s", flush=True)
+        finally:
+            git("worktree", "remove", "--force", str(tree))
+    machine["load_average_at_end"] = load_average()
+    summary = {}
+    for key in ("decode_1_tok_s", "decode_many_tok_s"):
+        before = [r[key] for r in rows["before"]]
+        after = [r[key] for r in rows["after"]]
+        ratios = [a / b for a, b in zip(after, before, strict=True)]
+        summary[key] = {"before_median": statistics.median(before), "after_median": statistics.median(after),
+                        "ratio_after_over_before": spread(ratios)}
+    report = {"benchmark": "decode of the default model, this tree against an earlier commit, interleaved",
+              "machine": machine, "before": ref,
+              "after": git("rev-parse", "HEAD") + (" + changes" if dirty else ""),
+              "settings": {k: getattr(args, k) for k in ("pairs", "prefix", "single", "sessions", "steps")},
+              "summary": summary, "runs": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    for key, s in summary.items():
+        r = s["ratio_after_over_before"]
+        print(f"{key}: before {s['before_median']:.1f}, after {s['after_median']:.1f} tok/s; after/before "
+              f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
