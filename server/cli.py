@@ -26,11 +26,11 @@ def main() -> None:
 @app.command()
 def demo(
     task: Annotated[str, typer.Option(help=(
-        "What to hide in the document: multi_needle_prose (four named numbers), passkey_prose, "
+        "What to hide in the document: passkey_prose, multi_needle_prose (four named numbers), "
         "babi_single (where is Mary?), babi_two (where is the apple?), babi_count, or passkey and "
-        "multi_needle in synthetic filler"))] = "multi_needle_prose",
+        "multi_needle in synthetic filler"))] = "passkey_prose",
     tokens: Annotated[int, typer.Option(
-        help="Length of the document in bytes (tokens of a byte-level model)")] = 8192,
+        help="Bytes of the built document (a byte-level model's tokens); with --text, tokens read")] = 8192,
     seed: Annotated[int, typer.Option(help="Which document: the facts, their places and the prose")] = 0,
     prose: Annotated[Path | None, typer.Option(exists=True, help=(
         "Prose to hide the facts in: a text file or a corpus folder (atlas corpus build: its "

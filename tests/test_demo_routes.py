@@ -91,7 +91,7 @@ def test_document_is_a_function_of_task_length_and_seed(client):
     assert a == b
     other = get_document(client, task="passkey_prose", length=3000, seed=12).json()
     assert other["document"] != a["document"]
-    default = get_document(client).json()  # multi_needle_prose, 16384 bytes, seed 0
+    default = get_document(client).json()  # passkey_prose, 16384 bytes, seed 0
     assert (default["task"], default["length"], default["seed"]) == (DEMO_TASKS[0], 16384, 0)
 
 

@@ -489,6 +489,13 @@ def test_train_and_eval_commands(tmp_path):
     res = runner.invoke(app, ["eval", "--model", f"again={ckpt}", "--lengths", "300", "--trials", "3",
                               "--tasks", "passkey", "--device", "cpu", "--out", str(out), "--update"])
     assert res.exit_code == 2 and "trials=2" in res.output
+    # --update of the same weights at a new length: the points it does not measure again stay
+    res = runner.invoke(app, ["eval", "--model", f"tiny={ckpt}", "--lengths", "512", "--trials", "2",
+                              "--tasks", "passkey", "--device", "cpu", "--out", str(out), "--update"])
+    assert res.exit_code == 0, res.output
+    grown = json.loads(out.read_text())["models"]["tiny"]["points"]
+    assert [(p["task"], p["length"]) for p in grown] == [*[(p["task"], p["length"]) for p in points],
+                                                         ("passkey", 512)]
     # --gap: the needles stay that far from the question (the memory alone can answer)
     res = runner.invoke(app, ["eval", "--model", f"tiny={ckpt}", "--lengths", "1k", "--trials", "2",
                               "--tasks", "passkey", "--gap", "600", "--device", "cpu", "--out", str(out)])

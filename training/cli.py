@@ -302,8 +302,9 @@ def _checkpoints(specs: list[str] | None) -> dict[str, Path]:
 
 
 def _keep_earlier_results(results: dict, out: Path) -> None:
-    """--update: merge the models, lengths and tasks of `out` into `results` (the models evaluated
-    now replace their entries later). Exits 2 if `out` was made with another seed, gap or trials."""
+    """--update: merge the models, lengths and tasks of `out` into `results` (a model evaluated now
+    replaces its entry later, keeping the points it does not measure again when its weights are the
+    same). Exits 2 if `out` was made with another seed, gap or trials."""
     from .tasks import EVAL_TASKS
 
     try:
@@ -355,6 +356,12 @@ def _evaluate_model(results: dict, name: str, path: Path, dev: torch.device, tas
              "config": net.cfg.model_dump(mode="json"),
              "parameters": sum(p.numel() for p in net.parameters()),
              "training": with_portable_paths(meta.get("training")), "points": []}
+    earlier = results["models"].get(name)
+    if earlier and earlier.get("fingerprint") == entry["fingerprint"]:
+        # --update with the same weights: the points not measured again are kept (e.g. 1M added
+        # to 1k-64k), each with the machine it was measured on
+        entry["points"] = [dict(p, machine=p.get("machine", earlier["machine"])) for p in earlier["points"]
+                           if not (p["task"] in task_list and p["length"] in length_list)]
     results["models"][name] = entry
     results.setdefault("max_train_len", (meta.get("training") or {}).get("max_train_len", 8192))
     if set(net.cfg.mixers) & {"swa", "mag"}:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from atlas.engine.state import SessionState
 
 #: What a demo can hide, the first the default: facts in real prose, then the synthetic filler.
-DEMO_TASKS = ("multi_needle_prose", "passkey_prose", "babi_single", "babi_two", "babi_count", "passkey",
+DEMO_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two", "babi_count", "passkey",
               "multi_needle")
 #: The attention-only baseline of the bundled model (configs/train/swa-baseline-prose.toml).
 BASELINE_CHECKPOINT = Path(__file__).resolve().parent.parent / "engine" / "assets" / "demo-baseline"
