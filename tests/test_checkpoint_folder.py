@@ -195,7 +195,7 @@ def test_the_bundled_demo_model_is_in_the_current_format():
     assert json.loads((BUNDLED_CHECKPOINT / "generation_config.json").read_text()) == {"eos_token_id": None}
     ckpt = read_checkpoint(BUNDLED_CHECKPOINT)
     assert not ckpt.legacy and ckpt.eos_token_ids == () and ckpt.generation_defaults == {}
-    assert ckpt.fingerprint == "df5d2da1ac2b86c7c96d47a26ec85472e32cc81aa9a14e47230400cea8f71f1b"
+    assert ckpt.fingerprint == "ca7d08bda0552edb9ffa98e9ad2acf458860312109538dae1cb442b27affe6b8"
 
 
 # ---------------------------------------------------------------------------------------------
