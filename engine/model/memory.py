@@ -427,13 +427,11 @@ class AtlasMemory(nn.Module):
         return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail, z
 
     def decode(self, x: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """One new token per session (x (B, 1, D)) inside an unfinished chunk: reads only, no
-        optimiser step, so only the query is projected (the first D rows of qkv). The decode cache
-        holds the last k-1 raw query projections for the convolution."""
-        c = self.cfg
-        bsz, d_model = x.shape[0], c.d_model
-        window = torch.cat([st["cache_conv"], F.linear(x, self.qkv.weight[:d_model])], dim=1)  # (B, k, D)
-        conv = torch.einsum("bkc,ck->bc", window, self.conv[:d_model])[:, None]
+        """One new token per session (x (B, 1, D)) inside an unfinished chunk: a read, no optimiser
+        step, so only queries are projected; the decode cache holds the last k-1 of them (raw)."""
+        c, bsz = self.cfg, x.shape[0]
+        window = torch.cat([st["cache_conv"], F.linear(x, self.qkv.weight[:c.d_model])], dim=1)  # (B, k, D)
+        conv = torch.einsum("bkc,ck->bc", window, self.conv[:c.d_model])[:, None]
         q = F.silu(conv).view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
         fq = feature_map(F.normalize(q, dim=-1), self.phi)
         weights = tuple(st[n] for n in self._names)
