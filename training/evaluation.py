@@ -216,6 +216,9 @@ def plot(results: dict, path: str) -> None:
             pts = sorted((p["length"], 100 * p["accuracy"]) for p in m["points"] if p["task"] == task)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        chance = CHANCE.get(task, 0.0)
+        if chance >= 0.01:  # a place or a count can be guessed
+            ax.axhline(100 * chance, color="grey", ls="-.", lw=1, label="chance")
         ax.axvline(results["max_train_len"], color="grey", ls="--", lw=1, label="longest training context")
         window = results.get("swa_window")
         if window:
