@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +33,18 @@ RESULTS = REPO / "bench" / "results"
 
 def worker(prefix_len: int, single: int, sessions: int, steps: int) -> dict[str, Any]:
     """Decode rates of the source tree this process imports (printed as JSON by --worker)."""
+    from ingest import decode_rate  # bench/ingest.py: the same greedy loop through Atlas.feed
+
     from atlas.engine import Atlas, ModelConfig
-    from atlas.engine.state import SessionState
     from atlas.engine.threads import apply_thread_policy
 
     atlas = Atlas.from_config(ModelConfig(), seed=0, device="cpu")
     threads = apply_thread_policy(atlas.parameters)
     prefix = [i * 7 % atlas.config.vocab_size for i in range(prefix_len)]
 
-    def rate(n_sessions: int, n_steps: int) -> float:
-        fresh = SessionState.stack([atlas.new_state()] * n_sessions)
-        state, logits = atlas.feed(fresh, [prefix] * n_sessions)
-        nxt = logits.argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(n_steps):
-            state, logits = atlas.feed(state, nxt[:, None])
-            nxt = logits.argmax(-1)
-        return n_sessions * n_steps / (time.perf_counter() - t0)
-
-    rate(1, 16)  # warm-up: allocator, lazy initialisation
-    return {"threads": threads.threads, "decode_1_tok_s": round(rate(1, single), 1),
-            "decode_many_tok_s": round(rate(sessions, steps), 1)}
+    decode_rate(atlas, prefix, 1, 16)  # warm-up: allocator, lazy initialisation
+    return {"threads": threads.threads, "decode_1_tok_s": round(decode_rate(atlas, prefix, 1, single), 1),
+            "decode_many_tok_s": round(decode_rate(atlas, prefix, sessions, steps), 1)}
 
 
 def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -50,6 +51,15 @@ def test_page_is_open_but_the_api_is_not(server):
     assert httpx.get(server.url + "/v1/sessions").status_code == 401
 
 
+def signed_in(browser: Any, url: str, **page_options: Any) -> Any:
+    """A new page of the playground at `url` with the API key typed in (kept in localStorage)."""
+    page = browser.new_page(**page_options)
+    page.goto(url + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    return page
+
+
 def test_upload_progress_and_streamed_answer(server, tmp_path):
     doc = tmp_path / "book.txt"
     doc.write_bytes(document(400_000))
@@ -57,10 +67,7 @@ def test_upload_progress_and_streamed_answer(server, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.goto(server.url + "/")
-            page.fill("#api-key", KEY)
-            page.dispatch_event("#api-key", "change")
+            page = signed_in(browser, server.url, viewport={"width": 1200, "height": 800})
             assert page.evaluate("localStorage.getItem('atlas.apiKey')") == KEY
             page.click("#new-session")
             page.wait_for_function("document.getElementById('session-select').value.length > 0")
@@ -112,10 +119,7 @@ def test_download_and_upload_a_session_file(server, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(accept_downloads=True)
-            page.goto(server.url + "/")
-            page.fill("#api-key", KEY)
-            page.dispatch_event("#api-key", "change")
+            page = signed_in(browser, server.url, accept_downloads=True)
             page.wait_for_function(f"[...document.querySelectorAll('#session-select option')]"
                                    f".some(o => o.value === '{sid}')")
             page.select_option("#session-select", sid)
@@ -171,10 +175,7 @@ def test_try_the_memory(tmp_path):
             sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(srv.url + "/")
-            page.fill("#api-key", KEY)
-            page.dispatch_event("#api-key", "change")
+            page = signed_in(browser, srv.url, viewport={"width": 1200, "height": 900})
             assert "Try the memory" in page.get_attribute("#question", "placeholder")
             page.select_option("#demo-task", "passkey")
             page.fill("#demo-length", "2048")
