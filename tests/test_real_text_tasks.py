@@ -146,6 +146,20 @@ def test_babi_answers_follow_the_last_move_and_facts_sit_at_their_depth():
     assert counts == {"0", "1", "2", "3"}
 
 
+def test_babi_people_asks_everyone_where_their_one_move_took_them():
+    sizes = set()
+    for seed in range(30):
+        s = make_sample("babi_people", random.Random(seed), min_length("babi_people") + 500 * (seed % 3))
+        where = {who: what for who, _, what in _facts(s.prompt)}
+        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
+        assert len(where) == len(asked) == len(s.facts) and len(set(where.values())) == len(where)
+        for question, answer in asked:
+            who = question.split()[2].rstrip("?")
+            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {where[who]}."
+        sizes.add(len(where))
+    assert sizes == {2, 3, 4}
+
+
 def test_prose_source_reads_a_corpus_and_falls_back(tmp_path):
     assert held_out_prose() == normalize_prose(FALLBACK_PROSE)
     (tmp_path / "eval-prose.txt").write_text("Caf\u00e9 noir.\n\n  Tea   time. " * 200)

@@ -153,7 +153,7 @@ def test_needle_gap_keeps_every_needle_beyond_it(task):
 def test_task_batch_lengthens_prompts_a_task_does_not_fit_and_pads_rows():
     cfg = DataConfig(min_len=256, max_len=256, tokens_per_batch=4096,
                      tasks={"passkey": 1, "multi_needle": 1, "copy": 1})
-    tokens, answer_mask, prompt_mask, length, _ = task_batch(0, cfg, seed=2)
+    tokens, answer_mask, prompt_mask, length, *_ = task_batch(0, cfg, seed=2)
     assert length == 256 and tokens.shape[0] == 16
     seen = set()
     for i in range(16):
@@ -185,7 +185,7 @@ def test_task_batch_is_a_function_of_seed_and_step_with_answer_masks():
     b = task_batch(7, cfg, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a.length == b.length
     assert torch.equal(a.end_mask, b.end_mask)
-    tokens, answer_mask, prompt_mask, length, end_mask = a
+    tokens, answer_mask, prompt_mask, length, end_mask, _ = a
     assert 512 <= length <= 2048 and tokens.shape[0] == max(1, 2048 // length)
     for row in range(tokens.shape[0]):
         assert bytes(tokens[row, :length].tolist()).decode().endswith("is")
@@ -203,7 +203,7 @@ def scored(tokens, mask, row) -> str:
 
 def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
     cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"passkey": 1.0})
-    tokens, answer_mask, _, length, end_mask = task_batch(0, cfg, seed=0)
+    tokens, answer_mask, _, length, end_mask, _ = task_batch(0, cfg, seed=0)
     for row in range(2):
         key = bytes(tokens[row, length:].tolist()).decode().split(".")[0].strip()
         text = bytes(tokens[row].tolist()).decode()
@@ -211,7 +211,7 @@ def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
         assert scored(tokens, answer_mask, row) == f"{key} {key}."
         assert scored(tokens, end_mask, row) == "."  # the answer's end, not the needle's second key
     cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"multi_needle": 1.0})
-    tokens, answer_mask, _, length, end_mask = task_batch(0, cfg, seed=0)
+    tokens, answer_mask, _, length, end_mask, _ = task_batch(0, cfg, seed=0)
     text = bytes(tokens[0].tolist()).decode()
     needles = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", text[:length]))
     asked = re.findall(r"What is the special magic number for (\w+)\?", text)
@@ -219,7 +219,7 @@ def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
     assert scored(tokens, answer_mask, 0) == "".join(f" {needles[n]}." for n in asked)
     assert scored(tokens, end_mask, 0) == "...."  # every asked value's end
     plain = cfg.model_copy(update={"follow_ups": False})
-    tokens, answer_mask, _, length, end_mask = task_batch(0, plain, seed=0)
+    tokens, answer_mask, _, length, end_mask, _ = task_batch(0, plain, seed=0)
     assert scored(tokens, answer_mask, 0) == f" {needles[asked[0]]}."
     assert scored(tokens, end_mask, 0) == "."
     # Copies have no value and so no end.
@@ -252,7 +252,7 @@ def test_end_weight_weighs_the_byte_that_ends_each_value():
     torch.manual_seed(0)
     model = AtlasModel(tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32,
                                    omega_window=2)).double()
-    tokens, answer_mask, prompt_mask, _, end_mask = task_batch(
+    tokens, answer_mask, prompt_mask, _, end_mask, _ = task_batch(
         0, DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0}), seed=1)
     plain, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.0)
     same, parts1 = task_loss(model, tokens, answer_mask, prompt_mask, 0.0, end_mask=end_mask)
@@ -332,8 +332,8 @@ def _gate_grads(gates: GateConfig | None):
     torch.manual_seed(0)
     model = AtlasModel(cfg).double()
     data = DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0})
-    tokens, answer_mask, prompt_mask, *_ = task_batch(0, data, seed=1)
-    total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates)
+    tokens, answer_mask, prompt_mask, *_, quiet = task_batch(0, data, seed=1)
+    total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates, quiet=quiet)
     total.backward()
     mem = model.blocks[0].mixer.mem
     assert mem.gate_log is None  # recording is off outside task_loss
@@ -386,7 +386,7 @@ def test_gate_costs_come_from_the_config_file(tmp_path):
         TrainConfig.load(path)
     # One weight per memory layer: the default model has four.
     path.write_text('[gates]\nwrite_cost = [0.5, 0.1, 0.1, 0.1]\n')
-    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], [0.0] * 4, [0.0] * 4)
+    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], [0.0] * 4, [0.0] * 4, [0.0] * 4)
     path.write_text('[gates]\nwrite_cost = [0.5, 0.1]\n')
     with pytest.raises(ValueError, match="2 weights for 4 memory layers"):
         TrainConfig.load(path)
@@ -594,3 +594,41 @@ def test_checkpoint_records_its_fingerprint_and_refuses_damaged_weights(tmp_path
     with pytest.raises(ValueError, match="fingerprint"):
         load_checkpoint(tmp_path)
 
+
+
+def test_tasks_mark_their_facts_and_the_batch_the_text_without_them():
+    from atlas.training.tasks import make_sample
+
+    prose = "It rained on the hill. " * 400
+    for task in ("passkey", "passkey_prose", "multi_needle_prose", "babi_single", "babi_count",
+                 "babi_people"):
+        s = make_sample(task, random.Random(3), 4000, prose=prose)
+        assert s.facts, task
+        texts = [s.prompt[a:b] for a, b in s.facts]
+        assert all(t.endswith(".") and t[0].isupper() for t in texts), (task, texts)
+        if task.startswith("passkey"):
+            assert texts == [f"The pass key is {s.value}. Remember it. {s.value} is the pass key."]
+    assert make_sample("copy", random.Random(3), 4000).facts is None  # does not say
+
+    data = DataConfig(min_len=2000, max_len=2000, tokens_per_batch=4000, tasks={"passkey": 1.0, "copy": 1.0})
+    b = task_batch(0, data, seed=5)
+    for row in range(b.tokens.shape[0]):
+        text = bytes(b.tokens[row].tolist()).decode()
+        quiet = b.quiet[row]
+        if "The pass key is " not in text:  # a copy prompt: nothing is quiet
+            assert not quiet.any()
+            continue
+        key_at = text.index("The pass key is ")
+        assert quiet[:key_at].all() and not quiet[key_at:key_at + 60].any()
+        assert not quiet[text.index("\nWhat is the pass key"):].any()  # nor the question and answer
+
+
+@pytest.mark.slow
+def test_the_quiet_write_cost_charges_the_write_gates_where_no_fact_is():
+    plain, parts, grad, g = _gate_grads(None)
+    costed, parts2, grad2, _ = _gate_grads(GateConfig(quiet_write_cost=2.0, horizon_chunks=1000))
+    quiet = parts["quiet.0"]
+    assert 0 < float(quiet.detach()) < 1 and torch.allclose(quiet, parts2["quiet.0"])
+    assert float(costed - plain) > 0
+    assert bool((grad2[0] > grad[0]).all())  # pushes the write gate closed
+    assert torch.allclose(grad2[1:], grad[1:])  # and nothing else

@@ -84,7 +84,13 @@ class GateConfig(BaseModel):
     the needle's gradient is added to the sum of hundreds of chunks of filler gradients, and Muon
     orthogonalises the sum. `momentum_cost` charges the logarithm of that span, -log(1 - theta_j),
     averaged over chunks: a steady pull on the gate's logit (theta itself), so that the momentum
-    fills within the lengths seen in training."""
+    fills within the lengths seen in training.
+
+    `quiet_write_cost` prices what the layer writes where a prompt holds no fact (the tasks that
+    mark their facts; chunks that overlap none): log(1 + horizon * mean eta_j over those chunks),
+    the write that a million tokens of such text add up to, against the one chunk that holds a fact.
+    The per-chunk log of `write_cost` lets a gate open on one chunk in a hundred at a bounded price:
+    within 8k tokens that is one chunk, over a million it is 160 writes on top of the fact."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,17 +98,18 @@ class GateConfig(BaseModel):
     write_cost: NonNegative | list[NonNegative] = 0.0
     forget_cost: NonNegative | list[NonNegative] = 0.0
     momentum_cost: NonNegative | list[NonNegative] = 0.0
+    quiet_write_cost: NonNegative | list[NonNegative] = 0.0
     horizon_chunks: int = Field(16384, ge=1)  # a million tokens of 64-token chunks
 
-    def weights(self, n_layers: int) -> tuple[list[float], list[float], list[float]]:
-        """(write, forget, momentum) weight of each of `n_layers` memory layers."""
+    def weights(self, n_layers: int) -> tuple[list[float], list[float], list[float], list[float]]:
+        """(write, forget, momentum, quiet write) weight of each of `n_layers` memory layers."""
         out = []
-        for name in ("write_cost", "forget_cost", "momentum_cost"):
+        for name in ("write_cost", "forget_cost", "momentum_cost", "quiet_write_cost"):
             cost = getattr(self, name)
             if isinstance(cost, list) and len(cost) != n_layers:
                 raise ValueError(f"gates.{name} lists {len(cost)} weights for {n_layers} memory layers")
             out.append(cost if isinstance(cost, list) else [cost] * n_layers)
-        return out[0], out[1], out[2]
+        return out[0], out[1], out[2], out[3]
 
 
 class TrainConfig(BaseModel):

@@ -50,7 +50,8 @@ TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures unless told
 PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two", "babi_count")
 EVAL_TASKS = (*TASKS, *PROSE_TASKS)
 # what training may mix
-TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block", *PROSE_TASKS)
+TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block", "babi_people",
+               *PROSE_TASKS)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class Sample:
     # and spans of the prompt that repeat something a few tokens earlier (the key's second mention).
     follow_ups: tuple[tuple[str, str], ...] = ()
     copies: tuple[tuple[int, int], ...] = ()
+    # For training: the spans of the prompt that hold its facts (needles, a story's sentences);
+    # None where the task does not say (then no chunk of it counts as fact-free).
+    facts: tuple[tuple[int, int], ...] | None = None
 
 
 def _prose(rng: random.Random, n_bytes: int) -> str:
@@ -84,11 +88,12 @@ def _filler(n_bytes: int) -> str:
 
 
 def _place(head: str, body: str, needles: list[str], depths: list[float], tail: str, length: int,
-           gap: int = 0, ordered: bool = False) -> str:
+           gap: int = 0, ordered: bool = False) -> tuple[str, tuple[tuple[int, int], ...]]:
     """head + body (cut to fit) with each needle inserted at its relative depth of the body + tail,
-    exactly `length` bytes; needles go in at sentence boundaries, followed by at least `gap` bytes of
-    the body (as many as there are, if the body is shorter). `ordered`: needles that land on the same
-    boundary keep the order given (a story's events), instead of sorting by text."""
+    exactly `length` bytes, and the needles' spans in it; needles go in at sentence boundaries,
+    followed by at least `gap` bytes of the body (as many as there are, if the body is shorter).
+    `ordered`: needles that land on the same boundary keep the order given (a story's events),
+    instead of sorting by text."""
     room = length - len(head) - len(tail) - sum(len(n) + 1 for n in needles)
     if room < 0:
         raise ValueError(f"length {length} is too short for this task (needs {length - room})")
@@ -98,16 +103,19 @@ def _place(head: str, body: str, needles: list[str], depths: list[float], tail: 
         at = int(depth * max(0, room - gap))
         stop = body.rfind(". ", 0, at + 1)
         cuts.append(0 if stop < 0 else stop + 2)
-    out, prev = [head], 0
+    out, prev, size, spans = [head], 0, len(head), []
     placed = zip(cuts, needles, strict=True)
     # the default order (ties by text) stays as it was, so that earlier prompts are reproduced
     for at, needle in (sorted(placed, key=lambda c: c[0]) if ordered else sorted(placed)):
         out += [body[prev:at], needle, " "]
+        size += at - prev
+        spans.append((size, size + len(needle)))
+        size += len(needle) + 1
         prev = at
     out += [body[prev:], tail]
     text = "".join(out)
     assert len(text) == length, (len(text), length)
-    return text
+    return text, tuple(spans)
 
 
 def passkey(rng: random.Random, length: int, depth: float | None = None, gap: int = 0,
@@ -122,10 +130,10 @@ def passkey(rng: random.Random, length: int, depth: float | None = None, gap: in
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     head = PASSKEY_PREAMBLE + "\n"
     body = _filler(length) if prose is None else prose_body(rng, prose, length)
-    prompt = _place(head, body, [needle], [depth], PASSKEY_QUESTION, length, gap)
-    second = prompt.index(needle) + needle.index(f" {key} is") + 1
+    prompt, facts = _place(head, body, [needle], [depth], PASSKEY_QUESTION, length, gap)
+    second = facts[0][0] + needle.index(f" {key} is") + 1
     return Sample("passkey" if prose is None else "passkey_prose", prompt, f" {key}.", key, depth,
-                  copies=((second, second + len(key)),))
+                  copies=((second, second + len(key)),), facts=facts)
 
 
 KEY_DIGITS = 7  # the longest key of passkey_any_length and passkey_runs, unless told
@@ -171,11 +179,11 @@ def multi_needle(rng: random.Random, length: int, n_needles: int = 4, depth: flo
     ask = "\nWhat is the special magic number for {0}? The special magic number for {0} is"
     questions = [ask.format(n) for n in names]
     body = _prose(rng, length) if prose is None else prose_body(rng, prose, length)
-    prompt = _place(head, body, needles, depths, questions[0], length, gap)
+    prompt, facts = _place(head, body, needles, depths, questions[0], length, gap)
     others = list(zip(questions[1:], [f" {v}." for v in values[1:]], strict=True))
     rng.shuffle(others)
     return Sample("multi_needle" if prose is None else "multi_needle_prose", prompt, f" {values[0]}.",
-                  values[0], depths[0], follow_ups=tuple(others))
+                  values[0], depths[0], follow_ups=tuple(others), facts=facts)
 
 
 _SYLLABLES = ("ka", "lo", "mi", "ren", "ta", "vo", "shi", "du", "pe", "zan", "ri", "bo", "nel", "fa", "gu",
@@ -318,7 +326,8 @@ _TAKE = ("picked up", "grabbed", "got")
 _DROP = ("dropped", "put down", "discarded")
 _BABI_MAX_COUNT = 3  # babi_count: at most this many objects picked up by the person asked about
 # the most facts a story of each task has (min_length)
-_BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * _BABI_MAX_COUNT + 1 + 4}
+_BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * _BABI_MAX_COUNT + 1 + 4,
+               "babi_people": 4}
 
 
 def _fact(rng: random.Random, who: str, verbs: tuple[str, ...], what: str) -> str:
@@ -392,9 +401,26 @@ def babi(task: str, rng: random.Random, length: int, depth: float | None = None,
         events.append((rng.random(), _fact(rng, other, _MOVE, rng.choice(LOCATIONS))))
     events.sort(key=lambda e: e[0])
     body = prose_body(rng, held_out_prose() if prose is None else prose, length)
-    prompt = _place(BABI_PREAMBLE + "\n", body, [f for _, f in events], [d for d, _ in events], question,
-                    length, gap, ordered=True)
-    return Sample(task, prompt, f" {value}.", value, depth)
+    prompt, facts = _place(BABI_PREAMBLE + "\n", body, [f for _, f in events], [d for d, _ in events],
+                           question, length, gap, ordered=True)
+    return Sample(task, prompt, f" {value}.", value, depth, facts=facts)
+
+
+def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None = None) -> Sample:
+    """Training only, the first step towards babi_single: two to four people each go to one place
+    (all different), and every one of them is asked where they are. Only the name tells the answers
+    apart, so the memory must be read by the person's name, not by the words before the place
+    ("Mary is in the" after "Mary went to the kitchen.")."""
+    who = rng.sample(PEOPLE, rng.randint(2, _BABI_FACTS["babi_people"]))
+    places = rng.sample(LOCATIONS, len(who))
+    facts = [_fact(rng, w, _MOVE, p) for w, p in zip(who, places, strict=True)]
+    depths = [rng.random() for _ in who]
+    questions = [f"\nWhere is {w}? {w} is in the" for w in who]
+    body = prose_body(rng, held_out_prose() if prose is None else prose, length)
+    prompt, spans = _place(BABI_PREAMBLE + "\n", body, facts, depths, questions[0], length, gap)
+    others = list(zip(questions[1:], [f" {p}." for p in places[1:]], strict=True))
+    return Sample("babi_people", prompt, f" {places[0]}.", places[0], depths[0], follow_ups=tuple(others),
+                  facts=spans)
 
 
 def _babi_room(task: str) -> int:
@@ -414,6 +440,8 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
     needle, e.g. the attention window, so that only the memory can answer. `key_digits`: the longest
     key of passkey_any_length and passkey_runs. `prose`: the text of PROSE_TASKS (`held_out_prose`;
     default its built-in fallback)."""
+    if task == "babi_people":
+        return babi_people(rng, length, gap, prose)
     if task in PROSE_TASKS:
         prose = held_out_prose() if prose is None else prose
         if task == "passkey_prose":

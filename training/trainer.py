@@ -122,6 +122,12 @@ class TaskBatch(NamedTuple):
     prompt_mask: Tensor  # the prompt's other positions
     length: int  # the step's prompt length
     end_mask: Tensor  # the answers' last bytes, each ending an asked-for value (a subset of answer_mask)
+    quiet: Tensor  # (B, W - 1) over input positions: the prompt's text that holds no fact (Sample.facts)
+
+
+#: Tokens after a fact that still count as the fact's: the memory writes a key again in the next
+#: chunk while it is in the Omega window's tail (8 tokens in the bundled models).
+FACT_MARGIN = 8
 
 
 #: The prose of a run, read once (a corpus's prose is megabytes; every step draws from it).
@@ -162,7 +168,13 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     answer_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     end_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
+    quiet = torch.zeros(batch, width - 1, dtype=torch.bool)
     for i, (s, (ids, spans, ends)) in enumerate(zip(samples, rows, strict=True)):
+        if s.facts is not None:  # the body, up to the line of the question, less the facts
+            at = lambda c, s=s: len(tok.encode(s.prompt[:c]))  # noqa: E731
+            quiet[i, :at(s.prompt.rindex("\n"))] = True
+            for a, b in s.facts:
+                quiet[i, at(a):at(b) + FACT_MARGIN] = False
         tokens[i, :len(ids)] = torch.tensor(ids)
         for a, b in spans:  # the logits at position p predict token p + 1
             answer_mask[i, a - 1:b - 1] = True
@@ -170,17 +182,18 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
             end_mask[i, e - 1] = True
         prompt_mask[i, :len(s.prompt) - 1] = True
     prompt_mask &= ~answer_mask
-    return TaskBatch(tokens, answer_mask, prompt_mask, length, end_mask)
+    return TaskBatch(tokens, answer_mask, prompt_mask, length, end_mask, quiet)
 
 
 def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mask: Tensor,
               lm_weight: float, gates: GateConfig | None = None, end_mask: Tensor | None = None,
-              end_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+              end_weight: float = 1.0, quiet: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The mean cross-entropy of the answers (the bytes of end_mask weighing end_weight, the others
     1), plus lm_weight times that of the prompt's next tokens, plus the gate costs; and its parts by
     name (answer: the plain mean, prompt, end: the mean over end_mask, and with memory layers the
     mean write gate `eta` (/ eta_max), forgetting `forget` (1 - alpha) and momentum gate `theta.i`
-    of the prompt's chunks)."""
+    of the prompt's chunks; with `quiet` (TaskBatch.quiet), `quiet.i` the mean write gate on the
+    chunks that hold no fact)."""
     logits, logged = _forward_logging_gates(model, tokens[:, :-1])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     ce = ce.view_as(answer_mask.float())
@@ -190,7 +203,11 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
         parts["end"] = ce[end_mask].mean()
         weight = answer_mask.float() + (end_weight - 1) * end_mask.float()
         answer = (ce * weight).sum() / weight.sum().clamp_min(1e-9)
-    gate_parts, costs = _gate_terms(logged, gates)
+    quiet_chunks = None
+    if quiet is not None and logged:
+        n, size = logged[0].shape[0], model.cfg.chunk_size
+        quiet_chunks = quiet[:, :n * size].reshape(quiet.shape[0], n, size).all(-1).T  # (chunks, B)
+    gate_parts, costs = _gate_terms(logged, gates, quiet_chunks)
     return sum(costs, start=answer + lm_weight * parts["prompt"]), {**parts, **gate_parts}
 
 
@@ -209,9 +226,11 @@ def _forward_logging_gates(model: AtlasModel, inputs: Tensor) -> tuple[Tensor, l
     return logits, logged
 
 
-def _gate_terms(logged: list[Tensor], gates: GateConfig | None) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """The gates' means (write `eta`, forgetting `forget`, by layer `eta.i` and `theta.i`) and the
-    costs of `gates` on them (GateConfig: writing, forgetting, the momentum's span)."""
+def _gate_terms(logged: list[Tensor], gates: GateConfig | None, quiet: Tensor | None = None
+                ) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """The gates' means (write `eta`, forgetting `forget`, by layer `eta.i`, `theta.i` and, with
+    quiet (chunks, B): the chunks that hold no fact, `quiet.i`) and the costs of `gates` on them
+    (GateConfig: writing, forgetting, the momentum's span, writing where there is no fact)."""
     if not logged:
         return {}, []
     g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
@@ -219,13 +238,22 @@ def _gate_terms(logged: list[Tensor], gates: GateConfig | None) -> tuple[dict[st
     parts = {"eta": eta.mean(), "forget": forget.mean()}
     parts.update({f"eta.{i}": e.mean() for i, e in enumerate(eta)})
     parts.update({f"theta.{i}": t.mean() for i, t in enumerate(theta)})
+    quiet_eta = None
+    if quiet is not None and bool(quiet.any()):
+        rows = quiet.any(0)  # prompts with fact-free chunks
+        q = quiet[None, :, rows, None].float()
+        quiet_eta = (eta[:, :, rows] * q).sum(1) / q.sum(1)  # (layers, rows, H)
+        parts.update({f"quiet.{i}": e.mean() for i, e in enumerate(quiet_eta)})
     if gates is None:
         return parts, []
-    write_w, forget_w, momentum_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
+    write_w, forget_w, momentum_w, quiet_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
     over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
     span = -torch.log1p(-theta.clamp_max(1 - 1e-7)).flatten(1).mean(1)  # log of 1 / (1 - theta)
-    return parts, [(write_w * over_horizon(eta)).mean(), (forget_w * over_horizon(forget)).mean(),
-                   (momentum_w * span).mean()]
+    costs = [(write_w * over_horizon(eta)).mean(), (forget_w * over_horizon(forget)).mean(),
+             (momentum_w * span).mean()]
+    if quiet_eta is not None:
+        costs.append((quiet_w * over_horizon(quiet_eta)).mean())
+    return parts, costs
 
 
 def _trim_log(path: Path, last_step: int) -> None:
@@ -272,7 +300,8 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         if "answer_mask" in batch:
             return task_loss(self.model, batch["tokens"], batch["answer_mask"], batch["prompt_mask"],
-                             self.data.lm_weight, self.gates, batch["end_mask"], self.data.end_weight)
+                             self.data.lm_weight, self.gates, batch["end_mask"], self.data.end_weight,
+                             batch["quiet"])
         return text_loss(self.model, batch["tokens"], self.gates)
 
 
@@ -291,7 +320,7 @@ def task_micro_batches(step: int, cfg: TrainConfig, slots: list[int]) -> MicroBa
         raise ValueError(f"step {step}'s batch has {rows} rows, fewer than micro_batches "
                          f"{cfg.micro_batches}: raise data.tokens_per_batch")
     fields = {"tokens": b.tokens, "answer_mask": b.answer_mask, "prompt_mask": b.prompt_mask,
-              "end_mask": b.end_mask}
+              "end_mask": b.end_mask, "quiet": b.quiet}
     parts = {name: t.tensor_split(cfg.micro_batches) for name, t in fields.items()}
     return [{name: parts[name][k] for name in fields} for k in slots], {"length": b.length, "batch": rows}
 
