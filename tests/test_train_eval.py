@@ -632,3 +632,21 @@ def test_the_quiet_write_cost_charges_the_write_gates_where_no_fact_is():
     assert float(costed - plain) > 0
     assert bool((grad2[0] > grad[0]).all())  # pushes the write gate closed
     assert torch.allclose(grad2[1:], grad[1:])  # and nothing else
+
+
+def test_gates_benchmark_sums_what_each_layer_writes_beside_the_key(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "gates.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "gates.py"
+    from atlas.engine.api import BUNDLED_CHECKPOINT
+
+    subprocess.run([sys.executable, str(script), f"demo={BUNDLED_CHECKPOINT}", "--task", "passkey", "--tokens", "4096",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    point = json.loads(out.read_text())["models"]["demo"]["passkey@4096"]
+    assert point["chunks"] == 4096 // 64 and len(point["layers"]) == 2
+    second = point["layers"][1]
+    assert second["write_at_key"] > 0.5 > second["write_sum_elsewhere"]  # the key's chunk, not the filler
+    assert all(len(row["text"]) == 64 for row in second["writes_most"])
+    assert str(tmp_path) not in out.read_text()
