@@ -642,8 +642,8 @@ def test_gates_benchmark_sums_what_each_layer_writes_beside_the_key(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "gates.py"
     from atlas.engine.api import BUNDLED_CHECKPOINT
 
-    subprocess.run([sys.executable, str(script), f"demo={BUNDLED_CHECKPOINT}", "--task", "passkey", "--tokens", "4096",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(script), f"demo={BUNDLED_CHECKPOINT}", "--task", "passkey",
+                    "--tokens", "4096", "--out", str(out)], check=True, capture_output=True, timeout=300)
     point = json.loads(out.read_text())["models"]["demo"]["passkey@4096"]
     assert point["chunks"] == 4096 // 64 and len(point["layers"]) == 2
     second = point["layers"][1]
