@@ -212,10 +212,10 @@ def plot(results: dict, path: str) -> None:
               "babi_single": "bAbI: single supporting fact", "babi_two": "bAbI: two supporting facts",
               "babi_count": "bAbI: counting"}
     for ax, task in zip(axes.flat, tasks, strict=False):
-        for name, m in results["models"].items():
+        for i, (name, m) in enumerate(results["models"].items()):  # one colour per model in every panel
             pts = sorted((p["length"], 100 * p["accuracy"]) for p in m["points"] if p["task"] == task)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name, color=f"C{i}")
         chance = CHANCE.get(task, 0.0)
         if chance >= 0.01:  # a place or a count can be guessed
             ax.axhline(100 * chance, color="grey", ls="-.", lw=1, label="chance")
