@@ -24,7 +24,8 @@ import torch
 from atlas.engine.api import Atlas
 from atlas.engine.checkpoint import fingerprint
 from atlas.engine.machine import describe_machine, portable_path
-from atlas.training.tasks import held_out_prose, make_sample
+from atlas.training.prompt import held_out_prose
+from atlas.training.tasks import make_sample
 
 TOP = 6  # the chunks that write most, per layer, shown with their text
 

@@ -117,7 +117,7 @@ def _demo_facts(atlas: Any, task: str, tokens: int, seed: int, prose: Path | Non
 
     from atlas.engine import Atlas
     from atlas.training.demo import ask_all, demo_document, is_right
-    from atlas.training.tasks import held_out_prose
+    from atlas.training.prompt import held_out_prose
 
     try:
         text = None if prose is None else held_out_prose(prose)

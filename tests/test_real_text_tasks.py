@@ -11,21 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from atlas.server.cli import app
+from atlas.training.babi import _DROP, _MOVE, _TAKE, PEOPLE
 from atlas.training.corpus import Root, build_corpus, gather, split_of
 from atlas.training.evaluation import _decoy, score
-from atlas.training.tasks import (
-    _DROP,
-    _MOVE,
-    _TAKE,
-    FALLBACK_PROSE,
-    PEOPLE,
-    PROSE_TASKS,
-    held_out_prose,
-    make_sample,
-    min_length,
-    normalize_prose,
-    prose_body,
-)
+from atlas.training.prompt import FALLBACK_PROSE, held_out_prose, normalize_prose, prose_body
+from atlas.training.tasks import PROSE_TASKS, make_sample, min_length
 
 from .helpers import shared_text
 
@@ -188,7 +178,8 @@ def test_atlas_eval_runs_a_real_text_task(tmp_path):
 
 
 def test_training_draws_the_prose_of_its_config(tmp_path) -> None:
-    from atlas.training.trainer import DataConfig, task_batch
+    from atlas.training.batches import task_batch
+    from atlas.training.config import DataConfig
 
     text = " ".join(f"The lighthouse keeper number {i} counted gulls at dawn." for i in range(200))
     (tmp_path / "train-prose.txt").write_text(text)

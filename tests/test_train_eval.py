@@ -16,7 +16,10 @@ from typer.testing import CliRunner
 from atlas.engine import load_checkpoint
 from atlas.engine.machine import portable_path
 from atlas.server.cli import app
+from atlas.training.batches import task_batch
+from atlas.training.config import DataConfig, GateConfig, TrainConfig
 from atlas.training.evaluation import _decoy, evaluate_point, parse_length
+from atlas.training.objective import task_loss
 from atlas.training.tasks import (
     NAMES,
     PASSKEY_FILLER,
@@ -32,7 +35,7 @@ from atlas.training.tasks import (
     passkey,
     recall,
 )
-from atlas.training.trainer import DataConfig, GateConfig, TrainConfig, run_training, task_batch, task_loss
+from atlas.training.trainer import run_training
 
 from .helpers import tiny_config
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from atlas.engine import AtlasModel
-from atlas.training.trainer import OptimConfig, lm_loss, train
+from atlas.training.config import OptimConfig
+from atlas.training.objective import lm_loss
+from atlas.training.trainer import train
 
 from .helpers import tiny_config
 

@@ -243,7 +243,8 @@ def _prose(source: Path | None, task_list: list[str], results: dict) -> str | No
     its size and hash, so that a result names the text it was measured on."""
     import hashlib
 
-    from .tasks import PROSE_TASKS, held_out_prose
+    from .prompt import held_out_prose
+    from .tasks import PROSE_TASKS
 
     if not set(task_list) & set(PROSE_TASKS):
         return None
@@ -251,7 +252,7 @@ def _prose(source: Path | None, task_list: list[str], results: dict) -> str | No
         text = held_out_prose(source)
     except (OSError, ValueError) as e:
         _fail(f"--prose: {e}")
-    name = "built-in FALLBACK_PROSE (training/tasks.py)" if source is None else (
+    name = "built-in FALLBACK_PROSE (training/prompt.py)" if source is None else (
         source.name if source.is_absolute() else source.as_posix())
     results["prose"] = {"source": name, "bytes": len(text),
                         "sha256": hashlib.sha256(text.encode()).hexdigest()}

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from atlas.engine.sampling import SamplingParams
 
-from .tasks import first_answer, held_out_prose, make_sample, min_length
+from .prompt import held_out_prose
+from .tasks import first_answer, make_sample, min_length
 
 if TYPE_CHECKING:
     from atlas.engine import Atlas
@@ -54,7 +55,7 @@ def shortest(task: str) -> int:
 
 def demo_document(task: str, n_bytes: int, seed: int = 0, prose: str | None = None) -> DemoDocument:
     """A document of about `n_bytes` bytes (exactly, less its first question) of `prose` (default:
-    the built-in passage; see tasks.held_out_prose) with the task's facts at random depths."""
+    the built-in passage; see prompt.held_out_prose) with the task's facts at random depths."""
     if task not in DEMO_TASKS:
         raise ValueError(f"unknown demo task {task!r}; one of {', '.join(DEMO_TASKS)}")
     if not shortest(task) <= n_bytes <= MAX_DEMO_BYTES:

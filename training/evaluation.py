@@ -4,7 +4,7 @@ For each task and length, `trials` prompts with the asked needle at evenly space
 one batch of sessions: the prompt is streamed in pieces (the state is the same however a stream is
 cut), then the answer is decoded greedily and its first number (first word, for the bAbI places)
 compared with the needle's. The real-text tasks (tasks.PROSE_TASKS) read `prose`, the held-out text
-of `atlas corpus build` (default: tasks.FALLBACK_PROSE)."""
+of `atlas corpus build` (default: prompt.FALLBACK_PROSE)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ from torch import Tensor
 from atlas.engine.model import AtlasModel
 from atlas.engine.tokenizer import ByteTokenizer
 
-from .tasks import _BABI_MAX_COUNT, EVAL_TASKS, LOCATIONS, Sample, first_answer, make_sample, min_length
+from .babi import BABI_MAX_COUNT, LOCATIONS
+from .prompt import Sample
+from .tasks import EVAL_TASKS, first_answer, make_sample, min_length
 
 # Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits;
-# a bAbI place is one of LOCATIONS, a count one of 0 to _BABI_MAX_COUNT.
+# a bAbI place is one of LOCATIONS, a count one of 0 to BABI_MAX_COUNT.
 CHANCE = {"passkey": 1 / 50000, "multi_needle": 1 / 9_000_000, "passkey_prose": 1 / 50000,
           "multi_needle_prose": 1 / 9_000_000, "babi_single": 1 / len(LOCATIONS),
-          "babi_two": 1 / len(LOCATIONS), "babi_count": 1 / (_BABI_MAX_COUNT + 1)}
+          "babi_two": 1 / len(LOCATIONS), "babi_count": 1 / (BABI_MAX_COUNT + 1)}
 
 
 @dataclass
@@ -86,7 +88,7 @@ def evaluate_point(model: AtlasModel, task: str, length: int, trials: int, seed:
                    gap: int = 0, prose: str | None = None) -> Point:
     """Accuracy of `model` on `trials` prompts of `length` tokens; `gap`: at least that many bytes
     between each needle and the question (e.g. the attention window, to measure the memory alone);
-    `prose`: the text of the real-text tasks (tasks.held_out_prose)."""
+    `prose`: the text of the real-text tasks (prompt.held_out_prose)."""
     tok = ByteTokenizer()
     rng = random.Random(zlib.crc32(f"{seed}:{task}:{length}".encode()))
     samples = [make_sample(task, rng, length, depth=(i + 0.5) / trials, gap=gap, prose=prose)
@@ -179,7 +181,7 @@ def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], tr
              on_progress: Callable[[int], None] | None = None, gap: int = 0,
              prose: str | None = None) -> list[Point]:
     """Every (task, length) point; lengths a task cannot fit in are skipped. `prose`: the held-out
-    text of the real-text tasks (default tasks.FALLBACK_PROSE)."""
+    text of the real-text tasks (default prompt.FALLBACK_PROSE)."""
     points = []
     for task in tasks:
         for length in lengths:

@@ -1,7 +1,7 @@
-"""Training small ATLAS models: next-token loss through the chunk recurrence (autograd flows through
-every memory update), AdamW with warm-up and cosine decay, gradient clipping; and `run_training`,
-which `atlas train CONFIG` calls: synthetic long-context tasks (training/tasks.py) with a length
-curriculum, fp32 or bf16, checkpoints, resume, a progress bar and a loss log."""
+"""Training small ATLAS models: AdamW with warm-up and cosine decay, gradient clipping (`train`);
+and `run_training`, which `atlas train CONFIG` calls: the synthetic tasks' batches
+(training/batches.py) or a text corpus, the objective of training/objective.py, fp32 or bf16, one
+process or many, checkpoints, resume, a progress bar and a loss log."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -38,34 +37,14 @@ from atlas.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 from . import distributed
 from .authoring import guess_eos_token_id
-from .config import DataConfig, GateConfig, OptimConfig, TrainConfig
+from .batches import task_micro_batches
+from .config import OptimConfig, TrainConfig
 from .data import CorpusLoader
 from .distributed import World
+from .objective import LOSS_PARTS, Objective, lm_loss
 from .precision import autocast
-from .tasks import held_out_prose, make_sample, min_length
 
 log = logging.getLogger(__name__)
-
-
-def lm_loss(model: AtlasModel, tokens: Tensor, loss_mask: Tensor | None = None) -> Tensor:
-    """Mean next-token cross-entropy of tokens (B, T) from a fresh state; loss_mask (B, T-1) selects
-    which predicted positions count."""
-    return text_loss(model, tokens, loss_mask=loss_mask)[0]
-
-
-def text_loss(model: AtlasModel, tokens: Tensor, gates: GateConfig | None = None,
-              loss_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Next-token cross-entropy of tokens (B, T) (over loss_mask's positions, if given) plus the
-    gate costs, and its parts by name (`lm`, and the gates' means as in `task_loss`)."""
-    logits, logged = _forward_logging_gates(model, tokens[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    if loss_mask is None:
-        ce = loss.mean()
-    else:
-        mask = loss_mask.flatten().to(loss.dtype)
-        ce = (loss * mask).sum() / mask.sum().clamp_min(1)
-    parts, costs = _gate_terms(logged, gates)
-    return sum(costs, start=ce), {"lm": ce, **parts}
 
 
 def make_optimizer(model: AtlasModel, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -109,153 +88,6 @@ def train(model: AtlasModel, batches: Iterator[tuple[Tensor, Tensor | None]], st
 # ---------------------------------------------------------------------------------------------
 
 
-def length_at(step: int, cfg: DataConfig, rng: random.Random) -> int:
-    """Log-uniform in [min_len, the curriculum's longest length at `step`]."""
-    ramp = 1.0 if cfg.curriculum_steps == 0 else min(1.0, step / cfg.curriculum_steps)
-    hi = cfg.min_len * (cfg.max_len / cfg.min_len) ** ramp
-    return int(round(cfg.min_len * (hi / cfg.min_len) ** rng.random()))
-
-
-class TaskBatch(NamedTuple):
-    tokens: Tensor  # (B, W)
-    answer_mask: Tensor  # (B, W - 1) over predicted positions: the scored answers
-    prompt_mask: Tensor  # the prompt's other positions
-    length: int  # the step's prompt length
-    end_mask: Tensor  # the answers' last bytes, each ending an asked-for value (a subset of answer_mask)
-    quiet: Tensor  # (B, W - 1) over input positions: the prompt's text that holds no fact (Sample.facts)
-
-
-#: Tokens after a fact that still count as the fact's: the memory writes a key again in the next
-#: chunk while it is in the Omega window's tail (8 tokens in the bundled models).
-FACT_MARGIN = 8
-
-
-#: The prose of a run, read once (a corpus's prose is megabytes; every step draws from it).
-_prose = functools.lru_cache(maxsize=4)(held_out_prose)
-
-
-def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer | None = None) -> TaskBatch:
-    """The batch of `step` (a pure function of seed and step, so a resumed run sees the same data).
-
-    Every prompt has the step's length, or its task's shortest if that is longer (rows are padded at
-    the end)."""
-    tok = tokenizer or ByteTokenizer()
-    rng = random.Random(seed * 1_000_003 + step)
-    length = length_at(step, cfg, rng)
-    names, weights = zip(*cfg.tasks.items(), strict=True)
-    batch = max(1, cfg.tokens_per_batch // length)
-    tasks = rng.choices(names, weights, k=batch)
-    prose = _prose(cfg.prose)
-    samples = [make_sample(t, rng, max(length, min_length(t, cfg.key_digits)), gap=cfg.needle_gap,
-                           key_digits=cfg.key_digits, prose=prose) for t in tasks]
-    rows: list[tuple[list[int], list[tuple[int, int]], list[int]]] = []  # all ids, scored spans, ends
-    for s in samples:
-        ids = tok.encode(s.prompt)
-        answer = tok.encode(s.answer)
-        spans = [(len(ids), len(ids) + len(answer))]
-        ids += answer
-        for question, reply in s.follow_ups if cfg.follow_ups else ():
-            ids += tok.encode(question)
-            reply_ids = tok.encode(reply)
-            spans.append((len(ids), len(ids) + len(reply_ids)))
-            ids += reply_ids
-        ends = [b - 1 for a, b in spans if b > a] if s.value else []
-        if cfg.score_copies:
-            spans += list(s.copies)
-        rows.append((ids, spans, ends))
-    width = max(len(ids) for ids, _, _ in rows)
-    tokens = torch.full((batch, width), tok.encode(" ")[0], dtype=torch.long)
-    answer_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
-    prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
-    end_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
-    quiet = torch.zeros(batch, width - 1, dtype=torch.bool)
-    for i, (s, (ids, spans, ends)) in enumerate(zip(samples, rows, strict=True)):
-        if s.facts is not None:  # the body, up to the line of the question, less the facts
-            at = lambda c, s=s: len(tok.encode(s.prompt[:c]))  # noqa: E731
-            quiet[i, :at(s.prompt.rindex("\n"))] = True
-            for a, b in s.facts:
-                quiet[i, at(a):at(b) + FACT_MARGIN] = False
-        tokens[i, :len(ids)] = torch.tensor(ids)
-        for a, b in spans:  # the logits at position p predict token p + 1
-            answer_mask[i, a - 1:b - 1] = True
-        for e in ends:
-            end_mask[i, e - 1] = True
-        prompt_mask[i, :len(s.prompt) - 1] = True
-    prompt_mask &= ~answer_mask
-    return TaskBatch(tokens, answer_mask, prompt_mask, length, end_mask, quiet)
-
-
-def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mask: Tensor,
-              lm_weight: float, gates: GateConfig | None = None, end_mask: Tensor | None = None,
-              end_weight: float = 1.0, quiet: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The mean cross-entropy of the answers (the bytes of end_mask weighing end_weight, the others
-    1), plus lm_weight times that of the prompt's next tokens, plus the gate costs; and its parts by
-    name (answer: the plain mean, prompt, end: the mean over end_mask, and with memory layers the
-    mean write gate `eta` (/ eta_max), forgetting `forget` (1 - alpha) and momentum gate `theta.i`
-    of the prompt's chunks; with `quiet` (TaskBatch.quiet), `quiet.i` the mean write gate on the
-    chunks that hold no fact)."""
-    logits, logged = _forward_logging_gates(model, tokens[:, :-1])
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    ce = ce.view_as(answer_mask.float())
-    parts = {"answer": ce[answer_mask].mean(), "prompt": ce[prompt_mask].mean()}
-    answer = parts["answer"]
-    if end_mask is not None and end_mask.any():
-        parts["end"] = ce[end_mask].mean()
-        weight = answer_mask.float() + (end_weight - 1) * end_mask.float()
-        answer = (ce * weight).sum() / weight.sum().clamp_min(1e-9)
-    quiet_chunks = None
-    if quiet is not None and logged:
-        n, size = logged[0].shape[0], model.cfg.chunk_size
-        quiet_chunks = quiet[:, :n * size].reshape(quiet.shape[0], n, size).all(-1).T  # (chunks, B)
-    gate_parts, costs = _gate_terms(logged, gates, quiet_chunks)
-    return sum(costs, start=answer + lm_weight * parts["prompt"]), {**parts, **gate_parts}
-
-
-def _forward_logging_gates(model: AtlasModel, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The logits of inputs (B, T) from a fresh state, and each memory layer's chunk gates
-    (chunks, B, H, 3: eta / eta_max, alpha, theta) as the forward pass computed them."""
-    mems = model.memories
-    for mem in mems:
-        mem.gate_log = []
-    try:
-        logits, _ = model(inputs, model.init_state(inputs.shape[0]))
-        logged = [torch.stack(mem.gate_log).float() for mem in mems if mem.gate_log]
-    finally:
-        for mem in mems:
-            mem.gate_log = None
-    return logits, logged
-
-
-def _gate_terms(logged: list[Tensor], gates: GateConfig | None, quiet: Tensor | None = None
-                ) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """The gates' means (write `eta`, forgetting `forget`, by layer `eta.i`, `theta.i` and, with
-    quiet (chunks, B): the chunks that hold no fact, `quiet.i`) and the costs of `gates` on them
-    (GateConfig: writing, forgetting, the momentum's span, writing where there is no fact)."""
-    if not logged:
-        return {}, []
-    g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
-    eta, forget, theta = g[..., 0], 1 - g[..., 1], g[..., 2]
-    parts = {"eta": eta.mean(), "forget": forget.mean()}
-    parts.update({f"eta.{i}": e.mean() for i, e in enumerate(eta)})
-    parts.update({f"theta.{i}": t.mean() for i, t in enumerate(theta)})
-    quiet_eta = None
-    if quiet is not None and bool(quiet.any()):
-        rows = quiet.any(0)  # prompts with fact-free chunks
-        q = quiet[None, :, rows, None].float()
-        quiet_eta = (eta[:, :, rows] * q).sum(1) / q.sum(1)  # (layers, rows, H)
-        parts.update({f"quiet.{i}": e.mean() for i, e in enumerate(quiet_eta)})
-    if gates is None:
-        return parts, []
-    write_w, forget_w, momentum_w, quiet_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
-    over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
-    span = -torch.log1p(-theta.clamp_max(1 - 1e-7)).flatten(1).mean(1)  # log of 1 / (1 - theta)
-    costs = [(write_w * over_horizon(eta)).mean(), (forget_w * over_horizon(forget)).mean(),
-             (momentum_w * span).mean()]
-    if quiet_eta is not None:
-        costs.append((quiet_w * over_horizon(quiet_eta)).mean())
-    return parts, costs
-
-
 def _trim_log(path: Path, last_step: int) -> None:
     if not path.exists():
         return
@@ -285,44 +117,6 @@ def _initial_model(cfg: TrainConfig, device: torch.device) -> tuple[AtlasModel, 
     if keys.missing_keys:
         (cfg.out_dir / "fresh-weights.txt").write_text("\n".join(keys.missing_keys) + "\n")
     return model, earlier
-
-
-class Objective(nn.Module):
-    """The training loss as one module, so that DDP and FSDP wrap everything a step runs (the fresh
-    state and the forward pass), and one process and N compute the same function: the synthetic
-    tasks' `task_loss` for a batch with answer masks, else `text_loss`."""
-
-    def __init__(self, model: AtlasModel, cfg: TrainConfig):
-        super().__init__()
-        self.model = model
-        self.data, self.gates = cfg.data, cfg.gates
-
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if "answer_mask" in batch:
-            return task_loss(self.model, batch["tokens"], batch["answer_mask"], batch["prompt_mask"],
-                             self.data.lm_weight, self.gates, batch["end_mask"], self.data.end_weight,
-                             batch["quiet"])
-        return text_loss(self.model, batch["tokens"], self.gates)
-
-
-#: Parts of the loss the log names `NAME_loss`; the others are the gates' means, `mean_NAME`.
-LOSS_PARTS = ("answer", "prompt", "end", "lm")
-
-MicroBatches = tuple[list[dict[str, Tensor]], dict[str, int]]
-
-
-def task_micro_batches(step: int, cfg: TrainConfig, slots: list[int]) -> MicroBatches:
-    """The micro-batches `slots` of the step's task batch (its rows cut into cfg.micro_batches
-    parts), and the step's prompt length and rows."""
-    b = task_batch(step, cfg.data, cfg.seed)
-    rows = b.tokens.shape[0]
-    if rows < cfg.micro_batches:
-        raise ValueError(f"step {step}'s batch has {rows} rows, fewer than micro_batches "
-                         f"{cfg.micro_batches}: raise data.tokens_per_batch")
-    fields = {"tokens": b.tokens, "answer_mask": b.answer_mask, "prompt_mask": b.prompt_mask,
-              "end_mask": b.end_mask, "quiet": b.quiet}
-    parts = {name: t.tensor_split(cfg.micro_batches) for name, t in fields.items()}
-    return [{name: parts[name][k] for name in fields} for k in slots], {"length": b.length, "batch": rows}
 
 
 class _Text(NamedTuple):

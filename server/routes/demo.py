@@ -31,7 +31,8 @@ from atlas.training.demo import (
     read_document,
     shortest,
 )
-from atlas.training.tasks import PROSE_TASKS, held_out_prose
+from atlas.training.prompt import held_out_prose
+from atlas.training.tasks import PROSE_TASKS
 
 from ..dependencies import DemoBaseline, DemoBaselineDep, ServicesDep, SettingsDep, get_tenant
 from ..errors import ApiError
