@@ -163,12 +163,14 @@ def train(
     resume: Annotated[bool, typer.Option(
         help="Continue from OUT_DIR/model/training_state/trainer.pt if it exists")] = True,
 ) -> None:
-    """Train a model on the synthetic long-context tasks or on text files ([corpus]); checkpoints to
-    OUT_DIR/model. Under torchrun (python -m atlas.training) every process runs this."""
+    """Train a model on the synthetic long-context tasks or on text files (the config's corpus
+    table); checkpoints to OUT_DIR/model. Under torchrun (python -m atlas.training) every process
+    runs this."""
     from pydantic import ValidationError
 
+    from .config import TrainConfig
     from .distributed import World
-    from .trainer import TrainConfig, run_training
+    from .trainer import run_training
 
     try:
         cfg = TrainConfig.load(config)
