@@ -195,7 +195,7 @@ def test_the_bundled_demo_model_is_in_the_current_format():
     assert json.loads((BUNDLED_CHECKPOINT / "generation_config.json").read_text()) == {"eos_token_id": None}
     ckpt = read_checkpoint(BUNDLED_CHECKPOINT)
     assert not ckpt.legacy and ckpt.eos_token_ids == () and ckpt.generation_defaults == {}
-    assert ckpt.fingerprint == "7a00767c0d84e5584a24f17cb722dead82eb39fdfa509e116f08fe0d4852c239"
+    assert ckpt.fingerprint == "4d2f9dff66f728bb76709caac3bad8385594fc3bcd5e94b02ad075d136e56acd"
 
 
 # ---------------------------------------------------------------------------------------------
