@@ -150,6 +150,19 @@ def test_babi_people_asks_everyone_where_their_one_move_took_them():
     assert sizes == {2, 3, 4}
 
 
+def test_babi_echo_begins_each_answer_with_a_verb_of_moving():
+    verbs = set()
+    for seed in range(30):
+        s = make_sample("babi_echo", random.Random(seed), min_length("babi_echo") + 400 * (seed % 3))
+        assert s.task == "babi_echo" and len(s.prompt) == min_length("babi_echo") + 400 * (seed % 3)
+        where = {who: what for who, _, what in _facts(s.prompt)}
+        for question, answer in [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]:
+            m = re.fullmatch(rf"\nWhere is (\w+)\? \1 ({'|'.join(_MOVE)}) the", question)
+            assert m and answer == f" {where[m.group(1)]}."
+            verbs.add(m.group(2))
+    assert verbs == set(_MOVE)  # drawn afresh, not only the fact's own
+
+
 def test_prose_source_reads_a_corpus_and_falls_back(tmp_path):
     assert held_out_prose() == normalize_prose(FALLBACK_PROSE)
     (tmp_path / "eval-prose.txt").write_text("Caf\u00e9 noir.\n\n  Tea   time. " * 200)

@@ -20,8 +20,10 @@ from atlas.training.batches import task_batch
 from atlas.training.config import DataConfig, GateConfig, TrainConfig
 from atlas.training.evaluation import _decoy, evaluate_point, parse_length
 from atlas.training.objective import task_loss
+from atlas.training.prompt import held_out_prose
 from atlas.training.tasks import (
     NAMES,
+    NEEDLES_PREAMBLE,
     PASSKEY_FILLER,
     PASSKEY_PREAMBLE,
     PASSKEY_QUESTION,
@@ -94,7 +96,7 @@ def test_multi_needle_asks_for_one_of_several_names():
     assert s.answer == f" {s.value}."
 
 
-@pytest.mark.parametrize("task", [*TASKS, "passkey_any_length", "passkey_runs", "recall"])
+@pytest.mark.parametrize("task", [*TASKS, "passkey_any_length", "passkey_runs", "recall", "recall_prose"])
 def test_min_length_fits_and_shorter_is_refused(task):
     n = min_length(task)
     for seed in range(20):
@@ -104,10 +106,15 @@ def test_min_length_fits_and_shorter_is_refused(task):
 
 
 @pytest.mark.parametrize("length", [331, 700, 5000])
-def test_recall_asks_for_every_needle_under_made_up_names(length):
+@pytest.mark.parametrize("in_prose", [False, True])
+def test_recall_asks_for_every_needle_under_made_up_names(length, in_prose):
     for seed in range(10):
-        s = recall(random.Random(seed), length)
-        assert len(s.prompt) == length
+        s = recall(random.Random(seed), length, prose=held_out_prose() if in_prose else None)
+        assert len(s.prompt) == length and s.task == ("recall_prose" if in_prose else "recall")
+        body = s.prompt[len(NEEDLES_PREAMBLE) + 1:s.prompt.rindex("\n")]
+        between = [t for t in re.split(r" ?The special magic number for \w+ is \d{7}\. ?", body) if t]
+        prose = f"{held_out_prose()} {held_out_prose()}"  # the body wraps around to its start
+        assert between and all((t in prose) == in_prose for t in between if len(t) > 20)
         needles = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", s.prompt))
         assert 2 <= len(needles) <= 12 and not set(needles) & set(NAMES)
         asked = [re.search(r"number for (\w+)\?", q).group(1) for q, _ in s.follow_ups]

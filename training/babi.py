@@ -21,7 +21,7 @@ _DROP = ("dropped", "put down", "discarded")
 BABI_MAX_COUNT = 3  # babi_count: at most this many objects picked up by the person asked about
 # the most facts a story of each task has (min_length)
 _BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * BABI_MAX_COUNT + 1 + 4,
-               "babi_people": 4}
+               "babi_people": 4, "babi_echo": 4}
 
 
 def _fact(rng: random.Random, who: str, verbs: tuple[str, ...], what: str) -> str:
@@ -100,20 +100,26 @@ def babi(task: str, rng: random.Random, length: int, depth: float | None = None,
     return Sample(task, prompt, f" {value}.", value, depth, facts=facts)
 
 
-def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None = None) -> Sample:
+def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None = None,
+                echo: bool = False) -> Sample:
     """Training only, the first step towards babi_single: two to four people each go to one place
     (all different), and every one of them is asked where they are. Only the name tells the answers
     apart, so the memory must be read by the person's name, not by the words before the place
-    ("Mary is in the" after "Mary went to the kitchen.")."""
+    ("Mary is in the" after "Mary went to the kitchen.").
+
+    `echo` (task babi_echo), a step before that: the answer is begun with a verb of moving, as the
+    facts are worded ("Where is Mary? Mary travelled to the"; the verb drawn afresh, so a quarter of
+    the time the fact's own), the retrieval that the magic-number format trains."""
     who = rng.sample(PEOPLE, rng.randint(2, _BABI_FACTS["babi_people"]))
     places = rng.sample(LOCATIONS, len(who))
     facts = [_fact(rng, w, _MOVE, p) for w, p in zip(who, places, strict=True)]
     depths = [rng.random() for _ in who]
-    questions = [f"\nWhere is {w}? {w} is in the" for w in who]
+    questions = [f"\nWhere is {w}? {w} {rng.choice(_MOVE) if echo else 'is in'} the" for w in who]
     body = prose_body(rng, held_out_prose() if prose is None else prose, length)
     prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, facts, depths, questions[0], length, gap)
     others = list(zip(questions[1:], [f" {p}." for p in places[1:]], strict=True))
-    return Sample("babi_people", prompt, f" {places[0]}.", places[0], depths[0], follow_ups=tuple(others),
+    return Sample("babi_echo" if echo else "babi_people", prompt, f" {places[0]}.", places[0], depths[0],
+                  follow_ups=tuple(others),
                   facts=spans)
 
 
@@ -123,6 +129,6 @@ def babi_room(task: str) -> int:
     who, thing = max(PEOPLE, key=len), max(OBJECTS, key=len)
     fact = len(f"{who} {verb} the {word}.") + 1
     question = max(len(f"\nWhere is the {thing}? The {thing} is in the"),
-                   len(f"\nWhere is {who}? {who} is in the"),
+                   len(f"\nWhere is {who}? {who} is in the"), len(f"\nWhere is {who}? {who} {verb} the"),
                    len(f"\nHow many objects is {who} carrying? {who} is carrying"))
     return len(BABI_PREAMBLE) + 1 + _BABI_FACTS[task] * fact + question

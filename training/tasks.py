@@ -49,8 +49,8 @@ TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures unless told
 PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two", "babi_count")
 EVAL_TASKS = (*TASKS, *PROSE_TASKS)
 # what training may mix
-TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block", "babi_people",
-               *PROSE_TASKS)
+TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "recall_prose", "copy", "copy_block",
+               "babi_people", "babi_echo", *PROSE_TASKS)
 
 
 def _prose(rng: random.Random, n_bytes: int) -> str:
@@ -149,17 +149,18 @@ def _made_up_name(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def recall(rng: random.Random, length: int, gap: int = 0) -> Sample:
+def recall(rng: random.Random, length: int, gap: int = 0, prose: str | None = None) -> Sample:
     """Training only: the multi-needle format with as many needles as fit (up to 12) under made-up
     names, every one of them asked for; more answers per token than the evaluation tasks, and
-    names the model cannot have memorised."""
+    names the model cannot have memorised. `prose`: in this real text (task recall_prose)."""
     fit = max(n for n in range(2, 13) if n == 2 or _needles_room(n, _MAX_MADE_UP) <= length)
     n = rng.randint(2, fit)
     names: list[str] = []
     while len(names) < n:
         if (name := _made_up_name(rng)) not in names:
             names.append(name)
-    return replace(multi_needle(rng, length, n_needles=n, names=names, gap=gap), task="recall")
+    sample = multi_needle(rng, length, n_needles=n, names=names, gap=gap, prose=prose)
+    return replace(sample, task="recall" if prose is None else "recall_prose")
 
 
 def copy(rng: random.Random, length: int) -> Sample:
@@ -213,8 +214,10 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
     needle, e.g. the attention window, so that only the memory can answer. `key_digits`: the longest
     key of passkey_any_length and passkey_runs. `prose`: the text of PROSE_TASKS (`held_out_prose`;
     default its built-in fallback)."""
-    if task == "babi_people":
-        return babi_people(rng, length, gap, prose)
+    if task in ("babi_people", "babi_echo"):
+        return babi_people(rng, length, gap, prose, echo=task == "babi_echo")
+    if task == "recall_prose":
+        return recall(rng, length, gap, held_out_prose() if prose is None else prose)
     if task in PROSE_TASKS:
         prose = held_out_prose() if prose is None else prose
         if task == "passkey_prose":
@@ -255,7 +258,7 @@ def min_length(task: str, key_digits: int = KEY_DIGITS) -> int:
         key = "5" * (5 if task in ("passkey", "passkey_prose") else key_digits)
         return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len(f"The pass key is {key}. Remember it. "
                                                                         f"{key} is the pass key.") + 1
-    if task == "recall":
+    if task in ("recall", "recall_prose"):
         return _needles_room(2, _MAX_MADE_UP)
     if task == "copy":
         return 10
