@@ -342,8 +342,8 @@ def _gate_grads(gates: GateConfig | None):
     torch.manual_seed(0)
     model = AtlasModel(cfg).double()
     data = DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0})
-    tokens, answer_mask, prompt_mask, *_, quiet = task_batch(0, data, seed=1)
-    total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates, quiet=quiet)
+    tokens, answer_mask, prompt_mask, *_, quiet, facts = task_batch(0, data, seed=1)
+    total, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.1, gates, quiet=quiet, facts=facts)
     total.backward()
     mem = model.blocks[0].mixer.mem
     assert mem.gate_log is None  # recording is off outside task_loss
@@ -396,7 +396,7 @@ def test_gate_costs_come_from_the_config_file(tmp_path):
         TrainConfig.load(path)
     # One weight per memory layer: the default model has four.
     path.write_text('[gates]\nwrite_cost = [0.5, 0.1, 0.1, 0.1]\n')
-    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], [0.0] * 4, [0.0] * 4, [0.0] * 4)
+    assert TrainConfig.load(path).gates.weights(4) == ([0.5, 0.1, 0.1, 0.1], *[[0.0] * 4] * 4)
     path.write_text('[gates]\nwrite_cost = [0.5, 0.1]\n')
     with pytest.raises(ValueError, match="2 weights for 4 memory layers"):
         TrainConfig.load(path)
@@ -631,6 +631,8 @@ def test_tasks_mark_their_facts_and_the_batch_the_text_without_them():
         key_at = text.index("The pass key is ")
         assert quiet[:key_at].all() and not quiet[key_at:key_at + 60].any()
         assert not quiet[text.index("\nWhat is the pass key"):].any()  # nor the question and answer
+        fact = text.index(" is the pass key.", key_at) + len(" is the pass key.")
+        assert b.facts[row].nonzero().flatten().tolist() == list(range(key_at, fact))
 
 
 @pytest.mark.slow
@@ -641,6 +643,17 @@ def test_the_quiet_write_cost_charges_the_write_gates_where_no_fact_is():
     assert 0 < float(quiet.detach()) < 1 and torch.allclose(quiet, parts2["quiet.0"])
     assert float(costed - plain) > 0
     assert bool((grad2[0] > grad[0]).all())  # pushes the write gate closed
+    assert torch.allclose(grad2[1:], grad[1:])  # and nothing else
+
+
+@pytest.mark.slow
+def test_the_fact_write_cost_pulls_the_write_gates_open_where_a_fact_is():
+    plain, parts, grad, _ = _gate_grads(None)
+    costed, parts2, grad2, _ = _gate_grads(GateConfig(fact_write_cost=0.5))
+    fact = parts["fact.0"]
+    assert 0 < float(fact.detach()) < 1 and torch.allclose(fact, parts2["fact.0"])
+    assert float(costed - plain) >= -0.5 * float(torch.log(fact.detach())) > 0  # mean -log >= -log mean
+    assert bool((grad2[0] < grad[0]).all())  # pushes the write gate open
     assert torch.allclose(grad2[1:], grad[1:])  # and nothing else
 
 

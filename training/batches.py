@@ -32,6 +32,7 @@ class TaskBatch(NamedTuple):
     length: int  # the step's prompt length
     end_mask: Tensor  # the answers' last bytes, each ending an asked-for value (a subset of answer_mask)
     quiet: Tensor  # (B, W - 1) over input positions: the prompt's text that holds no fact (Sample.facts)
+    facts: Tensor  # (B, W - 1) over input positions: the facts' own text
 
 
 #: Tokens after a fact that still count as the fact's: the memory writes a key again in the next
@@ -78,12 +79,14 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
     prompt_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     end_mask = torch.zeros(batch, width - 1, dtype=torch.bool)
     quiet = torch.zeros(batch, width - 1, dtype=torch.bool)
+    facts = torch.zeros(batch, width - 1, dtype=torch.bool)
     for i, (s, (ids, spans, ends)) in enumerate(zip(samples, rows, strict=True)):
         if s.facts is not None:  # the body, up to the line of the question, less the facts
             at = lambda c, s=s: len(tok.encode(s.prompt[:c]))  # noqa: E731
             quiet[i, :at(s.prompt.rindex("\n"))] = True
             for a, b in s.facts:
                 quiet[i, at(a):at(b) + FACT_MARGIN] = False
+                facts[i, at(a):at(b)] = True
         tokens[i, :len(ids)] = torch.tensor(ids)
         for a, b in spans:  # the logits at position p predict token p + 1
             answer_mask[i, a - 1:b - 1] = True
@@ -91,7 +94,7 @@ def task_batch(step: int, cfg: DataConfig, seed: int, tokenizer: ByteTokenizer |
             end_mask[i, e - 1] = True
         prompt_mask[i, :len(s.prompt) - 1] = True
     prompt_mask &= ~answer_mask
-    return TaskBatch(tokens, answer_mask, prompt_mask, length, end_mask, quiet)
+    return TaskBatch(tokens, answer_mask, prompt_mask, length, end_mask, quiet, facts)
 
 
 MicroBatches = tuple[list[dict[str, Tensor]], dict[str, int]]
@@ -106,6 +109,6 @@ def task_micro_batches(step: int, cfg: TrainConfig, slots: list[int]) -> MicroBa
         raise ValueError(f"step {step}'s batch has {rows} rows, fewer than micro_batches "
                          f"{cfg.micro_batches}: raise data.tokens_per_batch")
     fields = {"tokens": b.tokens, "answer_mask": b.answer_mask, "prompt_mask": b.prompt_mask,
-              "end_mask": b.end_mask, "quiet": b.quiet}
+              "end_mask": b.end_mask, "quiet": b.quiet, "facts": b.facts}
     parts = {name: t.tensor_split(cfg.micro_batches) for name, t in fields.items()}
     return [{name: parts[name][k] for name in fields} for k in slots], {"length": b.length, "batch": rows}

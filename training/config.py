@@ -90,7 +90,12 @@ class GateConfig(BaseModel):
     mark their facts; chunks that overlap none): log(1 + horizon * mean eta_j over those chunks),
     the write that a million tokens of such text add up to, against the one chunk that holds a fact.
     The per-chunk log of `write_cost` lets a gate open on one chunk in a hundred at a bounded price:
-    within 8k tokens that is one chunk, over a million it is 160 writes on top of the fact."""
+    within 8k tokens that is one chunk, over a million it is 160 writes on top of the fact.
+
+    `fact_write_cost` prices the other side: -log eta_j on the chunks that hold part of a fact, the
+    logistic loss of the gate's logit. A gate that the other costs have shut on a kind of fact (the
+    model never wrote it, so the answer's loss reaches the gate through a vanishing sigmoid) is
+    pulled open there with a gradient that does not vanish."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -99,17 +104,19 @@ class GateConfig(BaseModel):
     forget_cost: NonNegative | list[NonNegative] = 0.0
     momentum_cost: NonNegative | list[NonNegative] = 0.0
     quiet_write_cost: NonNegative | list[NonNegative] = 0.0
+    fact_write_cost: NonNegative | list[NonNegative] = 0.0
     horizon_chunks: int = Field(16384, ge=1)  # a million tokens of 64-token chunks
 
-    def weights(self, n_layers: int) -> tuple[list[float], list[float], list[float], list[float]]:
-        """(write, forget, momentum, quiet write) weight of each of `n_layers` memory layers."""
+    def weights(self, n_layers: int) -> tuple[list[float], ...]:
+        """(write, forget, momentum, quiet write, fact write) weight of each of `n_layers` memory
+        layers."""
         out = []
-        for name in ("write_cost", "forget_cost", "momentum_cost", "quiet_write_cost"):
+        for name in ("write_cost", "forget_cost", "momentum_cost", "quiet_write_cost", "fact_write_cost"):
             cost = getattr(self, name)
             if isinstance(cost, list) and len(cost) != n_layers:
                 raise ValueError(f"gates.{name} lists {len(cost)} weights for {n_layers} memory layers")
             out.append(cost if isinstance(cost, list) else [cost] * n_layers)
-        return out[0], out[1], out[2], out[3]
+        return tuple(out)
 
 
 class TrainConfig(BaseModel):

@@ -36,13 +36,15 @@ def text_loss(model: AtlasModel, tokens: Tensor, gates: GateConfig | None = None
 
 def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mask: Tensor,
               lm_weight: float, gates: GateConfig | None = None, end_mask: Tensor | None = None,
-              end_weight: float = 1.0, quiet: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              end_weight: float = 1.0, quiet: Tensor | None = None, facts: Tensor | None = None
+              ) -> tuple[Tensor, dict[str, Tensor]]:
     """The mean cross-entropy of the answers (the bytes of end_mask weighing end_weight, the others
     1), plus lm_weight times that of the prompt's next tokens, plus the gate costs; and its parts by
     name (answer: the plain mean, prompt, end: the mean over end_mask, and with memory layers the
     mean write gate `eta` (/ eta_max), forgetting `forget` (1 - alpha) and momentum gate `theta.i`
     of the prompt's chunks; with `quiet` (TaskBatch.quiet), `quiet.i` the mean write gate on the
-    chunks that hold no fact)."""
+    chunks that hold no fact; with `facts` (TaskBatch.facts), `fact.i` that on the chunks that hold
+    part of one)."""
     logits, logged = _forward_logging_gates(model, tokens[:, :-1])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     ce = ce.view_as(answer_mask.float())
@@ -52,11 +54,13 @@ def task_loss(model: AtlasModel, tokens: Tensor, answer_mask: Tensor, prompt_mas
         parts["end"] = ce[end_mask].mean()
         weight = answer_mask.float() + (end_weight - 1) * end_mask.float()
         answer = (ce * weight).sum() / weight.sum().clamp_min(1e-9)
-    quiet_chunks = None
-    if quiet is not None and logged:
+    quiet_chunks = fact_chunks = None
+    if logged:
         n, size = logged[0].shape[0], model.cfg.chunk_size
-        quiet_chunks = quiet[:, :n * size].reshape(quiet.shape[0], n, size).all(-1).T  # (chunks, B)
-    gate_parts, costs = _gate_terms(logged, gates, quiet_chunks)
+        by_chunk = lambda mask: mask[:, :n * size].reshape(mask.shape[0], n, size)  # noqa: E731
+        quiet_chunks = None if quiet is None else by_chunk(quiet).all(-1).T  # (chunks, B)
+        fact_chunks = None if facts is None else by_chunk(facts).any(-1).T
+    gate_parts, costs = _gate_terms(logged, gates, quiet_chunks, fact_chunks)
     return sum(costs, start=answer + lm_weight * parts["prompt"]), {**parts, **gate_parts}
 
 
@@ -75,11 +79,12 @@ def _forward_logging_gates(model: AtlasModel, inputs: Tensor) -> tuple[Tensor, l
     return logits, logged
 
 
-def _gate_terms(logged: list[Tensor], gates: GateConfig | None, quiet: Tensor | None = None
-                ) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """The gates' means (write `eta`, forgetting `forget`, by layer `eta.i`, `theta.i` and, with
-    quiet (chunks, B): the chunks that hold no fact, `quiet.i`) and the costs of `gates` on them
-    (GateConfig: writing, forgetting, the momentum's span, writing where there is no fact)."""
+def _gate_terms(logged: list[Tensor], gates: GateConfig | None, quiet: Tensor | None = None,
+                facts: Tensor | None = None) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """The gates' means (write `eta`, forgetting `forget`, by layer `eta.i`, `theta.i`; with quiet
+    (chunks, B): the chunks that hold no fact, `quiet.i`; with facts (chunks, B): those that hold
+    part of one, `fact.i`) and the costs of `gates` on them (GateConfig: writing, forgetting, the
+    momentum's span, writing where there is no fact, not writing where there is one)."""
     if not logged:
         return {}, []
     g = torch.stack(logged)  # (memory layers, chunks, B, H, 3)
@@ -93,15 +98,22 @@ def _gate_terms(logged: list[Tensor], gates: GateConfig | None, quiet: Tensor | 
         q = quiet[None, :, rows, None].float()
         quiet_eta = (eta[:, :, rows] * q).sum(1) / q.sum(1)  # (layers, rows, H)
         parts.update({f"quiet.{i}": e.mean() for i, e in enumerate(quiet_eta)})
+    fact_eta = None
+    if facts is not None and bool(facts.any()):
+        fact_eta = eta[:, facts]  # (layers, fact chunks of every prompt, H)
+        parts.update({f"fact.{i}": e.mean() for i, e in enumerate(fact_eta)})
     if gates is None:
         return parts, []
-    write_w, forget_w, momentum_w, quiet_w = (torch.tensor(w, device=g.device) for w in gates.weights(len(g)))
+    write_w, forget_w, momentum_w, quiet_w, fact_w = (torch.tensor(w, device=g.device)
+                                                      for w in gates.weights(len(g)))
     over_horizon = lambda x: torch.log1p(gates.horizon_chunks * x).flatten(1).mean(1)  # noqa: E731
     span = -torch.log1p(-theta.clamp_max(1 - 1e-7)).flatten(1).mean(1)  # log of 1 / (1 - theta)
     costs = [(write_w * over_horizon(eta)).mean(), (forget_w * over_horizon(forget)).mean(),
              (momentum_w * span).mean()]
     if quiet_eta is not None:
         costs.append((quiet_w * over_horizon(quiet_eta)).mean())
+    if fact_eta is not None:  # the logistic loss of the gate's logit: it does not vanish when shut
+        costs.append((fact_w * -torch.log(fact_eta.clamp_min(1e-6)).flatten(1).mean(1)).mean())
     return parts, costs
 
 
@@ -119,7 +131,7 @@ class Objective(nn.Module):
         if "answer_mask" in batch:
             return task_loss(self.model, batch["tokens"], batch["answer_mask"], batch["prompt_mask"],
                              self.data.lm_weight, self.gates, batch["end_mask"], self.data.end_weight,
-                             batch["quiet"])
+                             batch["quiet"], batch["facts"])
         return text_loss(self.model, batch["tokens"], self.gates)
 
 
