@@ -195,7 +195,7 @@ def test_task_batch_is_a_function_of_seed_and_step_with_answer_masks():
     b = task_batch(7, cfg, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a.length == b.length
     assert torch.equal(a.end_mask, b.end_mask)
-    tokens, answer_mask, prompt_mask, length, end_mask, _ = a
+    tokens, answer_mask, prompt_mask, length, end_mask, *_ = a
     assert 512 <= length <= 2048 and tokens.shape[0] == max(1, 2048 // length)
     for row in range(tokens.shape[0]):
         assert bytes(tokens[row, :length].tolist()).decode().endswith("is")
@@ -213,7 +213,7 @@ def scored(tokens, mask, row) -> str:
 
 def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
     cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"passkey": 1.0})
-    tokens, answer_mask, _, length, end_mask, _ = task_batch(0, cfg, seed=0)
+    tokens, answer_mask, _, length, end_mask, *_ = task_batch(0, cfg, seed=0)
     for row in range(2):
         key = bytes(tokens[row, length:].tolist()).decode().split(".")[0].strip()
         text = bytes(tokens[row].tolist()).decode()
@@ -221,7 +221,7 @@ def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
         assert scored(tokens, answer_mask, row) == f"{key} {key}."
         assert scored(tokens, end_mask, row) == "."  # the answer's end, not the needle's second key
     cfg = DataConfig(min_len=1500, max_len=1500, tokens_per_batch=3000, tasks={"multi_needle": 1.0})
-    tokens, answer_mask, _, length, end_mask, _ = task_batch(0, cfg, seed=0)
+    tokens, answer_mask, _, length, end_mask, *_ = task_batch(0, cfg, seed=0)
     text = bytes(tokens[0].tolist()).decode()
     needles = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", text[:length]))
     asked = re.findall(r"What is the special magic number for (\w+)\?", text)
@@ -229,7 +229,7 @@ def test_task_batch_scores_answers_follow_ups_and_the_keys_second_mention():
     assert scored(tokens, answer_mask, 0) == "".join(f" {needles[n]}." for n in asked)
     assert scored(tokens, end_mask, 0) == "...."  # every asked value's end
     plain = cfg.model_copy(update={"follow_ups": False})
-    tokens, answer_mask, _, length, end_mask, _ = task_batch(0, plain, seed=0)
+    tokens, answer_mask, _, length, end_mask, *_ = task_batch(0, plain, seed=0)
     assert scored(tokens, answer_mask, 0) == f" {needles[asked[0]]}."
     assert scored(tokens, end_mask, 0) == "."
     # Copies have no value and so no end.
@@ -262,7 +262,7 @@ def test_end_weight_weighs_the_byte_that_ends_each_value():
     torch.manual_seed(0)
     model = AtlasModel(tiny_config(d_model=16, n_heads=2, n_layers=1, chunk_size=16, swa_window=32,
                                    omega_window=2)).double()
-    tokens, answer_mask, prompt_mask, _, end_mask, _ = task_batch(
+    tokens, answer_mask, prompt_mask, _, end_mask, *_ = task_batch(
         0, DataConfig(min_len=300, max_len=300, tokens_per_batch=600, tasks={"passkey": 1.0}), seed=1)
     plain, parts = task_loss(model, tokens, answer_mask, prompt_mask, 0.0)
     same, parts1 = task_loss(model, tokens, answer_mask, prompt_mask, 0.0, end_mask=end_mask)
