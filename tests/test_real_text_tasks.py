@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -148,6 +149,24 @@ def test_babi_people_asks_everyone_where_their_one_move_took_them():
             assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {where[who]}."
         sizes.add(len(where))
     assert sizes == {2, 3, 4}
+
+
+def test_babi_moves_asks_everyone_where_the_last_of_their_moves_took_them():
+    overwritten = 0
+    for seed in range(40):
+        s = make_sample("babi_moves", random.Random(seed), min_length("babi_moves") + 500 * (seed % 3))
+        assert len(s.prompt) == min_length("babi_moves") + 500 * (seed % 3)
+        moves: dict[str, list[str]] = {}
+        for who, _, what in _facts(s.prompt):  # in the order the prompt tells them
+            moves.setdefault(who, []).append(what)
+        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
+        assert len(asked) == len(moves) in (2, 3) and len(s.facts) == sum(map(len, moves.values()))
+        for question, answer in asked:
+            who = question.split()[2].rstrip("?")
+            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {moves[who][-1]}."
+            assert all(a != b for a, b in itertools.pairwise(moves[who]))  # each move goes elsewhere
+            overwritten += len(moves[who]) > 1
+    assert overwritten > 40  # most answers overwrite an earlier place
 
 
 def test_babi_echo_begins_each_answer_with_a_verb_of_moving():

@@ -1,7 +1,8 @@
 """bAbI-style stories (Weston et al., 2015, tasks 1, 2 and 7) as facts scattered through prose:
 `babi_single` (where someone is: the last of their moves counts), `babi_two` (where an object is:
 where its carrier went after picking it up), `babi_count` (how many objects someone carries after
-picking up and dropping some), and the training step towards the first, `babi_people`."""
+picking up and dropping some), and the training steps towards the first, `babi_people` and
+`babi_moves`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _DROP = ("dropped", "put down", "discarded")
 BABI_MAX_COUNT = 3  # babi_count: at most this many objects picked up by the person asked about
 # the most facts a story of each task has (min_length)
 _BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * BABI_MAX_COUNT + 1 + 4,
-               "babi_people": 4, "babi_echo": 4}
+               "babi_people": 4, "babi_echo": 4, "babi_moves": 3 * 3}
 
 
 def _fact(rng: random.Random, who: str, verbs: tuple[str, ...], what: str) -> str:
@@ -121,6 +122,27 @@ def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None
     return Sample("babi_echo" if echo else "babi_people", prompt, f" {places[0]}.", places[0], depths[0],
                   follow_ups=tuple(others),
                   facts=spans)
+
+
+def babi_moves(rng: random.Random, length: int, gap: int = 0, prose: str | None = None) -> Sample:
+    """Training only, between babi_people and babi_single: two or three people move one to three times
+    each (every move somewhere else), their moves interleaved, and every one of them is asked where
+    they are. The last of a person's own moves counts, so the memory must overwrite what it wrote
+    under that name: babi_single's recency, with an answer per person instead of one per story."""
+    who = rng.sample(PEOPLE, rng.randint(2, 3))
+    walks = {w: _walk(rng, rng.randint(1, 3)) for w in who}
+    slots = sorted((rng.random(), w) for w in who for _ in walks[w])
+    ahead = {w: iter(walks[w]) for w in who}  # a person's moves keep their order: the walk is the story
+    events = [(d, w, next(ahead[w])) for d, w in slots]
+    questions = [f"\nWhere is {w}? {w} is in the" for w in who]
+    body = prose_body(rng, held_out_prose() if prose is None else prose, length)
+    prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, [_fact(rng, w, _MOVE, p) for _, w, p in events],
+                                [d for d, _, _ in events], questions[0], length, gap, ordered=True)
+    last = {w: walks[w][-1] for w in who}
+    others = [(q, f" {last[w]}.") for q, w in zip(questions[1:], who[1:], strict=True)]
+    depth = max(d for d, w in slots if w == who[0])
+    return Sample("babi_moves", prompt, f" {last[who[0]]}.", last[who[0]], depth,
+                  follow_ups=tuple(others), facts=spans)
 
 
 def babi_room(task: str) -> int:

@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import replace
 
-from .babi import babi, babi_people, babi_room
+from .babi import babi, babi_moves, babi_people, babi_room
 from .prompt import Sample, held_out_prose, place_facts, prose_body
 
 PASSKEY_PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. "
@@ -50,7 +50,7 @@ PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two",
 EVAL_TASKS = (*TASKS, *PROSE_TASKS)
 # what training may mix
 TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "recall_prose", "copy", "copy_block",
-               "babi_people", "babi_echo", *PROSE_TASKS)
+               "babi_people", "babi_echo", "babi_moves", *PROSE_TASKS)
 
 
 def _prose(rng: random.Random, n_bytes: int) -> str:
@@ -216,6 +216,8 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
     default its built-in fallback)."""
     if task in ("babi_people", "babi_echo"):
         return babi_people(rng, length, gap, prose, echo=task == "babi_echo")
+    if task == "babi_moves":
+        return babi_moves(rng, length, gap, prose)
     if task == "recall_prose":
         return recall(rng, length, gap, held_out_prose() if prose is None else prose)
     if task in PROSE_TASKS:
