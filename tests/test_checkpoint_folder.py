@@ -195,7 +195,7 @@ def test_the_bundled_demo_model_is_in_the_current_format():
     assert json.loads((BUNDLED_CHECKPOINT / "generation_config.json").read_text()) == {"eos_token_id": None}
     ckpt = read_checkpoint(BUNDLED_CHECKPOINT)
     assert not ckpt.legacy and ckpt.eos_token_ids == () and ckpt.generation_defaults == {}
-    assert ckpt.fingerprint == "4d2f9dff66f728bb76709caac3bad8385594fc3bcd5e94b02ad075d136e56acd"
+    assert ckpt.fingerprint == "b24ae26f6e955128ba78acf7ba6374d865d7a77762ca30ad2be38b8d92ba8e48"
 
 
 # ---------------------------------------------------------------------------------------------
