@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from .prompt import Sample, held_out_prose, place_facts, prose_body
+from .prompt import Sample, place_facts, prose_body
 
 BABI_PREAMBLE = ("A short story is hidden inside the following text. Keep track of where the people go "
                  "and what they carry. I will ask you about it afterwards.")
@@ -42,8 +42,8 @@ def _before(rng: random.Random, n: int, end: float, start: float = 0.0) -> list[
     return sorted(start + rng.random() * (end - start) for _ in range(n))
 
 
-def babi(task: str, rng: random.Random, length: int, depth: float | None = None, gap: int = 0,
-         prose: str | None = None) -> Sample:
+def babi(task: str, rng: random.Random, length: int, prose: str, depth: float | None = None,
+         gap: int = 0) -> Sample:
     """A bAbI-style story in prose. `depth` (uniform if None) is that of the last fact the answer
     depends on; every fact the answer depends on comes before it, the distractors (other people's
     moves, other objects picked up) anywhere. The facts keep their story order in the prompt.
@@ -95,14 +95,13 @@ def babi(task: str, rng: random.Random, length: int, depth: float | None = None,
     for other in rng.choices(others, k=rng.randint(n_noise - 1, n_noise)):
         events.append((rng.random(), _fact(rng, other, _MOVE, rng.choice(LOCATIONS))))
     events.sort(key=lambda e: e[0])
-    body = prose_body(rng, held_out_prose() if prose is None else prose, length)
+    body = prose_body(rng, prose, length)
     prompt, facts = place_facts(BABI_PREAMBLE + "\n", body, [f for _, f in events], [d for d, _ in events],
                            question, length, gap, ordered=True)
     return Sample(task, prompt, f" {value}.", value, depth, facts=facts)
 
 
-def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None = None,
-                echo: bool = False) -> Sample:
+def babi_people(rng: random.Random, length: int, prose: str, gap: int = 0, echo: bool = False) -> Sample:
     """Training only, the first step towards babi_single: two to four people each go to one place
     (all different), and every one of them is asked where they are. Only the name tells the answers
     apart, so the memory must be read by the person's name, not by the words before the place
@@ -116,7 +115,7 @@ def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None
     facts = [_fact(rng, w, _MOVE, p) for w, p in zip(who, places, strict=True)]
     depths = [rng.random() for _ in who]
     questions = [f"\nWhere is {w}? {w} {rng.choice(_MOVE) if echo else 'is in'} the" for w in who]
-    body = prose_body(rng, held_out_prose() if prose is None else prose, length)
+    body = prose_body(rng, prose, length)
     prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, facts, depths, questions[0], length, gap)
     others = list(zip(questions[1:], [f" {p}." for p in places[1:]], strict=True))
     return Sample("babi_echo" if echo else "babi_people", prompt, f" {places[0]}.", places[0], depths[0],
@@ -124,7 +123,7 @@ def babi_people(rng: random.Random, length: int, gap: int = 0, prose: str | None
                   facts=spans)
 
 
-def babi_moves(rng: random.Random, length: int, gap: int = 0, prose: str | None = None) -> Sample:
+def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0) -> Sample:
     """Training only, between babi_people and babi_single: two or three people move one to three times
     each (every move somewhere else), their moves interleaved, and every one of them is asked where
     they are. The last of a person's own moves counts, so the memory must overwrite what it wrote
@@ -135,7 +134,7 @@ def babi_moves(rng: random.Random, length: int, gap: int = 0, prose: str | None 
     ahead = {w: iter(walks[w]) for w in who}  # a person's moves keep their order: the walk is the story
     events = [(d, w, next(ahead[w])) for d, w in slots]
     questions = [f"\nWhere is {w}? {w} is in the" for w in who]
-    body = prose_body(rng, held_out_prose() if prose is None else prose, length)
+    body = prose_body(rng, prose, length)
     prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, [_fact(rng, w, _MOVE, p) for _, w, p in events],
                                 [d for d, _, _ in events], questions[0], length, gap, ordered=True)
     last = {w: walks[w][-1] for w in who}

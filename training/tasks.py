@@ -214,19 +214,19 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
     needle, e.g. the attention window, so that only the memory can answer. `key_digits`: the longest
     key of passkey_any_length and passkey_runs. `prose`: the text of PROSE_TASKS (`held_out_prose`;
     default its built-in fallback)."""
-    if task in ("babi_people", "babi_echo"):
-        return babi_people(rng, length, gap, prose, echo=task == "babi_echo")
-    if task == "babi_moves":
-        return babi_moves(rng, length, gap, prose)
-    if task == "recall_prose":
-        return recall(rng, length, gap, held_out_prose() if prose is None else prose)
-    if task in PROSE_TASKS:
-        prose = held_out_prose() if prose is None else prose
+    if task in PROSE_TASKS or task in ("babi_people", "babi_echo", "babi_moves", "recall_prose"):
+        text = held_out_prose() if prose is None else prose
+        if task in ("babi_people", "babi_echo"):
+            return babi_people(rng, length, text, gap, echo=task == "babi_echo")
+        if task == "babi_moves":
+            return babi_moves(rng, length, text, gap)
+        if task == "recall_prose":
+            return recall(rng, length, gap, text)
         if task == "passkey_prose":
-            return passkey(rng, length, depth, gap, prose=prose)
+            return passkey(rng, length, depth, gap, prose=text)
         if task == "multi_needle_prose":
-            return multi_needle(rng, length, depth=depth, gap=gap, prose=prose)
-        return babi(task, rng, length, depth, gap, prose)
+            return multi_needle(rng, length, depth=depth, gap=gap, prose=text)
+        return babi(task, rng, length, text, depth, gap)
     if task == "passkey":
         return passkey(rng, length, depth, gap)
     if task == "multi_needle":
