@@ -43,8 +43,9 @@ lint-mypy: $(STAMP)
 	@for p in engine kernels server training; do ln -sfn ../../../$$p build/typing/atlas/$$p; done
 	$(PY) -m mypy
 
+# --durations: the slowest tests, printed with every run, to keep the suite within its 15 minutes.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The edit loop: everything but the tests marked slow (each over ~30 s).
 test-fast: $(STAMP)

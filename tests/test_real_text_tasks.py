@@ -169,6 +169,26 @@ def test_babi_moves_asks_everyone_where_the_last_of_their_moves_took_them():
     assert overwritten > 40  # most answers overwrite an earlier place
 
 
+def test_babi_recall_is_babi_moves_under_made_up_names():
+    counts = set()
+    for seed in range(40):
+        length = min_length("babi_recall") + 500 * (seed % 3)
+        s = make_sample("babi_recall", random.Random(seed), length)
+        assert s.task == "babi_recall" and len(s.prompt) == length
+        verbs = "|".join(re.escape(v) for v in _MOVE)
+        moves: dict[str, list[str]] = {}
+        for who, what in re.findall(rf"\b([A-Z][a-z]+) (?:{verbs}) the (\w+)\.", s.prompt):
+            moves.setdefault(who, []).append(what)
+        assert not set(moves) & set(PEOPLE) and len(s.facts) == sum(map(len, moves.values()))
+        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
+        assert len(asked) == len(moves)
+        for question, answer in asked:
+            who = question.split()[2].rstrip("?")
+            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {moves[who][-1]}."
+        counts.add(len(moves))
+    assert counts == {2, 3, 4}
+
+
 def test_babi_echo_begins_each_answer_with_a_verb_of_moving():
     verbs = set()
     for seed in range(30):

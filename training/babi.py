@@ -2,7 +2,7 @@
 `babi_single` (where someone is: the last of their moves counts), `babi_two` (where an object is:
 where its carrier went after picking it up), `babi_count` (how many objects someone carries after
 picking up and dropping some), and the training steps towards the first, `babi_people` and
-`babi_moves`."""
+`babi_moves`, and `babi_recall` (babi_moves under made-up names)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _DROP = ("dropped", "put down", "discarded")
 BABI_MAX_COUNT = 3  # babi_count: at most this many objects picked up by the person asked about
 # the most facts a story of each task has (min_length)
 _BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * BABI_MAX_COUNT + 1 + 4,
-               "babi_people": 4, "babi_echo": 4, "babi_moves": 3 * 3}
+               "babi_people": 4, "babi_echo": 4, "babi_moves": 3 * 3, "babi_recall": 4 * 3}
 
 
 def _fact(rng: random.Random, who: str, verbs: tuple[str, ...], what: str) -> str:
@@ -123,12 +123,16 @@ def babi_people(rng: random.Random, length: int, prose: str, gap: int = 0, echo:
                   facts=spans)
 
 
-def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0) -> Sample:
+def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0,
+               names: list[str] | None = None) -> Sample:
     """Training only, between babi_people and babi_single: two or three people move one to three times
     each (every move somewhere else), their moves interleaved, and every one of them is asked where
     they are. The last of a person's own moves counts, so the memory must overwrite what it wrote
-    under that name: babi_single's recency, with an answer per person instead of one per story."""
-    who = rng.sample(PEOPLE, rng.randint(2, 3))
+    under that name: babi_single's recency, with an answer per person instead of one per story.
+
+    `names` (task babi_recall): these people instead (up to four), names the model cannot have
+    learned one by one, so that it binds a place to whatever name comes, as `recall` does for numbers."""
+    who = rng.sample(PEOPLE, rng.randint(2, 3)) if names is None else names
     walks = {w: _walk(rng, rng.randint(1, 3)) for w in who}
     slots = sorted((rng.random(), w) for w in who for _ in walks[w])
     ahead = {w: iter(walks[w]) for w in who}  # a person's moves keep their order: the walk is the story
@@ -140,14 +144,15 @@ def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0) -> Sam
     last = {w: walks[w][-1] for w in who}
     others = [(q, f" {last[w]}.") for q, w in zip(questions[1:], who[1:], strict=True)]
     depth = max(d for d, w in slots if w == who[0])
-    return Sample("babi_moves", prompt, f" {last[who[0]]}.", last[who[0]], depth,
-                  follow_ups=tuple(others), facts=spans)
+    return Sample("babi_moves" if names is None else "babi_recall", prompt, f" {last[who[0]]}.", last[who[0]],
+                  depth, follow_ups=tuple(others), facts=spans)
 
 
-def babi_room(task: str) -> int:
-    """Bytes of a bAbI prompt without prose, for the longest names and words."""
+def babi_room(task: str, name_len: int | None = None) -> int:
+    """Bytes of a bAbI prompt without prose, for the longest names (`name_len`: of made-up ones) and
+    words."""
     word, verb = max(LOCATIONS + OBJECTS, key=len), max(_MOVE + _TAKE + _DROP, key=len)
-    who, thing = max(PEOPLE, key=len), max(OBJECTS, key=len)
+    who, thing = "x" * (name_len or max(len(p) for p in PEOPLE)), max(OBJECTS, key=len)
     fact = len(f"{who} {verb} the {word}.") + 1
     question = max(len(f"\nWhere is the {thing}? The {thing} is in the"),
                    len(f"\nWhere is {who}? {who} is in the"), len(f"\nWhere is {who}? {who} {verb} the"),

@@ -50,7 +50,7 @@ PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two",
 EVAL_TASKS = (*TASKS, *PROSE_TASKS)
 # what training may mix
 TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "recall_prose", "copy", "copy_block",
-               "babi_people", "babi_echo", "babi_moves", *PROSE_TASKS)
+               "babi_people", "babi_echo", "babi_moves", "babi_recall", *PROSE_TASKS)
 
 
 def _prose(rng: random.Random, n_bytes: int) -> str:
@@ -149,17 +149,21 @@ def _made_up_name(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
+def _made_up_names(rng: random.Random, n: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        if (name := _made_up_name(rng)) not in names:
+            names.append(name)
+    return names
+
+
 def recall(rng: random.Random, length: int, gap: int = 0, prose: str | None = None) -> Sample:
     """Training only: the multi-needle format with as many needles as fit (up to 12) under made-up
     names, every one of them asked for; more answers per token than the evaluation tasks, and
     names the model cannot have memorised. `prose`: in this real text (task recall_prose)."""
     fit = max(n for n in range(2, 13) if n == 2 or _needles_room(n, _MAX_MADE_UP) <= length)
-    n = rng.randint(2, fit)
-    names: list[str] = []
-    while len(names) < n:
-        if (name := _made_up_name(rng)) not in names:
-            names.append(name)
-    sample = multi_needle(rng, length, n_needles=n, names=names, gap=gap, prose=prose)
+    names = _made_up_names(rng, rng.randint(2, fit))
+    sample = multi_needle(rng, length, n_needles=len(names), names=names, gap=gap, prose=prose)
     return replace(sample, task="recall" if prose is None else "recall_prose")
 
 
@@ -214,12 +218,14 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
     needle, e.g. the attention window, so that only the memory can answer. `key_digits`: the longest
     key of passkey_any_length and passkey_runs. `prose`: the text of PROSE_TASKS (`held_out_prose`;
     default its built-in fallback)."""
-    if task in PROSE_TASKS or task in ("babi_people", "babi_echo", "babi_moves", "recall_prose"):
+    if task in (*PROSE_TASKS, "babi_people", "babi_echo", "babi_moves", "babi_recall", "recall_prose"):
         text = held_out_prose() if prose is None else prose
         if task in ("babi_people", "babi_echo"):
             return babi_people(rng, length, text, gap, echo=task == "babi_echo")
         if task == "babi_moves":
             return babi_moves(rng, length, text, gap)
+        if task == "babi_recall":
+            return babi_moves(rng, length, text, gap, names=_made_up_names(rng, rng.randint(2, 4)))
         if task == "recall_prose":
             return recall(rng, length, gap, text)
         if task == "passkey_prose":
@@ -255,7 +261,7 @@ def _needles_room(n_needles: int, name_len: int) -> int:
 def min_length(task: str, key_digits: int = KEY_DIGITS) -> int:
     """The shortest prompt a task fits in (no filler at all), with room for the longest key."""
     if task.startswith("babi_"):
-        return babi_room(task)
+        return babi_room(task, _MAX_MADE_UP if task == "babi_recall" else None)
     if task in ("passkey", "passkey_any_length", "passkey_runs", "passkey_prose"):
         key = "5" * (5 if task in ("passkey", "passkey_prose") else key_digits)
         return len(PASSKEY_PREAMBLE) + 1 + len(PASSKEY_QUESTION) + len(f"The pass key is {key}. Remember it. "
