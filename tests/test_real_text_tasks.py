@@ -189,6 +189,19 @@ def test_babi_recall_is_babi_moves_under_made_up_names():
     assert counts == {2, 3, 4}
 
 
+def test_babi_where_words_every_fact_as_its_answer_is_asked():
+    for seed in range(30):
+        length = min_length("babi_where") + 400 * (seed % 3)
+        s = make_sample("babi_where", random.Random(seed), length)
+        assert s.task == "babi_where" and len(s.prompt) == length
+        facts = re.findall(rf"\b({'|'.join(PEOPLE)}) is in the (\w+)\.", s.prompt)
+        assert len(facts) == len(s.facts) and not _facts(s.prompt)  # no verb of moving
+        where = dict(facts)  # the last fact of each person wins
+        for question, answer in [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]:
+            who = question.split()[2].rstrip("?")
+            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {where[who]}."
+
+
 def test_babi_echo_begins_each_answer_with_a_verb_of_moving():
     verbs = set()
     for seed in range(30):

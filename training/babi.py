@@ -22,7 +22,8 @@ _DROP = ("dropped", "put down", "discarded")
 BABI_MAX_COUNT = 3  # babi_count: at most this many objects picked up by the person asked about
 # the most facts a story of each task has (min_length)
 _BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * BABI_MAX_COUNT + 1 + 4,
-               "babi_people": 4, "babi_echo": 4, "babi_moves": 3 * 3, "babi_recall": 4 * 3}
+               "babi_people": 4, "babi_echo": 4, "babi_moves": 3 * 3, "babi_recall": 4 * 3,
+               "babi_where": 3 * 3}
 
 
 def _fact(rng: random.Random, who: str, verbs: tuple[str, ...], what: str) -> str:
@@ -124,14 +125,17 @@ def babi_people(rng: random.Random, length: int, prose: str, gap: int = 0, echo:
 
 
 def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0,
-               names: list[str] | None = None) -> Sample:
+               names: list[str] | None = None, worded_as_asked: bool = False) -> Sample:
     """Training only, between babi_people and babi_single: two or three people move one to three times
     each (every move somewhere else), their moves interleaved, and every one of them is asked where
     they are. The last of a person's own moves counts, so the memory must overwrite what it wrote
     under that name: babi_single's recency, with an answer per person instead of one per story.
 
     `names` (task babi_recall): these people instead (up to four), names the model cannot have
-    learned one by one, so that it binds a place to whatever name comes, as `recall` does for numbers."""
+    learned one by one, so that it binds a place to whatever name comes, as `recall` does for numbers.
+    `worded_as_asked` (task babi_where): every fact says "Mary is in the kitchen.", the answer's own
+    words, so that the place follows the same bytes in the fact and in the question, as a magic
+    number does."""
     who = rng.sample(PEOPLE, rng.randint(2, 3)) if names is None else names
     walks = {w: _walk(rng, rng.randint(1, 3)) for w in who}
     slots = sorted((rng.random(), w) for w in who for _ in walks[w])
@@ -139,12 +143,14 @@ def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0,
     events = [(d, w, next(ahead[w])) for d, w in slots]
     questions = [f"\nWhere is {w}? {w} is in the" for w in who]
     body = prose_body(rng, prose, length)
-    prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, [_fact(rng, w, _MOVE, p) for _, w, p in events],
+    verbs = ("is in",) if worded_as_asked else _MOVE
+    prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, [_fact(rng, w, verbs, p) for _, w, p in events],
                                 [d for d, _, _ in events], questions[0], length, gap, ordered=True)
     last = {w: walks[w][-1] for w in who}
     others = [(q, f" {last[w]}.") for q, w in zip(questions[1:], who[1:], strict=True)]
     depth = max(d for d, w in slots if w == who[0])
-    return Sample("babi_moves" if names is None else "babi_recall", prompt, f" {last[who[0]]}.", last[who[0]],
+    task = "babi_where" if worded_as_asked else "babi_moves" if names is None else "babi_recall"
+    return Sample(task, prompt, f" {last[who[0]]}.", last[who[0]],
                   depth, follow_ups=tuple(others), facts=spans)
 
 

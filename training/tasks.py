@@ -48,9 +48,11 @@ TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures unless told
 # the tasks in real prose (issue 30), which `atlas eval --tasks` also runs
 PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two", "babi_count")
 EVAL_TASKS = (*TASKS, *PROSE_TASKS)
+# training only, in real prose
+_PROSE_TRAIN_TASKS = ("babi_people", "babi_echo", "babi_moves", "babi_recall", "babi_where", "recall_prose")
 # what training may mix
-TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "recall_prose", "copy", "copy_block",
-               "babi_people", "babi_echo", "babi_moves", "babi_recall", *PROSE_TASKS)
+TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block",
+               *_PROSE_TRAIN_TASKS, *PROSE_TASKS)
 
 
 def _prose(rng: random.Random, n_bytes: int) -> str:
@@ -218,12 +220,14 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
     needle, e.g. the attention window, so that only the memory can answer. `key_digits`: the longest
     key of passkey_any_length and passkey_runs. `prose`: the text of PROSE_TASKS (`held_out_prose`;
     default its built-in fallback)."""
-    if task in (*PROSE_TASKS, "babi_people", "babi_echo", "babi_moves", "babi_recall", "recall_prose"):
+    if task in (*PROSE_TASKS, *_PROSE_TRAIN_TASKS):
         text = held_out_prose() if prose is None else prose
         if task in ("babi_people", "babi_echo"):
             return babi_people(rng, length, text, gap, echo=task == "babi_echo")
         if task == "babi_moves":
             return babi_moves(rng, length, text, gap)
+        if task == "babi_where":
+            return babi_moves(rng, length, text, gap, worded_as_asked=True)
         if task == "babi_recall":
             return babi_moves(rng, length, text, gap, names=_made_up_names(rng, rng.randint(2, 4)))
         if task == "recall_prose":
