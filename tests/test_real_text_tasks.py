@@ -137,16 +137,23 @@ def test_babi_answers_follow_the_last_move_and_facts_sit_at_their_depth():
     assert counts == {"0", "1", "2", "3"}
 
 
+def _asked_everyone(s, where: dict[str, str]) -> int:
+    """Checks that every person of `where` (name -> place) is asked where they are, in the bAbI
+    wording, with their place as the answer; how many were asked."""
+    asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
+    assert len(asked) == len(where)
+    for question, answer in asked:
+        who = question.split()[2].rstrip("?")
+        assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {where[who]}."
+    return len(asked)
+
+
 def test_babi_people_asks_everyone_where_their_one_move_took_them():
     sizes = set()
     for seed in range(30):
         s = make_sample("babi_people", random.Random(seed), min_length("babi_people") + 500 * (seed % 3))
         where = {who: what for who, _, what in _facts(s.prompt)}
-        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
-        assert len(where) == len(asked) == len(s.facts) and len(set(where.values())) == len(where)
-        for question, answer in asked:
-            who = question.split()[2].rstrip("?")
-            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {where[who]}."
+        assert _asked_everyone(s, where) == len(s.facts) and len(set(where.values())) == len(where)
         sizes.add(len(where))
     assert sizes == {2, 3, 4}
 
@@ -159,13 +166,11 @@ def test_babi_moves_asks_everyone_where_the_last_of_their_moves_took_them():
         moves: dict[str, list[str]] = {}
         for who, _, what in _facts(s.prompt):  # in the order the prompt tells them
             moves.setdefault(who, []).append(what)
-        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
-        assert len(asked) == len(moves) in (2, 3) and len(s.facts) == sum(map(len, moves.values()))
-        for question, answer in asked:
-            who = question.split()[2].rstrip("?")
-            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {moves[who][-1]}."
-            assert all(a != b for a, b in itertools.pairwise(moves[who]))  # each move goes elsewhere
-            overwritten += len(moves[who]) > 1
+        assert _asked_everyone(s, {w: m[-1] for w, m in moves.items()}) in (2, 3)
+        assert len(s.facts) == sum(map(len, moves.values()))
+        for walk in moves.values():
+            assert all(a != b for a, b in itertools.pairwise(walk))  # each move goes elsewhere
+            overwritten += len(walk) > 1
     assert overwritten > 40  # most answers overwrite an earlier place
 
 
@@ -180,12 +185,7 @@ def test_babi_recall_is_babi_moves_under_made_up_names():
         for who, what in re.findall(rf"\b([A-Z][a-z]+) (?:{verbs}) the (\w+)\.", s.prompt):
             moves.setdefault(who, []).append(what)
         assert not set(moves) & set(PEOPLE) and len(s.facts) == sum(map(len, moves.values()))
-        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
-        assert len(asked) == len(moves)
-        for question, answer in asked:
-            who = question.split()[2].rstrip("?")
-            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {moves[who][-1]}."
-        counts.add(len(moves))
+        counts.add(_asked_everyone(s, {w: m[-1] for w, m in moves.items()}))
     assert counts == {2, 3, 4}
 
 
@@ -196,10 +196,7 @@ def test_babi_where_words_every_fact_as_its_answer_is_asked():
         assert s.task == "babi_where" and len(s.prompt) == length
         facts = re.findall(rf"\b({'|'.join(PEOPLE)}) is in the (\w+)\.", s.prompt)
         assert len(facts) == len(s.facts) and not _facts(s.prompt)  # no verb of moving
-        where = dict(facts)  # the last fact of each person wins
-        for question, answer in [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]:
-            who = question.split()[2].rstrip("?")
-            assert question == f"\nWhere is {who}? {who} is in the" and answer == f" {where[who]}."
+        _asked_everyone(s, dict(facts))  # the last fact of each person wins
 
 
 def test_babi_echo_begins_each_answer_with_a_verb_of_moving():
