@@ -16,7 +16,7 @@ from atlas.training.babi import _DROP, _MOVE, _TAKE, PEOPLE
 from atlas.training.corpus import Root, build_corpus, gather, split_of
 from atlas.training.evaluation import _decoy, score
 from atlas.training.prompt import FALLBACK_PROSE, held_out_prose, normalize_prose, prose_body
-from atlas.training.tasks import PROSE_TASKS, make_sample, min_length
+from atlas.training.tasks import PROSE_TASKS, first_answer, make_sample, min_length
 
 from .helpers import shared_text
 
@@ -197,6 +197,25 @@ def test_babi_where_words_every_fact_as_its_answer_is_asked():
         facts = re.findall(rf"\b({'|'.join(PEOPLE)}) is in the (\w+)\.", s.prompt)
         assert len(facts) == len(s.facts) and not _facts(s.prompt)  # no verb of moving
         _asked_everyone(s, dict(facts))  # the last fact of each person wins
+
+
+def test_babi_rooms_moves_people_between_numbered_rooms():
+    for seed in range(30):
+        length = min_length("babi_rooms") + 400 * (seed % 3)
+        s = make_sample("babi_rooms", random.Random(seed), length)
+        assert s.task == "babi_rooms" and len(s.prompt) == length
+        verbs = "|".join(re.escape(v) for v in _MOVE)
+        moves: dict[str, list[str]] = {}
+        for who, room in re.findall(rf"\b({'|'.join(PEOPLE)}) (?:{verbs}) room (\d{{4}})\.", s.prompt):
+            moves.setdefault(who, []).append(room)
+        assert len(s.facts) == sum(map(len, moves.values())) and not _facts(s.prompt)
+        asked = [(s.prompt[s.prompt.rindex("\n"):], s.answer), *s.follow_ups]
+        assert len(asked) == len(moves) in (2, 3)
+        for question, answer in asked:
+            who = question.split()[2].rstrip("?")
+            assert question == f"\nWhere is {who}? {who} is in room" and answer == f" {moves[who][-1]}."
+        assert all(a != b for walk in moves.values() for a, b in itertools.pairwise(walk))
+        assert first_answer(s.answer, s.value) == s.value and _decoy(s, 0) != s.value
 
 
 def test_babi_echo_begins_each_answer_with_a_verb_of_moving():

@@ -2,7 +2,8 @@
 `babi_single` (where someone is: the last of their moves counts), `babi_two` (where an object is:
 where its carrier went after picking it up), `babi_count` (how many objects someone carries after
 picking up and dropping some), and the training steps towards the first, `babi_people` and
-`babi_moves`, and `babi_recall` (babi_moves under made-up names)."""
+`babi_moves`, and `babi_recall` (babi_moves under made-up names), `babi_where` and `babi_rooms`
+(babi_moves worded as asked, or with numbered rooms for places)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ BABI_MAX_COUNT = 3  # babi_count: at most this many objects picked up by the per
 # the most facts a story of each task has (min_length)
 _BABI_FACTS = {"babi_single": 3 + 4, "babi_two": 4 + 4, "babi_count": 2 * BABI_MAX_COUNT + 1 + 4,
                "babi_people": 4, "babi_echo": 4, "babi_moves": 3 * 3, "babi_recall": 4 * 3,
-               "babi_where": 3 * 3}
+               "babi_where": 3 * 3, "babi_rooms": 3 * 3}
+ROOM_DIGITS = 4  # babi_rooms: "Mary went to room 4821."
 
 
 def _fact(rng: random.Random, who: str, verbs: tuple[str, ...], what: str) -> str:
@@ -124,8 +126,19 @@ def babi_people(rng: random.Random, length: int, prose: str, gap: int = 0, echo:
                   facts=spans)
 
 
+def _room_walk(rng: random.Random, n: int) -> list[str]:
+    """n numbered rooms, each different from the one before."""
+    out: list[str] = []
+    while len(out) < n:
+        room = str(rng.randint(10 ** (ROOM_DIGITS - 1), 10 ** ROOM_DIGITS - 1))
+        if not out or room != out[-1]:
+            out.append(room)
+    return out
+
+
 def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0,
-               names: list[str] | None = None, worded_as_asked: bool = False) -> Sample:
+               names: list[str] | None = None, worded_as_asked: bool = False,
+               numbered: bool = False) -> Sample:
     """Training only, between babi_people and babi_single: two or three people move one to three times
     each (every move somewhere else), their moves interleaved, and every one of them is asked where
     they are. The last of a person's own moves counts, so the memory must overwrite what it wrote
@@ -135,21 +148,28 @@ def babi_moves(rng: random.Random, length: int, prose: str, gap: int = 0,
     learned one by one, so that it binds a place to whatever name comes, as `recall` does for numbers.
     `worded_as_asked` (task babi_where): every fact says "Mary is in the kitchen.", the answer's own
     words, so that the place follows the same bytes in the fact and in the question, as a magic
-    number does."""
+    number does.
+    `numbered` (task babi_rooms): the places are rooms with four-digit numbers ("Mary went to room
+    4821."; "Where is Mary? Mary is in room" " 4821."), a value like a magic number's in bAbI's
+    sentences, to tell whether what the model cannot bind is the story or the nine common words."""
     who = rng.sample(PEOPLE, rng.randint(2, 3)) if names is None else names
-    walks = {w: _walk(rng, rng.randint(1, 3)) for w in who}
+    walks = {w: (_room_walk if numbered else _walk)(rng, rng.randint(1, 3)) for w in who}
     slots = sorted((rng.random(), w) for w in who for _ in walks[w])
     ahead = {w: iter(walks[w]) for w in who}  # a person's moves keep their order: the walk is the story
     events = [(d, w, next(ahead[w])) for d, w in slots]
-    questions = [f"\nWhere is {w}? {w} is in the" for w in who]
+    where = "room" if numbered else "the"
+    questions = [f"\nWhere is {w}? {w} is in {where}" for w in who]
     body = prose_body(rng, prose, length)
     verbs = ("is in",) if worded_as_asked else _MOVE
-    prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, [_fact(rng, w, verbs, p) for _, w, p in events],
+    facts = [f"{w} {rng.choice(verbs)} room {p}." if numbered else _fact(rng, w, verbs, p)
+             for _, w, p in events]
+    prompt, spans = place_facts(BABI_PREAMBLE + "\n", body, facts,
                                 [d for d, _, _ in events], questions[0], length, gap, ordered=True)
     last = {w: walks[w][-1] for w in who}
     others = [(q, f" {last[w]}.") for q, w in zip(questions[1:], who[1:], strict=True)]
     depth = max(d for d, w in slots if w == who[0])
-    task = "babi_where" if worded_as_asked else "babi_moves" if names is None else "babi_recall"
+    task = ("babi_where" if worded_as_asked else "babi_rooms" if numbered
+            else "babi_moves" if names is None else "babi_recall")
     return Sample(task, prompt, f" {last[who[0]]}.", last[who[0]],
                   depth, follow_ups=tuple(others), facts=spans)
 

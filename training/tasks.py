@@ -49,7 +49,8 @@ TASKS = ("passkey", "multi_needle")  # what `atlas eval` measures unless told
 PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two", "babi_count")
 EVAL_TASKS = (*TASKS, *PROSE_TASKS)
 # training only, in real prose
-_PROSE_TRAIN_TASKS = ("babi_people", "babi_echo", "babi_moves", "babi_recall", "babi_where", "recall_prose")
+_PROSE_TRAIN_TASKS = ("babi_people", "babi_echo", "babi_moves", "babi_recall", "babi_where", "babi_rooms",
+                      "recall_prose")
 # what training may mix
 TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block",
                *_PROSE_TRAIN_TASKS, *PROSE_TASKS)
@@ -228,6 +229,8 @@ def make_sample(task: str, rng: random.Random, length: int, depth: float | None 
             return babi_moves(rng, length, text, gap)
         if task == "babi_where":
             return babi_moves(rng, length, text, gap, worded_as_asked=True)
+        if task == "babi_rooms":
+            return babi_moves(rng, length, text, gap, numbered=True)
         if task == "babi_recall":
             return babi_moves(rng, length, text, gap, names=_made_up_names(rng, rng.randint(2, 4)))
         if task == "recall_prose":
