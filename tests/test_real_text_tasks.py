@@ -258,6 +258,21 @@ def test_atlas_eval_runs_a_real_text_task(tmp_path):
     assert results["prose"]["source"] == "corpus" and str(tmp_path) not in out.read_text()
 
 
+def test_atlas_eval_runs_the_babi_steps_with_their_chance(tmp_path):
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", "--tasks", "babi_rooms,babi_moves", "--lengths", "700",
+                                   "--trials", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    points = json.loads(out.read_text())["models"]["demo"]["points"]
+    assert [(p["task"], p["trials"]) for p in points] == [("babi_rooms", 2), ("babi_moves", 2)]
+    rooms, moves = points
+    assert rooms["chance"] == 1 / 9000 and moves["chance"] == 1 / 9
+    assert all(t["value"].isdigit() and len(t["value"]) == 4 for t in rooms["details"])
+    assert all(t["value"].isalpha() for t in moves["details"])
+    # training-only tasks with several answers a prompt stay out of atlas eval
+    assert CliRunner().invoke(app, ["eval", "--tasks", "recall_prose"]).exit_code == 2
+
+
 def test_training_draws_the_prose_of_its_config(tmp_path) -> None:
     from atlas.training.batches import task_batch
     from atlas.training.config import DataConfig

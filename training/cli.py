@@ -246,9 +246,9 @@ def _prose(source: Path | None, task_list: list[str], results: dict) -> str | No
     import hashlib
 
     from .prompt import held_out_prose
-    from .tasks import PROSE_TASKS
+    from .tasks import BABI_STEP_TASKS, PROSE_TASKS
 
-    if not set(task_list) & set(PROSE_TASKS):
+    if not set(task_list) & {*PROSE_TASKS, *BABI_STEP_TASKS}:
         return None
     try:
         text = held_out_prose(source)

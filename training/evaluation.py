@@ -20,15 +20,18 @@ from torch import Tensor
 from atlas.engine.model import AtlasModel
 from atlas.engine.tokenizer import ByteTokenizer
 
-from .babi import BABI_MAX_COUNT, LOCATIONS
+from .babi import BABI_MAX_COUNT, LOCATIONS, ROOM_DIGITS
 from .prompt import Sample
 from .tasks import EVAL_TASKS, first_answer, make_sample, min_length
 
 # Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits;
-# a bAbI place is one of LOCATIONS, a count one of 0 to BABI_MAX_COUNT.
+# a bAbI place is one of LOCATIONS (or a numbered room), a count one of 0 to BABI_MAX_COUNT.
 CHANCE = {"passkey": 1 / 50000, "multi_needle": 1 / 9_000_000, "passkey_prose": 1 / 50000,
           "multi_needle_prose": 1 / 9_000_000, "babi_single": 1 / len(LOCATIONS),
-          "babi_two": 1 / len(LOCATIONS), "babi_count": 1 / (BABI_MAX_COUNT + 1)}
+          "babi_two": 1 / len(LOCATIONS), "babi_count": 1 / (BABI_MAX_COUNT + 1),
+          **dict.fromkeys(("babi_people", "babi_echo", "babi_moves", "babi_recall", "babi_where"),
+                          1 / len(LOCATIONS)),
+          "babi_rooms": 1 / (9 * 10 ** (ROOM_DIGITS - 1))}
 
 
 @dataclass
@@ -212,7 +215,7 @@ def plot(results: dict, path: str) -> None:
     titles = {"passkey": "Pass-key retrieval", "multi_needle": "Multi-needle (4 keys, asked by name)",
               "passkey_prose": "Pass-key in real prose", "multi_needle_prose": "Multi-needle in real prose",
               "babi_single": "bAbI: single supporting fact", "babi_two": "bAbI: two supporting facts",
-              "babi_count": "bAbI: counting"}
+              "babi_count": "bAbI: counting", "babi_rooms": "bAbI moves, numbered rooms"}
     for ax, task in zip(axes.flat, tasks, strict=False):
         for i, (name, m) in enumerate(results["models"].items()):  # one colour per model in every panel
             pts = sorted((p["length"], 100 * p["accuracy"]) for p in m["points"] if p["task"] == task)
