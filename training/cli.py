@@ -194,7 +194,8 @@ def evaluate(
         help="NAME=CHECKPOINT_DIR, repeatable (default: demo=the bundled model)")] = None,
     tasks: Annotated[str | None, typer.Option(
         help=("Comma-separated: passkey, multi_needle (default both); in real prose: passkey_prose, "
-              "multi_needle_prose, babi_single, babi_two, babi_count"))] = None,
+              "multi_needle_prose, babi_single, babi_two, babi_count; the bAbI training steps: "
+              "babi_people, babi_echo, babi_moves, babi_recall, babi_where, babi_rooms"))] = None,
     lengths: Annotated[str | None, typer.Option(
         help=f"Comma-separated context lengths (default {DEFAULT_LENGTHS}, and 10M on CUDA)")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Prompts per point (needles at spread depths)")] = 8,

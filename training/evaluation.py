@@ -22,16 +22,15 @@ from atlas.engine.tokenizer import ByteTokenizer
 
 from .babi import BABI_MAX_COUNT, LOCATIONS, ROOM_DIGITS
 from .prompt import Sample
-from .tasks import EVAL_TASKS, first_answer, make_sample, min_length
+from .tasks import BABI_STEP_TASKS, EVAL_TASKS, first_answer, make_sample, min_length
 
 # Chance of guessing the number: pass keys are uniform in [1, 50000]; magic numbers have 7 digits;
 # a bAbI place is one of LOCATIONS (or a numbered room), a count one of 0 to BABI_MAX_COUNT.
 CHANCE = {"passkey": 1 / 50000, "multi_needle": 1 / 9_000_000, "passkey_prose": 1 / 50000,
           "multi_needle_prose": 1 / 9_000_000, "babi_single": 1 / len(LOCATIONS),
           "babi_two": 1 / len(LOCATIONS), "babi_count": 1 / (BABI_MAX_COUNT + 1),
-          **dict.fromkeys(("babi_people", "babi_echo", "babi_moves", "babi_recall", "babi_where"),
-                          1 / len(LOCATIONS)),
-          "babi_rooms": 1 / (9 * 10 ** (ROOM_DIGITS - 1))}
+          **dict.fromkeys(BABI_STEP_TASKS, 1 / len(LOCATIONS)),
+          "babi_rooms": 1 / (9 * 10 ** (ROOM_DIGITS - 1))}  # after the steps: a room is not a place word
 
 
 @dataclass

@@ -51,7 +51,7 @@ PROSE_TASKS = ("passkey_prose", "multi_needle_prose", "babi_single", "babi_two",
 # their first question (the model card's figures for the candidates that trained on them)
 BABI_STEP_TASKS = ("babi_people", "babi_echo", "babi_moves", "babi_recall", "babi_where", "babi_rooms")
 EVAL_TASKS = (*TASKS, *PROSE_TASKS, *BABI_STEP_TASKS)
-# training only, in real prose
+# what training draws from real prose besides PROSE_TASKS
 _PROSE_TRAIN_TASKS = (*BABI_STEP_TASKS, "recall_prose")
 # what training may mix
 TRAIN_TASKS = (*TASKS, "passkey_any_length", "passkey_runs", "recall", "copy", "copy_block",
