@@ -6,14 +6,16 @@ of c = 8 tokens and 5 Newton-Schulz steps (Muon) on both memory matrices. `Atlas
 served model runs it, one chunk block at a time (`AtlasMemory.forward`, commit on every chunk), under
 `torch.inference_mode`; `NeuralMemory.forward` takes the whole sequence. Repetitions are interleaved
 (ATLAS, titans, ATLAS, titans, ...) so that machine noise hits both alike; ratios are titans' time over
-ATLAS' time per repetition (> 1: ATLAS is faster), reported as min, median and max.
+ATLAS' time per repetition (> 1: ATLAS is faster), reported as min, median and max. ATLAS runs once per
+Newton-Schulz precision asked for (`--ns-precision`, ATLAS_NS_PRECISION: fp32, the default, and bf16 as
+Muon runs it), each interleaved with the others and with titans.
 
 titans-pytorch is not a dependency of this project; install it into the environment for this
 benchmark only (it must not replace the pinned torch: check with `pip install --dry-run` first):
 
     .venv/bin/pip install titans-pytorch
     python bench/memory_layer.py                         # dim 256/4 heads and 1024/16 heads, 1 thread
-    python bench/memory_layer.py --dims 256 --reps 3 --threads 2
+    python bench/memory_layer.py --dims 256 --reps 3 --threads 2 --ns-precision fp32
 
 Without titans-pytorch it measures ATLAS alone and says so. Writes bench/results/memory-layer-cpu.json.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +36,7 @@ import torch
 from atlas.engine import ModelConfig
 from atlas.engine.machine import describe_machine, load_average
 from atlas.engine.model.memory import AtlasMemory
+from atlas.kernels.settings import kernel_settings
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each, interleaved")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-titans", action="store_true", help="measure ATLAS alone")
+    p.add_argument("--ns-precision", default="fp32,bf16",
+                   help="ATLAS' Newton-Schulz precisions (ATLAS_NS_PRECISION), each measured")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/memory-layer-cpu.json")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -94,34 +100,54 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t
 
 
+def with_ns_precision(precision: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """fn with ATLAS_NS_PRECISION set to `precision` (the settings are re-read for each call)."""
+
+    def run() -> None:
+        os.environ["ATLAS_NS_PRECISION"] = precision
+        kernel_settings.cache_clear()
+        fn()
+
+    return run
+
+
+def spread(ratios: list[float]) -> dict[str, float]:
+    return {"min": round(min(ratios), 3), "median": round(statistics.median(ratios), 3),
+            "max": round(max(ratios), 3)}
+
+
 def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     ours, ours_info = atlas_runner(dim, args.tokens, args.chunk)
+    precisions = [p.strip() for p in args.ns_precision.split(",") if p.strip()]
+    runs = {p: with_ns_precision(p, ours) for p in precisions}
     theirs = None if args.no_titans else titans_runner(dim, args.tokens, args.chunk)
-    ours()  # warm-up: allocator, lazy init
+    for run in runs.values():  # warm-up: allocator, lazy init
+        run()
     if theirs is not None:
         theirs[0]()
-    t_ours: list[float] = []
+    t_ours: dict[str, list[float]] = {p: [] for p in precisions}
     t_theirs: list[float] = []
     for _ in range(args.reps):
-        t_ours.append(timed(ours))
-        if theirs is not None:
-            t_theirs.append(timed(theirs[0]))
+        for p, run in runs.items():
+            t_ours[p].append(timed(run))
+            if theirs is not None and p == precisions[0]:
+                t_theirs.append(timed(theirs[0]))
     row: dict[str, Any] = {
         "dim": dim, "heads": dim // HEAD_DIM, "head_dim": HEAD_DIM, "tokens": args.tokens,
-        "chunk": args.chunk,
-        "atlas": {**ours_info, "seconds": [round(t, 4) for t in t_ours],
-                  "best_tok_s": round(args.tokens / min(t_ours), 1),
-                  "median_tok_s": round(args.tokens / statistics.median(t_ours), 1)},
+        "chunk": args.chunk, "atlas": {},
     }
+    for p, times in t_ours.items():
+        row["atlas"][p] = {**ours_info, "ns_precision": p, "seconds": [round(t, 4) for t in times],
+                           "best_tok_s": round(args.tokens / min(times), 1),
+                           "median_tok_s": round(args.tokens / statistics.median(times), 1)}
     if theirs is not None:
-        ratios = [b / a for a, b in zip(t_ours, t_theirs, strict=True)]
         row["titans"] = {**theirs[1], "seconds": [round(t, 4) for t in t_theirs],
                          "best_tok_s": round(args.tokens / min(t_theirs), 1),
                          "median_tok_s": round(args.tokens / statistics.median(t_theirs), 1)}
-        row["speedup"] = {"best_of": round(min(t_theirs) / min(t_ours), 3),
-                          "min": round(min(ratios), 3), "median": round(statistics.median(ratios), 3),
-                          "max": round(max(ratios), 3)}
+        row["speedup"] = {p: {"best_of": round(min(t_theirs) / min(times), 3),
+                              **spread([b / a for a, b in zip(times, t_theirs, strict=True)])}
+                          for p, times in t_ours.items()}
     return row
 
 
@@ -140,12 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     for dim in dims:
         row = bench_dim(dim, args)
         rows.append(row)
-        line = f"dim {dim:>5} / {dim // HEAD_DIM:>2} heads: ATLAS {row['atlas']['best_tok_s']:>9,.0f} tok/s"
+        line = f"dim {dim:>5} / {dim // HEAD_DIM:>2} heads:"
         if "titans" in row:
-            s = row["speedup"]
-            line += (f", titans {row['titans']['best_tok_s']:>9,.0f} tok/s; "
-                     f"ATLAS/titans best-of {s['best_of']:.2f}x, per-rep min {s['min']:.2f}x "
-                     f"median {s['median']:.2f}x max {s['max']:.2f}x")
+            line += f" titans {row['titans']['best_tok_s']:>9,.0f} tok/s;"
+        for p, r in row["atlas"].items():
+            line += f"\n  ATLAS, Newton-Schulz in {p}: {r['best_tok_s']:>9,.0f} tok/s"
+            if "speedup" in row:
+                s = row["speedup"][p]
+                line += (f"; ATLAS/titans best-of {s['best_of']:.2f}x, per-rep min {s['min']:.2f}x "
+                         f"median {s['median']:.2f}x max {s['max']:.2f}x")
         print(line, flush=True)
     result = {
         "benchmark": "memory_layer",
@@ -153,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {**info, "load_average_at_end": load_average()},
         "threads": args.threads,
         "reps": args.reps,
+        "ns_precisions": args.ns_precision,
         "results": rows,
         "total_s": round(time.perf_counter() - started, 1),
     }

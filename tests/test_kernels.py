@@ -446,3 +446,7 @@ def test_kernel_settings_reject_unknown_values(kernel_env) -> None:
     kernel_env("ATLAS_KERNEL_PRECISION", "fp8")
     with pytest.raises(ValidationError, match="kernel_precision"):
         kernel_settings()
+    kernel_env("ATLAS_KERNEL_PRECISION", "tf32")
+    kernel_env("ATLAS_NS_PRECISION", "fp16")
+    with pytest.raises(ValidationError, match="ns_precision"):
+        kernel_settings()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atlas import kernels
-from atlas.kernels.settings import kernel_settings
+from atlas.kernels.settings import NsPrecision, kernel_settings
 
 from ..config import ModelConfig
 
@@ -44,22 +44,29 @@ Weights = tuple[Tensor, ...]  # (W1, W2) for depth 2, (W,) for depth 1; each (B,
 
 
 def gelu(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
+    """The tanh-form GELU, x/2 (1 + tanh(s (x + c x^3))) = x p with p = sigmoid(2 s (x + c x^3)).
+
+    Written out rather than F.gelu: on CPU, ATen's tanh-GELU runs several times slower than its sigmoid, and
+    x.pow(3) ~20x slower than a product. It rounds differently from F.gelu in the last bits only."""
+    return x * _gelu_gate(x, x * x)
+
+
+def _gelu_gate(x: Tensor, xx: Tensor) -> Tensor:
+    """p = sigmoid(2 s (x + c x^3)) = (1 + tanh(s (x + c x^3))) / 2, given xx = x * x."""
+    return torch.sigmoid(torch.addcmul(x, x, xx, value=GELU_CUBIC) * (2 * SQRT_2_OVER_PI))
 
 
 def gelu_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The tanh-form GELU and its derivative from one tanh (the gradients need both at the same h).
+    """The tanh-form GELU and its derivative from one sigmoid (the gradients need both at the same h).
 
-    Written out rather than F.gelu: on CPU, ATen's tanh-GELU runs ~6x slower than its tanh, and
-    x.pow(3) ~20x slower than a product. Every product here is a separate out-of-place operation
-    (training differentiates through it); it rounds differently from F.gelu in the last bits only."""
+    With p as in `gelu`: gelu' = p + x p (1 - p) 2 s (1 + 3 c x^2), since 1 - tanh^2 = 4 p (1 - p).
+    The value has the bits of `gelu(x)`. Every operation is out of place (training differentiates
+    through it): eleven passes over x's size where the tanh form took fourteen."""
     xx = x * x
-    t = torch.tanh(torch.addcmul(x, x, xx, value=GELU_CUBIC) * SQRT_2_OVER_PI)  # tanh(s (x + c x^3))
-    half = x * 0.5
-    value = torch.addcmul(half, half, t)  # x/2 (1 + t)
-    # gelu' = (1 + t)/2 + x/2 (1 - t^2) s (1 + 3 c x^2)
-    slope = xx * (3 * GELU_CUBIC * SQRT_2_OVER_PI) + SQRT_2_OVER_PI
-    grad = torch.addcmul(t * 0.5 + 0.5, half * slope, 1.0 - t * t)
+    p = _gelu_gate(x, xx)
+    value = x * p
+    slope = xx * (6 * GELU_CUBIC * SQRT_2_OVER_PI) + 2 * SQRT_2_OVER_PI
+    grad = torch.addcmul(p, value * (1.0 - p), slope)
     return value, grad
 
 
@@ -128,37 +135,53 @@ def ns_scale(rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-def _ns_wide(wide: Tensor, steps: int) -> Tensor:
-    """The iteration on matrices already in the wide orientation, (n, r, c) with r <= c.
+def _ns_wide(wide: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+    """The iteration on matrices already in the wide orientation, (n, r, c) with r <= c, computed in
+    `dtype` after the normalisation and returned in wide's dtype.
 
-    The scalars ride in the matrix products (baddbmm: beta * input + alpha * product), so a step is
-    three BLAS calls and no elementwise pass: B = n2 A + n3 A^2, then Y <- n1 Y + B Y."""
-    wide = wide / (torch.linalg.matrix_norm(wide, keepdim=True) + NS_EPS)
+    Y <- n1 Y + n2 A Y + n3 A^2 Y with A = Y Y^T, as (n1 I + n2 A + n3 A^2) Y: the scalars ride in
+    the small (r, r) products (baddbmm: beta * input + alpha * product, then n1 on the diagonal), so a
+    step is three BLAS calls and no pass over the wide matrix besides the products."""
+    out_dtype = wide.dtype
+    wide = (wide / (torch.linalg.matrix_norm(wide, keepdim=True) + NS_EPS)).to(dtype)
     n1, n2, n3 = NS_COEFFS
     for _ in range(steps):
         a = torch.bmm(wide, wide.mT)
-        wide = torch.baddbmm(wide, torch.baddbmm(a, a, a, beta=n2, alpha=n3), wide, beta=n1)
-    return wide
+        b = torch.baddbmm(a, a, a, beta=n2, alpha=n3)
+        b.diagonal(dim1=-2, dim2=-1).add_(n1)
+        wide = torch.bmm(b, wide)
+    return wide.to(out_dtype)
 
 
-def newton_schulz(x: Tensor, steps: int) -> Tensor:
+def ns_compute_dtype(dtype: torch.dtype, precision: NsPrecision) -> torch.dtype:
+    """The dtype Newton-Schulz iterates in, for momentum of `dtype`: at least fp32 (float64 stays
+    float64), or bf16 for an fp32 momentum where `precision` is "bf16" (docs/model.md, "Precision")."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return torch.bfloat16 if precision == "bf16" and wide == torch.float32 else wide
+
+
+def newton_schulz(x: Tensor, steps: int, precision: NsPrecision = "fp32") -> Tensor:
     """Approximate orthogonalisation of each matrix in x (..., rows, cols), as in Muon."""
-    return newton_schulz_many((x,), steps)[0]
+    return newton_schulz_many((x,), steps, precision)[0]
 
 
-def newton_schulz_many(xs: tuple[Tensor, ...], steps: int) -> tuple[Tensor, ...]:
+def newton_schulz_many(xs: tuple[Tensor, ...], steps: int,
+                       precision: NsPrecision = "fp32") -> tuple[Tensor, ...]:
     """`newton_schulz` of each tensor of xs. Where their wide orientations have the same shape (W1
-    (d, e) and W2 (e, d) always do), they run as one batch: one BLAS call per product for both."""
+    (d, e) and W2 (e, d) always do), they run as one batch: one BLAS call per product for both.
+    The results are in the wider of each x's dtype and fp32, whatever `precision` computes in."""
     wides = []
     for x in xs:
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # never below fp32
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         wides.append(x.mT if x.shape[-2] > x.shape[-1] else x)
     shape = wides[0].shape
+    dtype = ns_compute_dtype(wides[0].dtype, precision)
     if all(w.shape == shape and w.dtype == wides[0].dtype for w in wides):
         both = torch.stack(wides) if len(wides) > 1 else wides[0]
-        outs = _ns_wide(both.reshape(-1, *shape[-2:]), steps).view(len(wides), *shape).unbind(0)
+        outs = _ns_wide(both.reshape(-1, *shape[-2:]), steps, dtype).view(len(wides), *shape).unbind(0)
     else:
-        outs = tuple(_ns_wide(w.reshape(-1, *w.shape[-2:]), steps).view(w.shape) for w in wides)
+        outs = tuple(_ns_wide(w.reshape(-1, *w.shape[-2:]), steps, ns_compute_dtype(w.dtype, precision))
+                     .view(w.shape) for w in wides)
     result = []
     for x, out in zip(xs, outs, strict=True):
         rows, cols = x.shape[-2:]
@@ -192,6 +215,7 @@ def chunk_update(
     optimizer: str,
     ns_steps: int,
     first_order: bool = False,
+    ns_precision: NsPrecision = "fp32",
 ) -> tuple[Weights, Weights]:
     """One optimiser step of the memory on one chunk.
 
@@ -211,7 +235,7 @@ def chunk_update(
         new_s = tuple(torch.addcmul(g, theta, s) for s, g in zip(momentum, grads, strict=True))  # theta S + G
         steps = new_s
         if optimizer == "muon":  # both matrices orthogonalised in one batch
-            ortho = newton_schulz_many(new_s, ns_steps)
+            ortho = newton_schulz_many(new_s, ns_steps, ns_precision)
             steps = tuple(o.to(w.dtype) for o, w in zip(ortho, weights, strict=True))
     # alpha W - eta step
     new_w = tuple(torch.addcmul(alpha * w, eta, step, value=-1.0)
@@ -235,7 +259,8 @@ def _memory_entries(names: tuple[str, ...], weights: Weights, momentum: Weights,
 
 def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alpha: Tensor,
                          theta: Tensor, state: dict[str, Tensor], chunk_size: int, optimizer: str,
-                         ns_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
+                         ns_steps: int,
+                         ns_precision: NsPrecision = "fp32") -> tuple[Tensor, dict[str, Tensor]]:
     """Many chunks of one stream: the chunk step above, looped (the specification of `chunk_scan`).
 
     q, k, v: (B, H, T, d) phi(q), phi(k), v; gamma (B, H, T); eta (times eta_max), alpha, theta
@@ -256,7 +281,8 @@ def chunk_scan_reference(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Te
         keys, vals = torch.cat([tk, k[:, :, sl]], 2), torch.cat([tv, v[:, :, sl]], 2)
         gammas = torch.cat([tg, gamma[:, :, sl]], 2)
         weights, momentum = chunk_update(weights, momentum, keys, vals, gammas * counts, eta[..., j],
-                                         alpha[..., j], theta[..., j], optimizer, ns_steps)
+                                         alpha[..., j], theta[..., j], optimizer, ns_steps,
+                                         ns_precision=ns_precision)
         n = keys.shape[2]
         tk, tv, tg = keys[:, :, n - tail:], vals[:, :, n - tail:], gammas[:, :, n - tail:]
     new = _memory_entries(names, weights, momentum, (tk, tv, tg))
@@ -295,7 +321,8 @@ def chunk_step(weights: Weights, momentum: Weights, x: Tensor, v: Tensor, omega:
                                         ns_steps, precision=kernel_settings().kernel_precision)
         except kernels.KernelResourceError as exc:  # the shape is now marked unsupported
             _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
-    return chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps, first_order)
+    return chunk_update(weights, momentum, x, v, omega, eta, alpha, theta, optimizer, ns_steps, first_order,
+                        kernel_settings().ns_precision)
 
 
 def read_step(weights: Weights, x: Tensor) -> Tensor:
@@ -309,7 +336,8 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
     """`chunk_scan_reference`, by the fused kernel where `use_kernels` says so."""
     names, weights, momentum = _memory_of(state, optimizer)
     if not use_kernels(weights, *momentum, q, k, v, gamma, eta, alpha, theta):
-        return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
+        return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps,
+                                    kernel_settings().ns_precision)
     try:
         reads, weights, momentum, (tk, tv, tg) = kernels.chunk_scan(
             q, k, v, gamma, eta, alpha, theta, weights, momentum, state["tail_k"], state["tail_v"],
@@ -317,7 +345,8 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
             precision=kernel_settings().kernel_precision)
     except kernels.KernelResourceError as exc:
         _log.warning("fused chunk kernel unavailable, using the reference: %s", exc)
-        return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps)
+        return chunk_scan_reference(q, k, v, gamma, eta, alpha, theta, state, chunk_size, optimizer, ns_steps,
+                                    kernel_settings().ns_precision)
     new = _memory_entries(names, weights, momentum, (tk, tv, tg))
     return reads, new
 
