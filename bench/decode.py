@@ -1,16 +1,19 @@
-"""Greedy decode of the default model (4.6M parameters, fresh weights of seed 0): this working tree
-against an earlier commit, in one run.
+"""Ingest and greedy decode of the default model (4.6M parameters, fresh weights of seed 0; `--vocab`
+gives it another vocabulary, e.g. a subword tokenizer's 32,000): this working tree against an
+earlier commit, in one run.
 
 Each measurement is its own process, the two source trees alternating (A B, B A, A B, ...), so that
 the machine's load hits both alike; the earlier commit is checked out into a temporary git worktree
-and imported in place of this one (PYTHONPATH). Per process: a 2,048-token prefix, then one session
-decoding 128 tokens and 32 sessions decoding 64 steps together, one token per session per step
+and imported in place of this one (PYTHONPATH). Per process: a 2,048-token prefix read into a fresh
+session (timed after a 256-token warm-up: the ingest rate), then one session decoding 128 tokens
+and 32 sessions decoding 64 steps together, one token per session per step
 through `Atlas.feed` (the one-row fast path, and the block path for each token that completes a
 chunk), with the thread policy of `atlas serve` (engine/threads.py). Reported: tokens/s of each, and
 per pair the ratio working tree / earlier commit, as min, median and max.
 
     python bench/decode.py --ref HEAD~1            # the commit before the last
     python bench/decode.py --ref v0.3 --pairs 5
+    python bench/decode.py --ref HEAD~1 --vocab 32000 --out bench/results/decode-vocab32k-cpu.json
 
 Writes bench/results/decode-cpu.json (the commits by hash, the machine described).
 """
@@ -24,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +35,25 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
-def worker(prefix_len: int, single: int, sessions: int, steps: int) -> dict[str, Any]:
-    """Decode rates of the source tree this process imports (printed as JSON by --worker)."""
+def worker(prefix_len: int, single: int, sessions: int, steps: int, vocab: int | None) -> dict[str, Any]:
+    """Ingest and decode rates of the source tree this process imports (printed as JSON by --worker)."""
     from ingest import decode_rate  # bench/ingest.py: the same greedy loop through Atlas.feed
 
     from atlas.engine import Atlas, ModelConfig
     from atlas.engine.threads import apply_thread_policy
 
-    atlas = Atlas.from_config(ModelConfig(), seed=0, device="cpu")
+    config = ModelConfig() if vocab is None else ModelConfig(vocab_size=vocab)
+    atlas = Atlas.from_config(config, seed=0, device="cpu")
     threads = apply_thread_policy(atlas.parameters)
     prefix = [i * 7 % atlas.config.vocab_size for i in range(prefix_len)]
 
-    decode_rate(atlas, prefix, 1, 16)  # warm-up: allocator, lazy initialisation
-    return {"threads": threads.threads, "decode_1_tok_s": round(decode_rate(atlas, prefix, 1, single), 1),
+    atlas.feed(atlas.new_state(), prefix[:256])  # warm-up: allocator, lazy initialisation
+    started = time.perf_counter()
+    atlas.feed(atlas.new_state(), prefix)
+    ingest = prefix_len / (time.perf_counter() - started)
+    decode_rate(atlas, prefix, 1, 16)
+    return {"threads": threads.threads, "ingest_tok_s": round(ingest, 1),
+            "decode_1_tok_s": round(decode_rate(atlas, prefix, 1, single), 1),
             "decode_many_tok_s": round(decode_rate(atlas, prefix, sessions, steps), 1)}
 
 
@@ -54,6 +64,8 @@ def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
         env["PYTHONPATH"] = str(tree)
     cmd = [sys.executable, __file__, "--worker", "--prefix", str(args.prefix), "--single", str(args.single),
            "--sessions", str(args.sessions), "--steps", str(args.steps)]
+    if args.vocab is not None:
+        cmd += ["--vocab", str(args.vocab)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tempfile.gettempdir())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", default="HEAD", help="the earlier commit to compare with")
     p.add_argument("--pairs", type=int, default=4, help="processes per tree")
     p.add_argument("--prefix", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the default model's)")
     p.add_argument("--single", type=int, default=128, help="tokens one session decodes")
     p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--steps", type=int, default=64, help="steps of the batched decode")
@@ -79,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.prefix, args.single, args.sessions, args.steps)))
+        print(json.dumps(worker(args.prefix, args.single, args.sessions, args.steps, args.vocab)))
         return 0
 
     from atlas.engine.machine import describe_machine, load_average
@@ -99,22 +112,25 @@ def main(argv: list[str] | None = None) -> int:
                 for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
                     row = run_worker(importable if side == "before" else None, args)
                     rows[side].append(row)
-                    print(f"{side:>6}: 1 session {row['decode_1_tok_s']:>7.1f} tok/s, "
+                    print(f"{side:>6}: ingest {row['ingest_tok_s']:>8.1f} tok/s, "
+                          f"1 session {row['decode_1_tok_s']:>7.1f} tok/s, "
                           f"{args.sessions} sessions {row['decode_many_tok_s']:>8.1f} tok/s", flush=True)
         finally:
             git("worktree", "remove", "--force", str(tree))
     machine["load_average_at_end"] = load_average()
     summary = {}
-    for key in ("decode_1_tok_s", "decode_many_tok_s"):
+    for key in ("ingest_tok_s", "decode_1_tok_s", "decode_many_tok_s"):
         before = [r[key] for r in rows["before"]]
         after = [r[key] for r in rows["after"]]
         ratios = [a / b for a, b in zip(after, before, strict=True)]
         summary[key] = {"before_median": statistics.median(before), "after_median": statistics.median(after),
                         "ratio_after_over_before": spread(ratios)}
-    report = {"benchmark": "decode of the default model, this tree against an earlier commit, interleaved",
+    report = {"benchmark": "ingest and decode of the default model, this tree against an earlier commit, "
+                           "interleaved",
               "machine": machine, "before": ref,
               "after": git("rev-parse", "HEAD") + (" + changes" if dirty else ""),
-              "settings": {k: getattr(args, k) for k in ("pairs", "prefix", "single", "sessions", "steps")},
+              "settings": {k: getattr(args, k)
+                           for k in ("pairs", "prefix", "single", "sessions", "steps", "vocab")},
               "summary": summary, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

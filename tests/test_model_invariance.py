@@ -161,3 +161,18 @@ def test_state_size_is_constant():
     assert len(atlas.save_state(short)) == len(atlas.save_state(long))
     assert short.nbytes == long.nbytes
     assert long.tokens == [20_000]
+
+
+def test_ingest_runs_the_output_layer_only_for_the_last_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without all_logits a block where no session ends computes no logits, and the last logits are
+    the bits that all_logits gives (the same block-shaped product makes them)."""
+    atlas = tiny_atlas(torch.float32)
+    tokens = torch.randint(0, 64, (2, 61), generator=torch.Generator().manual_seed(3))  # 7 chunks of 8, and 5
+    _, every = atlas.feed(atlas.new_state(2), tokens, all_logits=True)
+    calls = []
+    real = type(atlas.model)._logits
+    monkeypatch.setattr(type(atlas.model), "_logits", lambda self, x: calls.append(x.shape) or real(self, x))
+    state, last = atlas.feed(atlas.new_state(2), tokens)
+    assert len(calls) == 1  # the block holding the last tokens, not the seven before it
+    assert torch.equal(last, every[:, -1])
+    assert torch.equal(state.last_logits, every[:, -1])

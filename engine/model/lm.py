@@ -209,6 +209,8 @@ class AtlasModel(nn.Module):
             # The last token of a session in this block sets its last logits.
             row = total - 1 - r * b
             has = (row >= 0) & (row < rows)
+            if out is None and not bool(has.any()):
+                continue  # no logits wanted from this block: a long ingest skips the output layer
             # Logits of the whole block (not of single rows), so that a matrix product of the
             # same shape makes them whether the session runs alone or in a batch.
             logits = self._logits(x).to(last.dtype)
