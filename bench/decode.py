@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                            "interleaved",
               "machine": machine, "before": ref,
               "after": git("rev-parse", "HEAD") + (" + changes" if dirty else ""),
+              "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATLAS_")},
               "settings": {k: getattr(args, k)
                            for k in ("pairs", "prefix", "single", "sessions", "steps", "vocab")},
               "summary": summary, "runs": rows}
