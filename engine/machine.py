@@ -31,11 +31,26 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+#: CPU features that decide the speed of products: AVX-512 for fp32, the bf16 units for bf16
+#: (ATLAS_DTYPE=bfloat16, ATLAS_NS_PRECISION=bf16), which are emulated, and slow, without them.
+MATMUL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_matmul_flags() -> list[str] | None:
+    """Which of MATMUL_CPU_FLAGS the CPU reports (None where /proc/cpuinfo has no flags)."""
+    flags = _read_proc("/proc/cpuinfo", "flags")
+    if flags is None:
+        return None
+    have = set(flags.split())
+    return [f for f in MATMUL_CPU_FLAGS if f in have]
+
+
 def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     mem_kb = _read_proc("/proc/meminfo", "MemTotal")
     info: dict[str, Any] = {
         "cpu_model": _read_proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpu_flags": cpu_matmul_flags(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from atlas.engine.api import BUNDLED_CHECKPOINT
-from atlas.engine.machine import portable_path, with_portable_paths
+from atlas.engine.machine import MATMUL_CPU_FLAGS, describe_machine, portable_path, with_portable_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where files lie on some machine; not "/v1/completions" or whatever a model generated.
@@ -57,3 +57,15 @@ def test_training_records_keep_their_paths_portable_at_every_depth(monkeypatch):
     assert with_portable_paths(record) == {"steps": 600, "path": "runs/b/model",
                                            "init_from": {"path": "model", "tasks": {"passkey": 1.0}}}
     assert with_portable_paths(None) is None
+
+
+def test_machine_description_names_the_cpu_features_products_use() -> None:
+    """Results say which matrix units the CPU had: bf16 figures mean little without them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    line = next((x for x in lines if x.startswith("flags")), None)
+    flags = describe_machine()["cpu_flags"]
+    if line is None:  # not Linux on x86
+        assert flags is None
+    else:
+        assert flags == [f for f in MATMUL_CPU_FLAGS if f in line.split(":", 1)[1].split()]
