@@ -45,6 +45,12 @@ def cpu_matmul_flags() -> list[str] | None:
     return [f for f in MATMUL_CPU_FLAGS if f in have]
 
 
+def has_bf16_matmul_units() -> bool | None:
+    """Whether the CPU multiplies bf16 natively (AMX or AVX512-BF16); None where it cannot be told."""
+    flags = cpu_matmul_flags()
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     mem_kb = _read_proc("/proc/meminfo", "MemTotal")

@@ -41,9 +41,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atlas.engine import Atlas
 from atlas.engine.checkpoint import CheckpointError
+from atlas.engine.machine import has_bf16_matmul_units
 from atlas.engine.runtime import Runtime, RuntimeSettings
 from atlas.engine.store import StateStore, StoreSettings, open_store
 from atlas.engine.threads import apply_thread_policy
+from atlas.kernels.settings import kernel_settings
 
 from .dependencies import DemoBaseline, Services, json_content
 from .errors import ApiError, error_response, install_handlers, unexpected_response
@@ -78,6 +80,10 @@ def build_services(settings: ServerSettings, atlas: Atlas | None, store: StateSt
     # Threads from the model's size and the cores really available (engine/threads.py): torch's
     # default collapses 15-50x as soon as another process wants a core.
     apply_thread_policy(atlas.parameters, override=settings.torch_threads)
+    emulated_bf16 = atlas.device.type == "cpu" and has_bf16_matmul_units() is False
+    if emulated_bf16 and kernel_settings().ns_precision == "bf16":
+        log.warning("ATLAS_NS_PRECISION=bf16 on a CPU without bf16 matrix units (AMX, AVX512-BF16): its "
+                    "bf16 products are emulated and slower than fp32; unset it here")
     owns_store = store is None
     store_settings = StoreSettings()
     if store is None:

@@ -244,3 +244,25 @@ def test_bf16_newton_schulz_keeps_streams_exact_and_logits_close(monkeypatch: py
     assert float(err.max()) > 0  # bf16 was used
     assert float(err.max()) < NS_BF16_LOGITS_TOL, err.max()
     assert float(err[0, -200:].max()) < 2 * float(err[0, :200].max()) + 1e-3
+
+
+@pytest.mark.parametrize("units", [False, True, None], ids=["emulated", "native", "unknown"])
+def test_server_warns_of_bf16_newton_schulz_without_bf16_units(store, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture,
+                                                                units: bool | None) -> None:
+    """On a CPU that would emulate bf16 (no AMX, no AVX512-BF16), ATLAS_NS_PRECISION=bf16 slows the
+    memory down instead: the server says so when it starts, and only there."""
+    import atlas.server.app as server_app
+
+    monkeypatch.setattr(server_app, "has_bf16_matmul_units", lambda: units)
+    monkeypatch.setenv("ATLAS_NS_PRECISION", "bf16")
+    kernel_settings.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="atlas.server"):
+            app = create_app(ServerSettings(), atlas=tiny_atlas(torch.float32), store=store)
+            with TestClient(app, client=("127.0.0.1", 50000)) as c:
+                assert c.get("/v1/models").status_code == 200
+    finally:
+        kernel_settings.cache_clear()
+    warned = [r for r in caplog.records if "ATLAS_NS_PRECISION=bf16" in r.getMessage()]
+    assert len(warned) == (1 if units is False else 0)
