@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas.engine.machine import describe_machine, load_average
-from atlas.engine.model.memory import chunk_scan_reference, memory_read
+from atlas.engine.model.reference_step import chunk_scan_reference, memory_read
 from atlas.training.evaluation import parse_length
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ before calling a kernel. Entry points:
 - `memory_read`: the decode-time read, batched over sessions.
 
 Their specification, and the constants they share with it, is the engine's reference chunk step
-(`engine/model/memory.py`).
+(`engine/model/reference_step.py`).
 """
 
 from __future__ import annotations

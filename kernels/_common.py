@@ -1,13 +1,13 @@
 """Triton helpers shared by the chunk and read kernels: GELU (tanh form), its derivative, Newton-Schulz.
 
-Their constants are the engine reference's (engine/model/memory.py), as compile-time values."""
+Their constants are the engine reference's (engine/model/reference_step.py), as compile-time values."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from atlas.engine.model import memory as reference
+from atlas.engine.model import reference_step as reference
 
 SQRT_2_OVER_PI = tl.constexpr(reference.SQRT_2_OVER_PI)
 GELU_CUBIC = tl.constexpr(reference.GELU_CUBIC)

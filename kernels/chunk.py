@@ -8,7 +8,7 @@ A trailing partial chunk (T not a multiple of b) is read at the final weights an
 Inputs are phi(q), phi(k), v (B, H, T, d) in fp32/fp16/bf16, gamma (B, H, T), the chunk gates
 eta (already times eta_max), alpha, theta (B, H, >= T // b), and the carried state. Projections,
 convolution, normalisation, phi, the gate sigmoids and the per-head RMS norm of the reads stay in
-PyTorch. The reference is the engine's `chunk_scan_reference` (engine/model/memory.py).
+PyTorch. The reference is the engine's `chunk_scan_reference` (engine/model/reference_step.py).
 
 On-chip budget (see README.md): depth 1 keeps W and S (d x d fp32) in registers across the loop.
 Depth 2 (W1 d x e, W2 e x d, S1, S2: 256 KB fp32 per (session, head) at d=64, e=256) cannot stay on
@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from atlas.engine.model.memory import Weights, ns_scale
+from atlas.engine.model.reference_step import Weights, ns_scale
 
 from . import MIN_TILE, KernelResourceError, is_tile, supported, unfit
 from ._common import NS_EPS, NS_N1, NS_N2, NS_N3, _gelu, _gelu_grad, _mm, _newton_schulz, next_pow2

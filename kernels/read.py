@@ -3,7 +3,7 @@
 One program per (session, head, row). It is a pair of matrix-vector products, bound by reading W
 (128 KB fp32 per head at d=64, e=256), so it streams W in e-blocks and reduces with broadcast sums
 rather than tl.dot (whose tiles need 16 rows). The reference is the engine's `memory_read`
-(engine/model/memory.py).
+(engine/model/reference_step.py).
 
 Launch shape: 8 warps and e-blocks of 32 rows. Compiled for sm_90 that is 80 registers per thread and no
 spills, with every e-block's loads issued ahead of their use; 4 warps and blocks of 64 need 255
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from atlas.engine.model.memory import Weights
+from atlas.engine.model.reference_step import Weights
 
 from ._common import _gelu, next_pow2
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from atlas.engine import Atlas
-from atlas.engine.model.memory import chunk_scan_reference, chunk_update, memory_read
+from atlas.engine.model.reference_step import chunk_scan_reference, chunk_update, memory_read
 from atlas.kernels.settings import kernel_settings
 
 from .helpers import count_kernel_calls, tiny_config

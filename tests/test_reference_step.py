@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atlas.engine.model.memory import (
+from atlas.engine.model.reference_step import (
     NS_COEFFS,
     chunk_update,
     feature_map,

@@ -150,11 +150,11 @@ def test_bf16_keeps_the_memory_inner_loop_in_fp32(monkeypatch):
     out bf16); the memory runs them outside autocast, in fp32, as docs/model.md "Precision" requires,
     while the rest of the model runs under autocast."""
     from atlas.engine.model import AtlasModel
-    from atlas.engine.model import memory as mem
+    from atlas.engine.model import reference_step as step
     from atlas.training.precision import autocast
 
     seen: list[torch.dtype] = []
-    grads, ns = mem.memory_grads, mem.newton_schulz
+    grads, ns = step.memory_grads, step.newton_schulz_many
 
     def spy(fn):
         def run(*args):
@@ -163,8 +163,8 @@ def test_bf16_keeps_the_memory_inner_loop_in_fp32(monkeypatch):
             return out
         return run
 
-    monkeypatch.setattr(mem, "memory_grads", spy(grads))
-    monkeypatch.setattr(mem, "newton_schulz", spy(ns))
+    monkeypatch.setattr(step, "memory_grads", spy(grads))
+    monkeypatch.setattr(step, "newton_schulz_many", spy(ns))
     torch.manual_seed(0)
     model = AtlasModel(tiny_config(layers=["atlas"]))
     tokens = torch.randint(0, 256, (2, 33))

@@ -2,7 +2,7 @@
 
 Parameters stay fp32 (the master weights AdamW updates); autocast runs the matrix products in
 bf16. The memory's inner loop (the read M_W(phi(q)), the Omega gradients, Newton-Schulz, the
-update) keeps the precision docs/model.md ("Precision") requires by itself: engine/model/memory.py
+update) keeps the precision docs/model.md ("Precision") requires by itself: engine/model/reference_step.py
 runs it outside autocast (`outside_autocast`), over the backward pass and the recomputation of
 checkpointed blocks too."""
 
