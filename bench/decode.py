@@ -75,10 +75,6 @@ def git(*argv: str) -> str:
     return done.stdout.strip()
 
 
-def spread(xs: list[float]) -> dict[str, float]:
-    return {"min": round(min(xs), 3), "median": round(statistics.median(xs), 3), "max": round(max(xs), 3)}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default="HEAD", help="the earlier commit to compare with")
@@ -94,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.prefix, args.single, args.sessions, args.steps, args.vocab)))
         return 0
+
+    from ingest import spread  # bench/ingest.py
 
     from atlas.engine.machine import describe_machine, load_average
 

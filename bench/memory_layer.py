@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ingest import spread  # bench/ingest.py: min, median and max of a list of ratios
 
 from atlas.engine import ModelConfig
 from atlas.engine.machine import describe_machine, load_average
@@ -109,11 +110,6 @@ def with_ns_precision(precision: str, fn: Callable[[], None]) -> Callable[[], No
         fn()
 
     return run
-
-
-def spread(ratios: list[float]) -> dict[str, float]:
-    return {"min": round(min(ratios), 3), "median": round(statistics.median(ratios), 3),
-            "max": round(max(ratios), 3)}
 
 
 def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
