@@ -113,6 +113,23 @@ def _sigmoid(x: Tensor) -> Tensor:
     return torch.sigmoid(x.double()).to(state_dtype(x.dtype))
 
 
+def causal_conv(z: Tensor, weight: Tensor) -> Tensor:
+    """The depthwise causal convolution: out[:, t] = sum_j weight[:, j] * z[:, t + j] for z (B, K-1+T, C)
+    (the K-1 earlier rows first) and weight (C, K); returns (B, T, C).
+
+    As K multiply-adds over shifted views, in this order: on CPU, conv1d of so few taps costs
+    several times more, and two transposed copies. One row (decode) is one reduction: there the
+    cost is the number of calls."""
+    taps, t = weight.shape[1], z.shape[1] - weight.shape[1] + 1
+    if t == 1:
+        return torch.einsum("bkc,ck->bc", z, weight)[:, None]
+    w = weight.T.contiguous()  # each tap's (C,) row contiguous, as the broadcast wants it
+    out = z[:, :t] * w[0]
+    for j in range(1, taps):
+        out = torch.addcmul(out, z[:, j:j + t], w[j])
+    return out
+
+
 def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim of x (B, H, T, d) with a per-head weight (H, d)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -193,10 +210,11 @@ class AtlasMemory(nn.Module):
         bsz, t, _ = x.shape
         zx = self.qkv(x)
         z = torch.cat([conv_tail.to(zx.dtype), zx], dim=1)
-        conv = F.conv1d(z.transpose(1, 2), self.conv[:, None, :], groups=z.shape[-1]).transpose(1, 2)
         new_tail = z[:, z.shape[1] - (c.conv_kernel - 1):].to(conv_tail.dtype)
-        q, k, v = F.silu(conv).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        act = F.silu(causal_conv(z, self.conv)).view(bsz, t, 3, c.n_heads, c.head_dim)
+        # Normalised in the token-major layout, where each head's row is contiguous.
+        q, k = F.normalize(act[:, :, :2], dim=-1).permute(2, 0, 3, 1, 4)
+        v = act[:, :, 2].transpose(1, 2)
         logits = self.gates(x).view(bsz, t, 4, c.n_heads).permute(0, 3, 1, 2)
         return feature_map(q, self.phi), feature_map(k, self.phi), v, logits, new_tail, z
 
@@ -205,8 +223,8 @@ class AtlasMemory(nn.Module):
         step, so only queries are projected; the decode cache holds the last k-1 of them (raw)."""
         c, bsz = self.cfg, x.shape[0]
         window = torch.cat([st["cache_conv"], F.linear(x, self.qkv.weight[:c.d_model])], dim=1)  # (B, k, D)
-        conv = torch.einsum("bkc,ck->bc", window, self.conv[:c.d_model])[:, None]
-        q = F.silu(conv).view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
+        q = F.silu(causal_conv(window, self.conv[:c.d_model]))
+        q = q.view(bsz, 1, c.n_heads, c.head_dim).transpose(1, 2)
         fq = feature_map(F.normalize(q, dim=-1), self.phi)
         weights = tuple(st[n] for n in self._names)
         out = head_rms_norm(read_step(weights, fq).to(x.dtype), self.norm, c.norm_eps)

@@ -25,6 +25,7 @@ T = TypeVar("T")
 # The chunk step's constants, defined here only: the Triton kernels (kernels/_common.py) import them.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # (n1, n2, n3) of the quintic Newton-Schulz iteration, as in Muon
 NS_EPS = 1e-7  # in the norm Newton-Schulz starts by dividing by: NS of a zero momentum stays zero
+NS_RESTART = 3  # Newton-Schulz steps between recomputations of the Gram matrix (`_ns_gram_factor`)
 GELU_CUBIC = 0.044715  # of the tanh-form GELU: x/2 (1 + tanh(sqrt(2/pi) (x + GELU_CUBIC x^3)))
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -128,24 +129,6 @@ def ns_scale(rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-def _ns_wide(wide: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """The iteration on matrices already in the wide orientation, (n, r, c) with r <= c, computed in
-    `dtype` after the normalisation and returned in wide's dtype.
-
-    Y <- n1 Y + n2 A Y + n3 A^2 Y with A = Y Y^T, as (n1 I + n2 A + n3 A^2) Y: the scalars ride in
-    the small (r, r) products (baddbmm: beta * input + alpha * product, then n1 on the diagonal), so a
-    step is three BLAS calls and no pass over the wide matrix besides the products."""
-    out_dtype = wide.dtype
-    wide = (wide / (torch.linalg.matrix_norm(wide, keepdim=True) + NS_EPS)).to(dtype)
-    n1, n2, n3 = NS_COEFFS
-    for _ in range(steps):
-        a = torch.bmm(wide, wide.mT)
-        b = torch.baddbmm(a, a, a, beta=n2, alpha=n3)
-        b.diagonal(dim1=-2, dim2=-1).add_(n1)
-        wide = torch.bmm(b, wide)
-    return wide.to(out_dtype)
-
-
 def ns_compute_dtype(dtype: torch.dtype, precision: NsPrecision) -> torch.dtype:
     """The dtype Newton-Schulz iterates in, for momentum of `dtype`: at least fp32 (float64 stays
     float64), or bf16 for an fp32 momentum where `precision` is "bf16" (docs/model.md, "Precision")."""
@@ -160,28 +143,55 @@ def newton_schulz(x: Tensor, steps: int, precision: NsPrecision = "fp32") -> Ten
 
 def newton_schulz_many(xs: tuple[Tensor, ...], steps: int,
                        precision: NsPrecision = "fp32") -> tuple[Tensor, ...]:
-    """`newton_schulz` of each tensor of xs. Where their wide orientations have the same shape (W1
-    (d, e) and W2 (e, d) always do), they run as one batch: one BLAS call per product for both.
-    The results are in the wider of each x's dtype and fp32, whatever `precision` computes in."""
-    wides = []
+    """`newton_schulz` of each tensor of xs, in the Gram form (docs/model.md, "Newton-Schulz").
+
+    Each step multiplies the wide orientation Y on the left by a polynomial in its Gram matrix
+    A = Y Y^T, so k steps are one product with Q = Z_k ... Z_1, where Z = n1 I + n2 A + n3 A^2 and A
+    advances as Z A Z: two products with the (r, c) matrix per NS_RESTART steps instead of two per
+    step, the rest on (r, r) matrices. A tall X is not transposed: its Gram matrix is X^T X and Q^T
+    multiplies it on the right. Where the Gram matrices of xs have one shape and dtype (W1 (d, e) and
+    W2 (e, d) always do), their small products run as one batch. The results are in the wider of
+    each x's dtype and fp32, whatever `precision` computes in."""
+    tall = [x.shape[-2] > x.shape[-1] for x in xs]
+    ys = []
     for x in xs:
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        wides.append(x.mT if x.shape[-2] > x.shape[-1] else x)
-    shape = wides[0].shape
-    dtype = ns_compute_dtype(wides[0].dtype, precision)
-    if all(w.shape == shape and w.dtype == wides[0].dtype for w in wides):
-        both = torch.stack(wides) if len(wides) > 1 else wides[0]
-        outs = _ns_wide(both.reshape(-1, *shape[-2:]), steps, dtype).view(len(wides), *shape).unbind(0)
-    else:
-        outs = tuple(_ns_wide(w.reshape(-1, *w.shape[-2:]), steps, ns_compute_dtype(w.dtype, precision))
-                     .view(w.shape) for w in wides)
-    result = []
-    for x, out in zip(xs, outs, strict=True):
-        rows, cols = x.shape[-2:]
-        out = out.mT if rows > cols else out
-        scale = ns_scale(rows, cols)
-        result.append(out * scale if scale != 1.0 else out)  # x * 1.0 is x: skip the pass
-    return tuple(result)
+        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, *x.shape[-2:])
+        y = y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS)
+        ys.append(y.to(ns_compute_dtype(y.dtype, precision)))
+    scales = [ns_scale(*x.shape[-2:]) for x in xs]
+    for done in range(0, steps, NS_RESTART):
+        k = min(NS_RESTART, steps - done)
+        grams = [torch.bmm(y.mT, y) if t else torch.bmm(y, y.mT) for y, t in zip(ys, tall, strict=True)]
+        if len(grams) > 1 and all(g.shape[1:] == grams[0].shape[1:] and g.dtype == grams[0].dtype
+                                  for g in grams):
+            qs = _ns_gram_factor(torch.cat(grams), k).split([g.shape[0] for g in grams])
+        else:
+            qs = tuple(_ns_gram_factor(g, k) for g in grams)
+        if done + k == steps:  # the scale rides in the last small factor (x * 1.0 is x: skip it)
+            qs = tuple(q * sc if sc != 1.0 else q for q, sc in zip(qs, scales, strict=True))
+        ys = [torch.bmm(y, q.mT) if t else torch.bmm(q, y) for y, q, t in zip(ys, qs, tall, strict=True)]
+    if steps == 0:
+        ys = [y * sc if sc != 1.0 else y for y, sc in zip(ys, scales, strict=True)]
+    return tuple(y.to(torch.promote_types(x.dtype, torch.float32)).view(x.shape)
+                 for x, y in zip(xs, ys, strict=True))
+
+
+def _ns_gram_factor(a: Tensor, steps: int) -> Tensor:
+    """Q of `steps` iteration steps from the Gram matrices A (n, r, r): Y after them is Q Y.
+
+    Z = n1 I + n2 A + n3 A^2 is a baddbmm (beta * A + alpha * A A) and n1 on the diagonal. Rounding
+    in A grows along Y's small singular directions (a spurious negative eigenvalue grows like
+    p(0)^2 = 11.9 per step, and faster as it grows); recomputing A from Y every NS_RESTART steps
+    keeps the result as close to float64 as the standard iteration's (tests/test_reference_step.py)."""
+    n1, n2, n3 = NS_COEFFS
+    q = a  # replaced at the first step
+    for i in range(steps):
+        z = torch.baddbmm(a, a, a, beta=n2, alpha=n3)
+        z.diagonal(dim1=-2, dim2=-1).add_(n1)
+        q = z if i == 0 else torch.bmm(z, q)
+        if i + 1 < steps:
+            a = torch.bmm(torch.bmm(z, a), z)
+    return q
 
 
 @functools.lru_cache(maxsize=64)
