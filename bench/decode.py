@@ -70,11 +70,6 @@ def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def git(*argv: str) -> str:
-    done = subprocess.run(["git", "-C", str(REPO), *argv], check=True, capture_output=True, text=True)
-    return done.stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default="HEAD", help="the earlier commit to compare with")
@@ -91,30 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.prefix, args.single, args.sessions, args.steps, args.vocab)))
         return 0
 
+    from earlier_tree import describe_tree, earlier_tree
     from ingest import spread  # bench/ingest.py
 
     from atlas.engine.machine import describe_machine, load_average
 
-    ref = git("rev-parse", args.ref)
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     machine = describe_machine()
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "src"
-        git("worktree", "add", "--detach", str(tree), ref)
-        importable = Path(tmp) / "path"  # a folder whose `atlas` is the earlier tree
-        importable.mkdir()
-        (importable / "atlas").symlink_to(tree)
-        try:
-            rows: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-            for i in range(args.pairs):
-                for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
-                    row = run_worker(importable if side == "before" else None, args)
-                    rows[side].append(row)
-                    print(f"{side:>6}: ingest {row['ingest_tok_s']:>8.1f} tok/s, "
-                          f"1 session {row['decode_1_tok_s']:>7.1f} tok/s, "
-                          f"{args.sessions} sessions {row['decode_many_tok_s']:>8.1f} tok/s", flush=True)
-        finally:
-            git("worktree", "remove", "--force", str(tree))
+    with earlier_tree(args.ref) as (ref, importable):
+        rows: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+        for i in range(args.pairs):
+            for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                row = run_worker(importable if side == "before" else None, args)
+                rows[side].append(row)
+                print(f"{side:>6}: ingest {row['ingest_tok_s']:>8.1f} tok/s, "
+                      f"1 session {row['decode_1_tok_s']:>7.1f} tok/s, "
+                      f"{args.sessions} sessions {row['decode_many_tok_s']:>8.1f} tok/s", flush=True)
     machine["load_average_at_end"] = load_average()
     summary = {}
     for key in ("ingest_tok_s", "decode_1_tok_s", "decode_many_tok_s"):
@@ -126,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "ingest and decode of the default model, this tree against an earlier commit, "
                            "interleaved",
               "machine": machine, "before": ref,
-              "after": git("rev-parse", "HEAD") + (" + changes" if dirty else ""),
+              "after": describe_tree(),
               "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATLAS_")},
               "settings": {k: getattr(args, k)
                            for k in ("pairs", "prefix", "single", "sessions", "steps", "vocab")},

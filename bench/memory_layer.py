@@ -17,21 +17,33 @@ benchmark only (it must not replace the pinned torch: check with `pip install --
     python bench/memory_layer.py                         # dim 256/4 heads and 1024/16 heads, 1 thread
     python bench/memory_layer.py --dims 256 --reps 3 --threads 2 --ns-precision fp32
 
-Without titans-pytorch it measures ATLAS alone and says so. Writes bench/results/memory-layer-cpu.json.
+Without titans-pytorch it measures ATLAS alone and says so. `--ref COMMIT` also measures ATLAS as an
+earlier commit has it (Newton-Schulz in fp32), in a process of its own that imports that commit and
+times one run each time it is asked, interleaved with the rest: the before/after ratio of a change,
+in the same run.
+
+    python bench/memory_layer.py --ref HEAD~1 --reps 7
+
+Writes bench/results/memory-layer-cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from earlier_tree import describe_tree, earlier_tree
 from ingest import spread  # bench/ingest.py: min, median and max of a list of ratios
 
 from atlas.engine import ModelConfig
@@ -54,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-titans", action="store_true", help="measure ATLAS alone")
     p.add_argument("--ns-precision", default="fp32,bf16",
                    help="ATLAS' Newton-Schulz precisions (ATLAS_NS_PRECISION), each measured")
+    p.add_argument("--ref", default=None, help="also measure ATLAS at this earlier commit (NS fp32)")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/memory-layer-cpu.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -95,6 +109,48 @@ def titans_runner(dim: int, tokens: int, chunk: int) -> tuple[Callable[[], None]
     return run, {"parameters": params, "version": version("titans-pytorch")}
 
 
+class EarlierAtlas:
+    """ATLAS of an earlier commit (the folder `importable` on PYTHONPATH) in a process of its own,
+    which builds the same layer (same seed), warms it up, and times one run per request."""
+
+    def __init__(self, importable: Path, dim: int, args: argparse.Namespace):
+        cmd = [sys.executable, __file__, "--ref-worker", "--dims", str(dim), "--tokens", str(args.tokens),
+               "--chunk", str(args.chunk), "--threads", str(args.threads), "--seed", str(args.seed)]
+        env = {**os.environ, "PYTHONPATH": str(importable), "ATLAS_NS_PRECISION": "fp32"}
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=tempfile.gettempdir())
+        self.info: dict[str, Any] = json.loads(self._reply())
+
+    def _reply(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the earlier commit's worker stopped (exit {self.proc.wait()})")
+        return line
+
+    def __call__(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return float(self._reply())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def ref_worker(args: argparse.Namespace) -> None:
+    """The other end of `EarlierAtlas`: `atlas` here is the earlier commit."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run, info = atlas_runner(int(args.dims), args.tokens, args.chunk)
+    run()  # warm-up
+    print(json.dumps(info), flush=True)
+    for _ in sys.stdin:
+        print(timed(run), flush=True)
+
+
 def timed(fn: Callable[[], None]) -> float:
     t = time.perf_counter()
     fn()
@@ -112,9 +168,10 @@ def with_ns_precision(precision: str, fn: Callable[[], None]) -> Callable[[], No
     return run
 
 
-def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
+def bench_dim(dim: int, args: argparse.Namespace, earlier: tuple[str, Path] | None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     ours, ours_info = atlas_runner(dim, args.tokens, args.chunk)
+    ref = EarlierAtlas(earlier[1], dim, args) if earlier is not None else None
     precisions = [p.strip() for p in args.ns_precision.split(",") if p.strip()]
     runs = {p: with_ns_precision(p, ours) for p in precisions}
     theirs = None if args.no_titans else titans_runner(dim, args.tokens, args.chunk)
@@ -124,11 +181,17 @@ def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         theirs[0]()
     t_ours: dict[str, list[float]] = {p: [] for p in precisions}
     t_theirs: list[float] = []
+    t_ref: list[float] = []
     for _ in range(args.reps):
         for p, run in runs.items():
             t_ours[p].append(timed(run))
-            if theirs is not None and p == precisions[0]:
-                t_theirs.append(timed(theirs[0]))
+            if p == precisions[0]:
+                if theirs is not None:
+                    t_theirs.append(timed(theirs[0]))
+                if ref is not None:
+                    t_ref.append(ref())
+    if ref is not None:
+        ref.close()
     row: dict[str, Any] = {
         "dim": dim, "heads": dim // HEAD_DIM, "head_dim": HEAD_DIM, "tokens": args.tokens,
         "chunk": args.chunk, "atlas": {},
@@ -144,11 +207,38 @@ def bench_dim(dim: int, args: argparse.Namespace) -> dict[str, Any]:
         row["speedup"] = {p: {"best_of": round(min(t_theirs) / min(times), 3),
                               **spread([b / a for a, b in zip(times, t_theirs, strict=True)])}
                           for p, times in t_ours.items()}
+    if earlier is not None and ref is not None:
+        row["earlier"] = {**ref.info, "commit": earlier[0], "ns_precision": "fp32",
+                          "seconds": [round(t, 4) for t in t_ref],
+                          "best_tok_s": round(args.tokens / min(t_ref), 1),
+                          "median_tok_s": round(args.tokens / statistics.median(t_ref), 1)}
+        row["speedup_over_earlier"] = {p: {"best_of": round(min(t_ref) / min(times), 3),
+                                           **spread([b / a for a, b in zip(times, t_ref, strict=True)])}
+                                       for p, times in t_ours.items()}
     return row
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    line = f"dim {row['dim']:>5} / {row['heads']:>2} heads:"
+    if "titans" in row:
+        line += f" titans {row['titans']['best_tok_s']:>9,.0f} tok/s;"
+    if "earlier" in row:
+        line += f" ATLAS at {row['earlier']['commit'][:8]} {row['earlier']['best_tok_s']:>9,.0f} tok/s;"
+    for p, r in row["atlas"].items():
+        line += f"\n  ATLAS, Newton-Schulz in {p}: {r['best_tok_s']:>9,.0f} tok/s"
+        for key, name in (("speedup", "ATLAS/titans"), ("speedup_over_earlier", "over the earlier commit")):
+            if key in row:
+                s = row[key][p]
+                line += (f"; {name} best-of {s['best_of']:.2f}x, per-rep min {s['min']:.2f}x "
+                         f"median {s['median']:.2f}x max {s['max']:.2f}x")
+    return line
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.ref_worker:
+        ref_worker(args)
+        return
     torch.set_num_threads(args.threads)
     dims = [int(d) for d in args.dims.split(",") if d.strip()]
     if any(d % HEAD_DIM for d in dims):
@@ -159,19 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         args.no_titans = True
     started = time.perf_counter()
     rows = []
-    for dim in dims:
-        row = bench_dim(dim, args)
-        rows.append(row)
-        line = f"dim {dim:>5} / {dim // HEAD_DIM:>2} heads:"
-        if "titans" in row:
-            line += f" titans {row['titans']['best_tok_s']:>9,.0f} tok/s;"
-        for p, r in row["atlas"].items():
-            line += f"\n  ATLAS, Newton-Schulz in {p}: {r['best_tok_s']:>9,.0f} tok/s"
-            if "speedup" in row:
-                s = row["speedup"][p]
-                line += (f"; ATLAS/titans best-of {s['best_of']:.2f}x, per-rep min {s['min']:.2f}x "
-                         f"median {s['median']:.2f}x max {s['max']:.2f}x")
-        print(line, flush=True)
+    with contextlib.ExitStack() as stack:
+        earlier = stack.enter_context(earlier_tree(args.ref)) if args.ref else None
+        for dim in dims:
+            row = bench_dim(dim, args, earlier)
+            rows.append(row)
+            print(summary_line(row), flush=True)
     result = {
         "benchmark": "memory_layer",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -179,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "reps": args.reps,
         "ns_precisions": args.ns_precision,
+        "tree": describe_tree(),
         "results": rows,
         "total_s": round(time.perf_counter() - started, 1),
     }
