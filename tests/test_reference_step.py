@@ -21,6 +21,7 @@ from atlas.engine.model.reference_step import (
     memory_grads,
     memory_read,
     newton_schulz,
+    newton_schulz_many,
     omega_counts,
 )
 
@@ -211,6 +212,14 @@ def test_newton_schulz_in_fp32_as_close_to_float64_as_the_standard_iteration(kin
     err = lambda got: float((got.double() - want).norm() / want.norm())  # noqa: E731
     gram, standard = err(newton_schulz(x.float(), steps)), err(reference_ns_batched(x.float(), steps))
     assert gram < 2 * standard + 5e-6, (gram, standard)
+
+
+def test_newton_schulz_differentiates_through_the_gram_form() -> None:
+    """Training backpropagates through Newton-Schulz: the Gram form's batched small products, its
+    restart (4 steps: 3 + 1) and the tall matrix's right-hand product give autograd's gradient."""
+    wide = randn(2, 3, 5, seed=14).requires_grad_(True)
+    tall = randn(2, 5, 3, seed=15).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: newton_schulz_many((a, b), 4), (wide, tall))
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
