@@ -237,14 +237,14 @@ def test_newton_schulz_in_fp32_for_half_inputs(low: torch.dtype) -> None:
 def test_newton_schulz_in_bf16_on_request(shape: tuple[int, ...]) -> None:
     """ns_precision "bf16" (ATLAS_NS_PRECISION) iterates an fp32 momentum in bf16, as Muon does, and
     returns fp32; float64 stays float64. Measured against the fp32 iteration on these random
-    matrices: 2.6e-2 to 3.6e-2 norm-relative (bf16 rounding, amplified by the five steps)."""
+    matrices: 3.4e-2 to 3.5e-2 norm-relative (bf16 rounding, amplified by the five steps)."""
     x = randn(*shape, seed=12).float()
     got, want = newton_schulz(x, 5, "bf16"), newton_schulz(x, 5)
     assert got.dtype == torch.float32 and got.shape == x.shape
     err = float((got - want).norm() / want.norm())
     assert 1e-3 < err < 8e-2, err  # bf16 arithmetic shows, and stays small
     # The same approximate orthogonalisation: every singular value where fp32's is, within 0.1 of
-    # the scale (measured up to 0.056).
+    # the scale (measured up to 0.054).
     scale = math.sqrt(max(1.0, shape[-2] / shape[-1]))
     sv_got, sv_want = torch.linalg.svdvals(got.double()), torch.linalg.svdvals(want.double())
     assert float((sv_got - sv_want).abs().max()) < 0.1 * scale
