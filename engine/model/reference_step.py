@@ -162,8 +162,7 @@ def newton_schulz_many(xs: tuple[Tensor, ...], steps: int,
     for done in range(0, steps, NS_RESTART):
         k = min(NS_RESTART, steps - done)
         grams = [torch.bmm(y.mT, y) if t else torch.bmm(y, y.mT) for y, t in zip(ys, tall, strict=True)]
-        if len(grams) > 1 and all(g.shape[1:] == grams[0].shape[1:] and g.dtype == grams[0].dtype
-                                  for g in grams):
+        if len(grams) > 1 and len({(g.shape[1:], g.dtype) for g in grams}) == 1:
             qs = _ns_gram_factor(torch.cat(grams), k).split([g.shape[0] for g in grams])
         else:
             qs = tuple(_ns_gram_factor(g, k) for g in grams)
