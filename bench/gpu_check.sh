@@ -5,14 +5,19 @@
 #   bench    bench/kernels.py at B in 1, 8, 32 and T in 4k, 64k (kernel, eager, torch.compile, fla),
 #            as OUTDIR/kernels.json (committed as bench/results/kernels-<gpu>.json)
 #   tests    tests/test_kernels.py compiled on the GPU, the gpu-marked real-shape tests included
+#   cases    bench/kernel_case.py: every depth, optimizer and dtype at the serving shapes, each in a
+#            process of its own (an illegal access fails one case, not every test after it), as
+#            OUTDIR/cases.jsonl
 #   sweep    bench/kernels.py --sweep at B=8, T=4k: eight tunings (num_warps, block_e, ns_block)
-#   profile  Nsight Compute on one launch of the chunk kernel (B=8, T=4k), if ncu is there
+#   profile  Nsight Compute on one launch of the chunk kernel (B=8, T=4k), if ncu is there: its
+#            details page in OUTDIR/profile.log
 #   ingest   bench/ingest.py on CUDA with the default model, ATLAS_KERNELS=on against =off
 #
-#   bench/gpu_check.sh [OUTDIR]                 # bench, then tests; OUTDIR default /tmp/gpu-check
+#   bench/gpu_check.sh [OUTDIR]                 # bench, tests, cases; OUTDIR default /tmp/gpu-check
 #   STAGES="sweep profile" bench/gpu_check.sh /tmp/out
 #
-# The default stages take about 9 minutes at most (limits BENCH_LIMIT=360 s, TESTS_LIMIT=200 s); the
+# The default stages take about 11 minutes at most (limits BENCH_LIMIT=360 s, TESTS_LIMIT=200 s,
+# CASES_LIMIT=120 s; on an H200 they took 112, 153 and 10 s); the
 # benchmark rewrites its JSON after every row, so a stage cut short still leaves what it measured.
 #
 # On a host with no package index, put the wheels of bench/wheelhouse.sh in .whl (or WHEELS=dir):
@@ -21,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/gpu-check}
-stages=${STAGES:-bench tests}
+stages=${STAGES:-bench tests cases}
 wheels=${WHEELS:-.whl}
 site=${SITE:-/tmp/atlas-site}
 mkdir -p "$out"
@@ -68,16 +73,23 @@ for stage in $stages; do
     tests) xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
            run_stage tests "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
              tests/test_kernels.py ;;
+    cases) run_stage cases "${CASES_LIMIT:-120}" bash -c '
+             for depth in 1 2; do for opt in gd momentum muon; do for dtype in fp32 bf16; do
+               python3 bench/kernel_case.py --depth $depth --opt $opt --dtype $dtype &
+             done; done; done; wait'
+           grep "^{" "$out/cases.log" > "$out/cases.jsonl"
+           status[cases]="${status[cases]}, $(grep -c '"error"' "$out/cases.jsonl") of $(wc -l < "$out/cases.jsonl") failed" ;;
     sweep) run_stage sweep "${SWEEP_LIMIT:-180}" python3 bench/kernels.py --batches 8 --lengths 4k --sweep \
              --no-compile --no-fla --out "$out/kernels-sweep.json" ;;
-    profile) if command -v ncu >/dev/null; then
-               run_stage profile "${PROFILE_LIMIT:-240}" ncu --clock-control none --set full -k regex:_scan2 \
-                 -c 1 -o "$out/scan2" python3 bench/kernels.py --batches 8 --lengths 4k --reps 1 --ref-chunks 1 \
+    profile) ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+             if [ -n "$ncu" ]; then
+               run_stage profile "${PROFILE_LIMIT:-240}" "$ncu" --clock-control none --set full --page details -k regex:_scan2 \
+                 -c 1 python3 bench/kernels.py --batches 8 --lengths 4k --reps 1 --ref-chunks 1 \
                  --no-compile --no-fla --out "$out/kernels-profiled.json"
              else status[profile]="no ncu"; fi ;;
     ingest) for mode in on off; do
               ATLAS_KERNELS=$mode run_stage "ingest-kernels-$mode" "${INGEST_LIMIT:-150}" python3 bench/ingest.py \
-                --device cuda --lengths 4096,65536 --time-budget 90 --out "$out/ingest-kernels-$mode.json"
+                --device cuda --lengths 4096,65536 --time-budget $(( ${INGEST_LIMIT:-150} * 6 / 10 )) --out "$out/ingest-kernels-$mode.json"
               status[ingest]="${status[ingest]:-}${status[ingest]:+, }$mode ${status[ingest-kernels-$mode]}"
             done ;;
     *) echo "unknown stage $stage"; status[$stage]="unknown" ;;

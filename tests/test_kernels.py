@@ -281,14 +281,15 @@ def test_kernel_memory_read(depth: int, rows: int, dtype: torch.dtype) -> None:
 
 def test_kernel_compiles_for_hopper() -> None:
     """The kernels compile for sm_90 (H100/H200) and fit its shared memory: Triton compiles on the host,
-    so this runs without a GPU (in a fresh process: the interpreter does not compile)."""
+    so this runs without a GPU (in a fresh process: the interpreter does not compile). Depth 1 with
+    each optimizer: pipelined, its gd and momentum loops asked for 241 KB, found on an H200."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, "-m", "atlas.kernels.compile_check", "--arch", "90", "--quick"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count('"fits": true') == 3, out.stdout
+    assert out.stdout.count('"fits": true') == 5, out.stdout
 
 
 def test_kernel_benchmark_runs(tmp_path) -> None:
