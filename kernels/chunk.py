@@ -29,7 +29,19 @@ from triton.runtime.errors import OutOfResources
 from atlas.engine.model.reference_step import Weights, ns_scale
 
 from . import MIN_TILE, KernelResourceError, is_tile, supported, unfit
-from ._common import NS_EPS, NS_N1, NS_N2, NS_N3, _gelu, _gelu_grad, _mm, _newton_schulz, next_pow2
+from ._common import (
+    NS_EPS,
+    NS_N1,
+    NS_N2,
+    NS_N3,
+    NS_RESTART,
+    _gelu,
+    _gelu_grad,
+    _mm,
+    _newton_schulz,
+    _ns_gram_factor,
+    next_pow2,
+)
 from .settings import PRECISIONS
 
 # ---------------------------------------------------------------------------------------------
@@ -89,17 +101,18 @@ def _read2(xq, w1_base, w2_base, offs_d, offs_e, D: tl.constexpr, E: tl.constexp
 @triton.jit
 def _ns_update(s_base, w_base, x_base, alpha, eta, R: tl.constexpr, C: tl.constexpr, SR: tl.constexpr,
                SC: tl.constexpr, SCALE: tl.constexpr, STEPS: tl.constexpr, NS_BLOCK: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, GRAM: tl.constexpr):
     """W = alpha W - eta NS(S) on the wide view (R <= C) of one weight matrix, given by strides.
 
     NS_BLOCK == C: the whole R x C iterate in registers. NS_BLOCK < C: column blocks streamed through
-    the scratch x_base (R x C, row-major): each step's update X_blk <- n1 X_blk + B X_blk needs only
-    its own block, and the next Gram matrix A = sum_blk X_blk X_blk^T accumulates as blocks are
-    written. Smaller tiles, for when the whole iterate does not fit on chip."""
+    the scratch x_base (R x C, row-major): each update X_blk <- Q X_blk (GRAM: Q of NS_RESTART steps
+    at once, `_ns_gram_factor`; else n1 I + B of one step) needs only its own block, and the next
+    Gram matrix A = sum_blk X_blk X_blk^T accumulates as blocks are written. Smaller tiles, for when
+    the whole iterate does not fit on chip."""
     offs_r = tl.arange(0, R)
     if NS_BLOCK == C:
         offs = offs_r[:, None] * SR + tl.arange(0, C)[None, :] * SC
-        x = _newton_schulz(tl.load(s_base + offs), STEPS, PRECISION)
+        x = _newton_schulz(tl.load(s_base + offs), STEPS, PRECISION, GRAM)
         w = tl.load(w_base + offs)
         tl.store(w_base + offs, alpha * w - eta * (x * SCALE))
     else:
@@ -117,16 +130,28 @@ def _ns_update(s_base, w_base, x_base, alpha, eta, R: tl.constexpr, C: tl.conste
             tl.store(x_base + offs_r[:, None] * C + cols[None, :], xb)
             a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
         tl.debug_barrier()
-        for _ in range(0, STEPS):
-            b = NS_N2 * a + NS_N3 * tl.dot(a, a, input_precision=PRECISION)
-            a = tl.zeros([R, R], dtype=tl.float32)
-            for cb in range(0, C // NS_BLOCK):
-                ox = offs_r[:, None] * C + (cb * NS_BLOCK + offs_c)[None, :]
-                xb = tl.load(x_base + ox)
-                xb = tl.dot(b, xb, NS_N1 * xb, input_precision=PRECISION)
-                tl.store(x_base + ox, xb)
-                a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
-            tl.debug_barrier()
+        if GRAM:
+            for done in tl.static_range(0, STEPS, NS_RESTART):
+                q = _ns_gram_factor(a, done, STEPS, PRECISION)
+                a = tl.zeros([R, R], dtype=tl.float32)
+                for cb in range(0, C // NS_BLOCK):
+                    ox = offs_r[:, None] * C + (cb * NS_BLOCK + offs_c)[None, :]
+                    xb = tl.dot(q, tl.load(x_base + ox), input_precision=PRECISION)
+                    tl.store(x_base + ox, xb)
+                    if done + NS_RESTART < STEPS:
+                        a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
+                tl.debug_barrier()
+        else:
+            for _ in range(0, STEPS):
+                b = NS_N2 * a + NS_N3 * tl.dot(a, a, input_precision=PRECISION)
+                a = tl.zeros([R, R], dtype=tl.float32)
+                for cb in range(0, C // NS_BLOCK):
+                    ox = offs_r[:, None] * C + (cb * NS_BLOCK + offs_c)[None, :]
+                    xb = tl.load(x_base + ox)
+                    xb = tl.dot(b, xb, NS_N1 * xb, input_precision=PRECISION)
+                    tl.store(x_base + ox, xb)
+                    a += tl.dot(xb, tl.trans(xb), input_precision=PRECISION)
+                tl.debug_barrier()
         for cb in range(0, C // NS_BLOCK):
             cols = cb * NS_BLOCK + offs_c
             ow = offs_r[:, None] * SR + cols[None, :] * SC
@@ -156,7 +181,7 @@ def _scan2_kernel(
     OPT: tl.constexpr, NS_STEPS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_READS: tl.constexpr,
     R: tl.constexpr, C: tl.constexpr, S1_SR: tl.constexpr, S1_SC: tl.constexpr,
     S2_SR: tl.constexpr, S2_SC: tl.constexpr, SCALE1: tl.constexpr, SCALE2: tl.constexpr,
-    NS_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    NS_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, NS_GRAM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     seq = pid * T * D
@@ -253,9 +278,9 @@ def _scan2_kernel(
             # Muon needs each whole momentum matrix: written above by other threads, read back here.
             tl.debug_barrier()
             _ns_update(s1_base, w1_base, x_base, alpha, eta, R, C, S1_SR, S1_SC, SCALE1, NS_STEPS, NS_BLOCK,
-                       PRECISION)
+                       PRECISION, NS_GRAM)
             _ns_update(s2_base, w2_base, x_base, alpha, eta, R, C, S2_SR, S2_SC, SCALE2, NS_STEPS, NS_BLOCK,
-                       PRECISION)
+                       PRECISION, NS_GRAM)
         # The next chunk reads the weights this one wrote.
         tl.debug_barrier()
 
@@ -282,7 +307,7 @@ def _scan1_kernel(
     T, NC, n_full, n_read,
     D: tl.constexpr, CHUNK: tl.constexpr, TAIL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     OPT: tl.constexpr, NS_STEPS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_READS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, NS_GRAM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     seq = pid * T * D
@@ -328,7 +353,7 @@ def _scan1_kernel(
             if OPT == 1:
                 w = alpha * w - eta * s
             else:
-                w = alpha * w - eta * _newton_schulz(s, NS_STEPS, PRECISION)
+                w = alpha * w - eta * _newton_schulz(s, NS_STEPS, PRECISION, NS_GRAM)
 
     if HAS_READS:
         if n_read > n_full:
@@ -356,11 +381,16 @@ SCAN_BLOCK_E = 64  # the e-block of the depth-2 passes
 # (compute-sanitizer; d=64, fp32 and bf16 inputs), and four gave the same errors for gd.
 SCAN1_STAGES = 1
 SCAN1_WARPS = 4
+# Newton-Schulz in the standard iteration. The reference's Gram form (`ns_gram=True`) has 35% fewer
+# multiply-adds there, but compiled for sm_90 it spills more (2.3 KB against 2.2 per thread, whole
+# matrix; 0.7 against 0.6 in column blocks) and it has not run on a GPU yet: bench/kernels.py --sweep.
+NS_GRAM = False
 NS_BLOCK_FALLBACK = 64  # Newton-Schulz's column block when the whole matrix does not fit on chip
 
 
 def scan_constants(*, d: int, chunk: int, tail: int, optimizer: str, ns_steps: int, has_counts: bool,
-                   has_reads: bool, dot_dtype: tl.dtype, precision: str) -> dict[str, Any]:
+                   has_reads: bool, dot_dtype: tl.dtype, precision: str, ns_gram: bool | None = None
+                   ) -> dict[str, Any]:
     """The compile-time arguments both scan kernels take (`compile_check` builds its kernels from them)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}")
@@ -368,7 +398,8 @@ def scan_constants(*, d: int, chunk: int, tail: int, optimizer: str, ns_steps: i
         raise ValueError(f"precision must be one of {PRECISIONS}")
     return dict(D=d, CHUNK=chunk, TAIL=tail, BLOCK_C=max(MIN_TILE, next_pow2(chunk)),
                 BLOCK_T=max(MIN_TILE, next_pow2(tail)), OPT=OPTIMIZERS[optimizer], NS_STEPS=ns_steps,
-                HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype, PRECISION=precision)
+                HAS_COUNTS=has_counts, HAS_READS=has_reads, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                NS_GRAM=NS_GRAM if ns_gram is None else ns_gram)
 
 
 def wide_views(d: int, e: int) -> dict[str, Any]:
@@ -393,7 +424,8 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
             eta: Tensor, alpha: Tensor, theta: Tensor, weights: Weights, momentum: Weights, *,
             chunk: int, n_full: int, has_counts: bool, optimizer: str, ns_steps: int, precision: str,
             low_precision_dots: bool, block_e: int | None = None, ns_block: int | None = None,
-            num_warps: int | None = None) -> tuple[Tensor | None, Weights, Weights]:
+            num_warps: int | None = None, ns_gram: bool | None = None
+            ) -> tuple[Tensor | None, Weights, Weights]:
     bsz, h, t, d = k.shape
     depth = len(weights)
     e = weights[0].shape[-1] if depth == 2 else d
@@ -402,7 +434,7 @@ def _launch(q: Tensor | None, k: Tensor, v: Tensor, g: Tensor, tails: tuple[Tens
     dot_dtype = _DOT_DTYPES.get(k.dtype, tl.float32) if low_precision_dots else tl.float32
     consts = scan_constants(d=d, chunk=chunk, tail=tail, optimizer=optimizer, ns_steps=ns_steps,
                             has_counts=has_counts, has_reads=has_reads, dot_dtype=dot_dtype,
-                            precision=precision)
+                            precision=precision, ns_gram=ns_gram)
     if not supported(depth, d, e):
         raise ValueError(f"unsupported memory shape: depth {depth}, d {d}, e {e} "
                          f"(powers of two >= {MIN_TILE})")
@@ -492,7 +524,7 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
                weights: Weights, momentum: Weights, tail_k: Tensor, tail_v: Tensor, tail_gamma: Tensor, *,
                chunk_size: int, optimizer: str, ns_steps: int, precision: str = "tf32",
                low_precision_dots: bool = False, block_e: int | None = None, ns_block: int | None = None,
-               num_warps: int | None = None
+               num_warps: int | None = None, ns_gram: bool | None = None
                ) -> tuple[Tensor, Weights, Weights, tuple[Tensor, Tensor, Tensor]]:
     """Reads for all T tokens and the state after the T // b whole chunks.
 
@@ -503,12 +535,13 @@ def chunk_scan(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, alph
     `precision` is the fp32 dot mode (tf32, tf32x3 or ieee); `low_precision_dots` rounds the operands of
     the read and gradient products to the inputs' 16-bit dtype (Newton-Schulz stays fp32). Tuning
     (depth 2): block_e, the e-block of the gradient pass (64); ns_block, the column block of Newton-Schulz
-    (default: the whole matrix in registers, falling back to 64 if that does not fit); num_warps."""
+    (default: the whole matrix in registers, falling back to 64 if that does not fit); num_warps;
+    ns_gram, Newton-Schulz in the reference's Gram form or the standard iteration (default NS_GRAM)."""
     n_full = k.shape[2] // chunk_size
     reads, w, s = _launch(q, k, v, gamma, (tail_k, tail_v, tail_gamma), eta, alpha, theta, weights, momentum,
                           chunk=chunk_size, n_full=n_full, has_counts=True, optimizer=optimizer,
                           ns_steps=ns_steps, precision=precision, low_precision_dots=low_precision_dots,
-                          block_e=block_e, ns_block=ns_block, num_warps=num_warps)
+                          block_e=block_e, ns_block=ns_block, num_warps=num_warps, ns_gram=ns_gram)
     assert reads is not None  # q was given
     end = n_full * chunk_size
     new_gamma = _new_tail(tail_gamma[..., None], gamma[..., None], end)[..., 0]

@@ -167,6 +167,19 @@ def test_kernel_blocked_newton_schulz(d: int, e: int, ns_steps: int) -> None:
     check(errors(got, run_reference(inp, chunk=16, optimizer="muon", ns_steps=ns_steps)), TOL[torch.float32])
 
 
+@pytest.mark.parametrize("depth,d,e,ns_block", [(1, 16, 16, None), (2, 16, 64, None), (2, 16, 64, 16),
+                                                (2, 32, 16, 16)], ids=["depth1", "whole", "blocked", "tall"])
+@pytest.mark.parametrize("ns_steps", [5, 2])
+def test_kernel_newton_schulz_gram_form(depth: int, d: int, e: int, ns_block: int | None,
+                                        ns_steps: int) -> None:
+    # The reference's Gram form of Newton-Schulz (restarts every NS_RESTART steps; 2 steps: one
+    # block, shorter than NS_RESTART), in registers and in column blocks, as a tuning of the kernel.
+    inp = rounded(make_case(depth, "muon", d=d, e=e, seed=6), torch.float32)
+    got = run_kernel(inp, chunk=16, optimizer="muon", ns_steps=ns_steps, ns_block=ns_block, ns_gram=True,
+                     precision="ieee")
+    check(errors(got, run_reference(inp, chunk=16, optimizer="muon", ns_steps=ns_steps)), TOL[torch.float32])
+
+
 def test_kernel_falls_back_to_a_tuning_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     """When the whole Newton-Schulz iterate does not fit (OutOfResources at launch), the launch takes
     the next tuning of its ladder and remembers it."""
@@ -388,12 +401,13 @@ def test_kernel_gpu_real_shapes(depth: int, optimizer: str, dtype: torch.dtype, 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("ns_block,block_e,num_warps",
-                         [(64, 64, 8), (256, 32, 8), (256, 64, 4), (256, 64, 16), (64, 128, 8)])
-def test_kernel_gpu_tunings(ns_block: int, block_e: int, num_warps: int) -> None:
+@pytest.mark.parametrize("ns_block,block_e,num_warps,ns_gram",
+                         [(64, 64, 8, False), (256, 32, 8, False), (256, 64, 4, False), (256, 64, 16, False),
+                          (64, 128, 8, False), (256, 64, 8, True), (64, 64, 8, True)])
+def test_kernel_gpu_tunings(ns_block: int, block_e: int, num_warps: int, ns_gram: bool) -> None:
     inp = rounded(make_case(2, "muon", **REAL), torch.float32)
     got = run_kernel(inp, chunk=REAL["chunk"], optimizer="muon", precision="ieee", ns_block=ns_block,
-                     block_e=block_e, num_warps=num_warps)
+                     block_e=block_e, num_warps=num_warps, ns_gram=ns_gram)
     ref = run_reference(inp, chunk=REAL["chunk"], optimizer="muon")
     check(errors(got, ref), GPU_TOL[(torch.float32, "ieee")])
 
