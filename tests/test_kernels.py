@@ -465,3 +465,35 @@ def test_kernel_settings_reject_unknown_values(kernel_env) -> None:
     kernel_env("ATLAS_NS_PRECISION", "fp16")
     with pytest.raises(ValidationError, match="ns_precision"):
         kernel_settings()
+
+
+@pytest.mark.gpu
+@gpu
+def test_kernel_gpu_bundled_model_answers_alike(monkeypatch: pytest.MonkeyPatch, kernel_env) -> None:
+    """The bundled model (a depth-1 memory with Muon) served on CUDA: the same keys in its greedy
+    answers to pass keys 2,000 tokens back with the fused kernels at their default precision as with
+    the reference (the bytes after a key's full stop are uncertain, and tf32 may tip them), and the
+    kernels took the chunk steps. The first H200 run found the depth-1 kernel faulting."""
+    import random
+    import re
+
+    from atlas.engine.sampling import SamplingParams
+    from atlas.training.tasks import passkey
+
+    atlas = Atlas.load(device="cuda")
+    samples = [passkey(random.Random(seed), 4096, depth=0.5) for seed in range(4)]
+    calls = count_kernel_calls(monkeypatch)
+    answers = {}
+    for mode in ("off", "on"):
+        kernel_env("ATLAS_KERNELS", mode)
+        texts = []
+        for s in samples:
+            gen = atlas.generate(atlas.new_state(), s.prompt, SamplingParams(max_tokens=8, temperature=0))
+            for _ in gen:
+                pass
+            texts.append(gen.text)
+        answers[mode] = texts
+    assert calls["step"] > 0
+    keys = {mode: [re.findall(r"\d+", a)[:1] for a in texts] for mode, texts in answers.items()}
+    assert keys["on"] == keys["off"], answers
+    assert sum(s.value in a for s, a in zip(samples, answers["on"], strict=True)) >= 3, answers
