@@ -199,10 +199,10 @@ def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
 
 
-# (num_warps, block_e, ns_block): the default (8, 64, whole-matrix Newton-Schulz) and one change at a
-# time from it, then the two warp counts with the blocked Newton-Schulz. Each costs a compile (~10 s).
-# (num_warps, block_e, ns_block, ns_gram). On the H200 16 warps ran at a third of 8 and e-blocks of 128
-# under 64 (kernels/README.md); the Gram form of Newton-Schulz is the one not yet timed there.
+# (num_warps, block_e, ns_block, ns_gram): the default (8, 64, whole-matrix standard Newton-Schulz), one
+# change at a time from it, and the Gram form of Newton-Schulz at the warp counts and blocks that were
+# fastest on the H200 (16 warps ran at a third of 8 there, e-blocks of 128 under 64: kernels/README.md).
+# Each costs a compile (~10 s).
 SWEEP = [(8, 64, 256, False), (8, 64, 64, False), (8, 32, 256, False), (4, 64, 256, False),
          (8, 64, 256, True), (8, 64, 64, True), (4, 64, 256, True), (4, 64, 64, True)]
 
