@@ -8,7 +8,7 @@
 #   cases    bench/kernel_case.py: every depth, optimizer and dtype at the serving shapes, each in a
 #            process of its own (an illegal access fails one case, not every test after it), as
 #            OUTDIR/cases.jsonl
-#   sweep    bench/kernels.py --sweep at B=8, T=4k: eight tunings (num_warps, block_e, ns_block)
+#   sweep    bench/kernels.py --sweep at B=8, T=4k: eight tunings (num_warps, block_e, ns_block, ns_gram)
 #   profile  Nsight Compute on one launch of the chunk kernel (B=8, T=4k), if ncu is there: its
 #            details page in OUTDIR/profile.log
 #   ingest   bench/ingest.py on CUDA with the default model, ATLAS_KERNELS=on against =off
