@@ -1,6 +1,6 @@
 """Ingest and greedy decode of the default model (4.6M parameters, fresh weights of seed 0; `--vocab`
-gives it another vocabulary, e.g. a subword tokenizer's 32,000): this working tree against an
-earlier commit, in one run.
+gives it another vocabulary, e.g. a subword tokenizer's 32,000) or of the bundled demo model
+(`--model demo`): this working tree against an earlier commit, in one run.
 
 Each measurement is its own process, the two source trees alternating (A B, B A, A B, ...), so that
 the machine's load hits both alike; the earlier commit is checked out into a temporary git worktree
@@ -14,6 +14,7 @@ per pair the ratio working tree / earlier commit, as min, median and max.
     python bench/decode.py --ref HEAD~1            # the commit before the last
     python bench/decode.py --ref v0.3 --pairs 5
     python bench/decode.py --ref HEAD~1 --vocab 32000 --out bench/results/decode-vocab32k-cpu.json
+    python bench/decode.py --ref HEAD~1 --model demo --out bench/results/decode-demo-cpu.json
 
 Writes bench/results/decode-cpu.json (the commits by hash, the machine described).
 """
@@ -35,15 +36,19 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
-def worker(prefix_len: int, single: int, sessions: int, steps: int, vocab: int | None) -> dict[str, Any]:
+def worker(model: str, prefix_len: int, single: int, sessions: int, steps: int,
+           vocab: int | None) -> dict[str, Any]:
     """Ingest and decode rates of the source tree this process imports (printed as JSON by --worker)."""
     from ingest import decode_rate  # bench/ingest.py: the same greedy loop through Atlas.feed
 
     from atlas.engine import Atlas, ModelConfig
     from atlas.engine.threads import apply_thread_policy
 
-    config = ModelConfig() if vocab is None else ModelConfig(vocab_size=vocab)
-    atlas = Atlas.from_config(config, seed=0, device="cpu")
+    if model == "demo":
+        atlas = Atlas.load(device="cpu")
+    else:
+        config = ModelConfig() if vocab is None else ModelConfig(vocab_size=vocab)
+        atlas = Atlas.from_config(config, seed=0, device="cpu")
     threads = apply_thread_policy(atlas.parameters)
     prefix = [i * 7 % atlas.config.vocab_size for i in range(prefix_len)]
 
@@ -62,7 +67,8 @@ def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
-    cmd = [sys.executable, __file__, "--worker", "--prefix", str(args.prefix), "--single", str(args.single),
+    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--prefix", str(args.prefix),
+           "--single", str(args.single),
            "--sessions", str(args.sessions), "--steps", str(args.steps)]
     if args.vocab is not None:
         cmd += ["--vocab", str(args.vocab)]
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", default="HEAD", help="the earlier commit to compare with")
     p.add_argument("--pairs", type=int, default=4, help="processes per tree")
     p.add_argument("--prefix", type=int, default=2048)
+    p.add_argument("--model", choices=["default", "demo"], default="default")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the default model's)")
     p.add_argument("--single", type=int, default=128, help="tokens one session decodes")
     p.add_argument("--sessions", type=int, default=32)
@@ -82,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "decode-cpu.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model == "demo" and args.vocab is not None:
+        p.error("--vocab applies to the default model only")
     if args.worker:
-        print(json.dumps(worker(args.prefix, args.single, args.sessions, args.steps, args.vocab)))
+        print(json.dumps(worker(args.model, args.prefix, args.single, args.sessions, args.steps, args.vocab)))
         return 0
 
     from earlier_tree import describe_tree, earlier_tree
@@ -109,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [a / b for a, b in zip(after, before, strict=True)]
         summary[key] = {"before_median": statistics.median(before), "after_median": statistics.median(after),
                         "ratio_after_over_before": spread(ratios)}
-    report = {"benchmark": "ingest and decode of the default model, this tree against an earlier commit, "
-                           "interleaved",
+    report = {"benchmark": f"ingest and decode of the {args.model} model, this tree against an earlier "
+                           "commit, interleaved",
               "machine": machine, "before": ref,
               "after": describe_tree(),
               "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATLAS_")},
               "settings": {k: getattr(args, k)
-                           for k in ("pairs", "prefix", "single", "sessions", "steps", "vocab")},
+                           for k in ("model", "pairs", "prefix", "single", "sessions", "steps", "vocab")},
               "summary": summary, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

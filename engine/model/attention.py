@@ -62,12 +62,30 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, x: Tensor, st: dict[str, Tensor], pos: Tensor,
                 commit: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One chunk block: x (B, L, D) at absolute positions pos (B, L). Sessions in `commit` take
-        the block into their ring. Returns (B, H, L, d)."""
-        c = self.cfg
+        the block into their ring. Returns (B, H, L, d).
+
+        A span of n >= 2 whole chunks that every session commits (L = n b) is projected at once and
+        attended chunk by chunk, each chunk as it would be as a block of its own."""
+        c, b = self.cfg, self.cfg.chunk_size
         bsz, t, _ = x.shape
-        w = c.swa_window
-        q, k, v = self.qkv(x).view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        n_chunks = t // b if t > b else 1
+        if n_chunks > 1 and (t != n_chunks * b or not bool(commit.all())):
+            raise ValueError("a span of several chunks must be whole chunks that every session commits")
+        qkv = self.qkv(x)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_base, x.dtype)
+        outs = []
+        for j in range(n_chunks):
+            sl = slice(j * b, (j + 1) * b) if n_chunks > 1 else slice(None)
+            out, st = self._chunk(qkv[:, sl], cos[:, sl], sin[:, sl], st, pos[:, sl], commit)
+            outs.append(out)
+        return (outs[0] if n_chunks == 1 else torch.cat(outs, dim=2)), st
+
+    def _chunk(self, qkv: Tensor, cos: Tensor, sin: Tensor, st: dict[str, Tensor], pos: Tensor,
+               commit: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.cfg
+        bsz, t, _ = qkv.shape
+        w = c.swa_window
+        q, k, v = qkv.view(bsz, t, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # The ring holds earlier keys and values exactly: the cast back is lossless.
         keys = torch.cat([st["ring_k"].to(k.dtype), k], dim=2)

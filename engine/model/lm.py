@@ -183,14 +183,19 @@ class AtlasModel(nn.Module):
         layers = {k: val for k, val in state.items() if k.startswith("layers.")}
         last = state["last_logits"]
         out = last.new_zeros(bsz, t + 1, v) if all_logits else None
-        ar = torch.arange(b, device=tokens.device)
         n_rounds = -(-int(total.max()) // b) if t else 0
-        for r in range(n_rounds):
-            rows = min(b, int(total.max()) - r * b)
-            vpos = r * b + ar[:rows]  # positions in the virtual stream: pending ids, then new tokens
+        # The rounds every session commits (whole chunks) run as one span, layer by layer: a
+        # span computes each chunk as its own block would, with the row-wise operations
+        # (projections, norms, MLPs) taken over all its rows at once (docs/model.md, "Spans").
+        span = int(total.min()) // b if t else 0
+        span = span if span > 1 else 0
+        blocks = ([(0, span)] if span else []) + [(r, 1) for r in range(span, n_rounds)]
+        for r, n in blocks:
+            rows = min(n * b, int(total.max()) - r * b)
+            vpos = r * b + torch.arange(rows, device=tokens.device)  # pending ids, then new tokens
             idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
             x = self.embed(torch.gather(stream, 1, idx))
-            commit = total >= (r + 1) * b
+            commit = total >= (r + n) * b
             ends = (total - 1 - r * b).clamp(-1, rows - 1)
             pos = origin[:, None] + vpos
             new_layers: StateDict = {}
@@ -211,15 +216,18 @@ class AtlasModel(nn.Module):
             has = (row >= 0) & (row < rows)
             if out is None and not bool(has.any()):
                 continue  # no logits wanted from this block: a long ingest skips the output layer
-            # Logits of the whole block (not of single rows), so that a matrix product of the
-            # same shape makes them whether the session runs alone or in a batch.
-            logits = self._logits(x).to(last.dtype)
+            # Logits of whole chunks (not of single rows), so that a matrix product of the same
+            # shape makes them whether the session runs alone or in a batch; of a span's last
+            # chunk only, where no others are wanted (a session's last token ends the span).
+            first = 0 if out is not None else rows - min(rows, b)
+            logits = self._logits(x[:, first:]).to(last.dtype)
             if out is not None:  # all_logits
                 tok = vpos[None, :] - filled[:, None]
                 tok = torch.where((tok >= 0) & (tok < t), tok, t)  # slot t is a discarded dummy
                 out = out.scatter(1, tok[..., None].expand(bsz, rows, v), logits)
-            row_logits = logits[torch.arange(bsz), row.clamp(0, rows - 1)]
+            row_logits = logits[torch.arange(bsz), (row - first).clamp(0, rows - first - 1)]
             last = torch.where(has[:, None], row_logits, last)
+        ar = torch.arange(b, device=tokens.device)
         keep_from = total // b * b
         vpos = keep_from[:, None] + ar[None, :]
         idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)

@@ -232,27 +232,54 @@ class AtlasMemory(nn.Module):
 
     def forward(self, x: Tensor, st: dict[str, Tensor], commit: Tensor,
                 ends: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """One chunk block. x (B, L, D): the normed inputs of each session's current chunk (L <= b
-        rows; rows past a session's stream are padding, harmless since everything is causal).
+        """One chunk block, or a span of whole chunks. x (B, L, D): the normed inputs of each
+        session's current chunk (L <= b rows; rows past a session's stream are padding, harmless
+        since everything is causal), or of n >= 2 whole chunks (L = n b) that every session commits.
         commit (B,): sessions whose chunk is complete (then L == b); only they take the optimiser
         step and advance their state. ends (B,): each session's last real row in the block (-1 if
         none), which sets its decode cache. Returns the per-head-normed reads (B, H, L, d) and the
-        state."""
-        c = self.cfg
+        state.
+
+        A span projects and normalises all its rows at once and steps the memory chunk by chunk:
+        every chunk sees the values and shapes it would see as a block of its own, only the
+        row-wise operations see more rows (docs/model.md, "Spans of whole chunks")."""
+        c, b = self.cfg, self.cfg.chunk_size
+        n_chunks = x.shape[1] // b if x.shape[1] > b else 1
+        if n_chunks > 1 and (x.shape[1] != n_chunks * b or not bool(commit.all())):
+            raise ValueError("a span of several chunks must be whole chunks that every session commits")
         fq, fk, v, logits, conv_tail, z = self.project(x, st["conv"])
         names = self._names
         weights = tuple(st[n] for n in names)
-        # Every token of a chunk reads the memory as it stood at the chunk's start.
-        out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
         rows = ends[:, None] + 1 + torch.arange(c.conv_kernel - 1, device=x.device)
         zq = z[..., :c.d_model]  # decode reads the memory, so it convolves only the queries
         cache = {"cache_conv": torch.gather(zq, 1, rows[..., None].expand(-1, -1, c.d_model))}
         if not bool(commit.any()):
+            # Every token of a chunk reads the memory as it stood at the chunk's start.
+            out = head_rms_norm(memory_read(weights, fq).to(x.dtype), self.norm, c.norm_eps)
             new = dict(st)
             new.update(cache)
             return out, new
-        if x.shape[1] != c.chunk_size:
+        if x.shape[1] % b:
             raise ValueError("a committed chunk must have chunk_size rows")
+        new = dict(st)
+        reads = []
+        for j in range(n_chunks):
+            sl = slice(j * b, (j + 1) * b) if n_chunks > 1 else slice(None)
+            weights = tuple(new[n] for n in names)
+            reads.append(memory_read(weights, fq[:, :, sl]))
+            new.update(self._commit(new, commit, fk[:, :, sl], v[:, :, sl], logits[:, :, sl]))
+        idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
+        new.update(cache, conv=conv_tail if idx is None else st["conv"].index_copy(0, idx, conv_tail[idx]))
+        read = reads[0] if n_chunks == 1 else torch.cat(reads, dim=2)
+        return head_rms_norm(read.to(x.dtype), self.norm, c.norm_eps), new
+
+    def _commit(self, st: dict[str, Tensor], commit: Tensor, fk: Tensor, v: Tensor,
+                logits: Tensor) -> dict[str, Tensor]:
+        """The optimiser step of one committed chunk: phi(k), v (B, H, b, d) and the gate logits
+        (B, H, b, 4) of its rows; returns the new weights, momentum and Omega tail."""
+        c = self.cfg
+        names = self._names
+        weights = tuple(st[n] for n in names)
         # Gates of the whole batch in one layout before any selection, the sigmoids in float64:
         # elementwise exp rounds differently on vectorised and scalar paths, and the choice
         # depends on layout and size; this keeps a session's bits independent of its batch.
@@ -278,15 +305,12 @@ class AtlasMemory(nn.Module):
         new_w, new_s = chunk_step(tuple(sel(w) for w in weights), momentum, keys, vals, gammas * counts,
                                   eta * c.eta_max, alpha, theta, c.optimizer, c.ns_steps,
                                   first_order=self.first_order and torch.is_grad_enabled())
-        new = dict(st)
-        new.update(cache)
         tail = c.omega_window - 1
-        new["tail_k"] = put(st["tail_k"], keys[:, :, keys.shape[2] - tail:])
-        new["tail_v"] = put(st["tail_v"], vals[:, :, vals.shape[2] - tail:])
-        new["tail_gamma"] = put(st["tail_gamma"], gammas[:, :, gammas.shape[2] - tail:])
-        new["conv"] = put(st["conv"], sel(conv_tail))
+        new = {"tail_k": put(st["tail_k"], keys[:, :, keys.shape[2] - tail:]),
+               "tail_v": put(st["tail_v"], vals[:, :, vals.shape[2] - tail:]),
+               "tail_gamma": put(st["tail_gamma"], gammas[:, :, gammas.shape[2] - tail:])}
         for n, w, s in zip(names, new_w, new_s or [None] * len(names), strict=True):
             new[n] = put(st[n], w)
             if s is not None:
                 new["S" + n[1:]] = put(st["S" + n[1:]], s)
-        return out, new
+        return new
