@@ -176,3 +176,50 @@ def test_ingest_runs_the_output_layer_only_for_the_last_logits(monkeypatch: pyte
     assert len(calls) == 1  # the block holding the last tokens, not the seven before it
     assert torch.equal(last, every[:, -1])
     assert torch.equal(state.last_logits, every[:, -1])
+
+
+def test_span_of_whole_chunks_equals_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunks every session commits run as one span, layer by layer (docs/model.md, "Streaming on
+    the absolute chunk grid"): the bundled model at its real shapes (chunks of 64), two sessions at
+    different offsets, reaches bit for bit the state that feeding chunk-sized pieces (one round per
+    call) reaches, and the last logits of a span ending on a chunk boundary are the bits all_logits
+    gives them."""
+    from atlas.engine.model.memory import AtlasMemory
+
+    atlas = Atlas.load(device="cpu")
+    b = atlas.config.chunk_size
+    gen = torch.Generator().manual_seed(6)
+    prefix = torch.randint(0, 256, (1, 5), generator=gen)
+    starts = [atlas.new_state(), atlas.feed(atlas.new_state(), prefix)[0]]  # offsets 0 and 5
+    tokens = torch.randint(0, 256, (2, 7 * b + 3), generator=gen)
+
+    rows: list[int] = []
+    real = AtlasMemory.project
+    monkeypatch.setattr(AtlasMemory, "project",
+                        lambda self, x, tail: rows.append(x.shape[1]) or real(self, x, tail))
+    whole, whole_logits = atlas.feed(SessionState.stack(starts), tokens, all_logits=True)
+    assert 7 * b in rows  # one span of the seven chunks both sessions complete
+    rows.clear()
+    pieces, piece_logits = feed_in_pieces(atlas, SessionState.stack(starts), tokens,
+                                          list(range(b, tokens.shape[1], b)))
+    assert max(rows) == b  # every piece leaves the second session mid-chunk: rounds only
+    assert same_session(pieces, whole)
+    assert_close(piece_logits, whole_logits, torch.float32, "logits")
+
+    single = tokens[:1, :4 * b]
+    _, every = atlas.feed(atlas.new_state(), single, all_logits=True)
+    state, last = atlas.feed(atlas.new_state(), single)
+    assert torch.equal(last[0], every[0, -1])
+    assert torch.equal(state.last_logits, every[:, -1])
+
+
+def test_a_span_is_whole_chunks_that_every_session_commits() -> None:
+    atlas = tiny_atlas(torch.float32)
+    mem = atlas.model.memories[0]
+    b, d = atlas.config.chunk_size, atlas.config.d_model
+    st = mem.init_state(2, torch.float32)
+    x = torch.randn(2, 2 * b, d)
+    with pytest.raises(ValueError, match="every session commits"):
+        mem(x, st, torch.tensor([True, False]), torch.full((2,), 2 * b - 1))
+    with pytest.raises(ValueError, match="every session commits"):
+        mem(torch.randn(2, 2 * b + 3, d), st, torch.tensor([True, True]), torch.full((2,), 2 * b + 2))

@@ -186,7 +186,8 @@ class AtlasModel(nn.Module):
         n_rounds = -(-int(total.max()) // b) if t else 0
         # The rounds every session commits (whole chunks) run as one span, layer by layer: a
         # span computes each chunk as its own block would, with the row-wise operations
-        # (projections, norms, MLPs) taken over all its rows at once (docs/model.md, "Spans").
+        # (projections, norms, MLPs) taken over all its rows at once (docs/model.md,
+        # "Streaming on the absolute chunk grid").
         span = int(total.min()) // b if t else 0
         span = span if span > 1 else 0
         blocks = ([(0, span)] if span else []) + [(r, 1) for r in range(span, n_rounds)]

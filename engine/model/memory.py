@@ -242,7 +242,7 @@ class AtlasMemory(nn.Module):
 
         A span projects and normalises all its rows at once and steps the memory chunk by chunk:
         every chunk sees the values and shapes it would see as a block of its own, only the
-        row-wise operations see more rows (docs/model.md, "Spans of whole chunks")."""
+        row-wise operations see more rows (docs/model.md, "Streaming on the absolute chunk grid")."""
         c, b = self.cfg, self.cfg.chunk_size
         n_chunks = x.shape[1] // b if x.shape[1] > b else 1
         if n_chunks > 1 and (x.shape[1] != n_chunks * b or not bool(commit.all())):
