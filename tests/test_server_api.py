@@ -455,3 +455,36 @@ def test_every_error_code_has_one_http_status() -> None:
               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ApiError"
               and node.args and isinstance(node.args[0], ast.Constant)]
     assert len(raised) > 10 and all(code in STATUS for _, code in raised), raised
+
+
+def test_merged_choices_close_cleanly_when_the_client_leaves() -> None:
+    """The choices of a streamed completion (n > 1) are read by one task each; a client that leaves
+    while the reader waits on them cancels it, and every choice's stream is closed, without the
+    RuntimeError of closing a generator that its task is still iterating."""
+    import asyncio
+
+    from atlas.server.routes.completions import merged
+
+    closed: list[int] = []
+
+    async def choice(i: int):
+        try:
+            yield i
+            await asyncio.Event().wait()  # the runtime has no next token yet
+            yield -1
+        finally:
+            closed.append(i)
+
+    async def client() -> None:
+        async for _ in merged([choice(0), choice(1), choice(2)]):
+            pass
+
+    async def main() -> None:
+        reader = asyncio.create_task(client())
+        await asyncio.sleep(0.05)  # every choice gave its first item and waits for a second
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+
+    asyncio.run(main())
+    assert sorted(closed) == [0, 1, 2]

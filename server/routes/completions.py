@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 
 from atlas.engine import Atlas
@@ -108,10 +109,14 @@ async def merged(streams: Sequence[AsyncGenerator[Item, None]]) -> AsyncGenerato
             else:
                 yield i, got
     finally:
-        for t in tasks:
-            t.cancel()
-        for s in streams:
-            await s.aclose()
+        # Shielded (a client that went away cancels this scope), and each pump stopped before its
+        # stream is closed: closing a generator that a pump is still iterating raises.
+        with anyio.CancelScope(shield=True):
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()
 
 
 @dataclass
