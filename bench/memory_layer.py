@@ -3,8 +3,12 @@
 Both read and write a 2-layer MLP memory (expansion 4) per head of width 64, on chunks of 64 tokens, in
 fp32, on one sequence of 4,096 tokens (default). ATLAS does more per chunk: the Omega rule over a window
 of c = 8 tokens and 5 Newton-Schulz steps (Muon) on both memory matrices. `AtlasMemory` runs the way the
-served model runs it, one chunk block at a time (`AtlasMemory.forward`, commit on every chunk), under
-`torch.inference_mode`; `NeuralMemory.forward` takes the whole sequence. Repetitions are interleaved
+served model runs a fed piece, as one span of whole chunks (`AtlasMemory.forward`: the projections of
+all rows at once, then the chunk steps one by one; chunk by chunk where the measured tree has no
+spans), under `torch.inference_mode`; `NeuralMemory.forward` takes the whole sequence. Each side's
+matrix-product FLOPs are counted once (torch's FlopCounterMode): their ratio is the speed ratio the
+two would have at one FLOP rate, which bounds what a faster implementation of the same arithmetic
+can reach. Repetitions are interleaved
 (ATLAS, titans, ATLAS, titans, ...) so that machine noise hits both alike; ratios are titans' time over
 ATLAS' time per repetition (> 1: ATLAS is faster), reported as min, median and max. ATLAS runs once per
 Newton-Schulz precision asked for (`--ns-precision`, ATLAS_NS_PRECISION: fp32, the default, and bf16 as
@@ -77,17 +81,56 @@ def atlas_runner(dim: int, tokens: int, chunk: int) -> tuple[Callable[[], None],
     cfg = ModelConfig(d_model=dim, n_heads=dim // HEAD_DIM, chunk_size=chunk, swa_window=max(256, chunk))
     mem = AtlasMemory(cfg).eval()
     x = torch.randn(1, tokens, dim)
-    commit, ends = torch.ones(1, dtype=torch.bool), torch.full((1,), chunk - 1)
+    commit = torch.ones(1, dtype=torch.bool)
+    step = tokens if tokens % chunk == 0 and takes_spans(mem, chunk) else chunk
 
     def run() -> None:
         with torch.inference_mode():
             st = mem.init_state(1, torch.float32)
-            for j in range(tokens // chunk):
-                _, st = mem.forward(x[:, j * chunk:(j + 1) * chunk], st, commit, ends)
+            for j in range(0, tokens - tokens % chunk, step):
+                _, st = mem.forward(x[:, j:j + step], st, commit, torch.full((1,), step - 1))
 
     params = sum(p.numel() for p in mem.parameters())
     return run, {"parameters": params, "omega_window": cfg.omega_window, "ns_steps": cfg.ns_steps,
-                 "optimizer": cfg.optimizer, "mem_hidden": cfg.mem_hidden}
+                 "optimizer": cfg.optimizer, "mem_hidden": cfg.mem_hidden, "rows_per_call": step}
+
+
+def takes_spans(mem: AtlasMemory, chunk: int) -> bool:
+    """Whether this tree's layer steps a span of several whole chunks in one call (earlier trees
+    take one chunk per call)."""
+    x = torch.zeros(1, 2 * chunk, mem.cfg.d_model)
+    try:
+        with torch.inference_mode():
+            mem.forward(x, mem.init_state(1, torch.float32), torch.ones(1, dtype=torch.bool),
+                        torch.full((1,), 2 * chunk - 1))
+    except ValueError:
+        return False
+    return True
+
+
+class _NoModules:
+    """Stands in for FlopCounterMode's module tracker, whose backward hooks fail on titans'
+    torch.func transforms under no_grad; only the global count is wanted."""
+
+    parents = {"Global"}
+    is_bw = False
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def matmul_flops(fn: Callable[[], None]) -> int:
+    """The FLOPs of the matrix products of one run of fn (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModules()  # type: ignore[assignment]
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def titans_runner(dim: int, tokens: int, chunk: int) -> tuple[Callable[[], None], dict[str, Any]] | None:
@@ -179,6 +222,7 @@ def bench_dim(dim: int, args: argparse.Namespace, earlier: tuple[str, Path] | No
         run()
     if theirs is not None:
         theirs[0]()
+    flops = {"atlas": matmul_flops(ours), "titans": matmul_flops(theirs[0]) if theirs is not None else None}
     t_ours: dict[str, list[float]] = {p: [] for p in precisions}
     t_theirs: list[float] = []
     t_ref: list[float] = []
@@ -199,11 +243,17 @@ def bench_dim(dim: int, args: argparse.Namespace, earlier: tuple[str, Path] | No
     for p, times in t_ours.items():
         row["atlas"][p] = {**ours_info, "ns_precision": p, "seconds": [round(t, 4) for t in times],
                            "best_tok_s": round(args.tokens / min(times), 1),
-                           "median_tok_s": round(args.tokens / statistics.median(times), 1)}
-    if theirs is not None:
+                           "median_tok_s": round(args.tokens / statistics.median(times), 1),
+                           "matmul_gflop": round(flops["atlas"] / 1e9, 3),
+                           "best_gflop_s": round(flops["atlas"] / 1e9 / min(times), 2)}
+    if theirs is not None and flops["titans"] is not None:
         row["titans"] = {**theirs[1], "seconds": [round(t, 4) for t in t_theirs],
                          "best_tok_s": round(args.tokens / min(t_theirs), 1),
-                         "median_tok_s": round(args.tokens / statistics.median(t_theirs), 1)}
+                         "median_tok_s": round(args.tokens / statistics.median(t_theirs), 1),
+                         "matmul_gflop": round(flops["titans"] / 1e9, 3),
+                         "best_gflop_s": round(flops["titans"] / 1e9 / min(t_theirs), 2)}
+        # titans' FLOPs over ATLAS': the ATLAS/titans speed ratio if both ran at one FLOP rate
+        row["ratio_at_equal_flop_rate"] = round(flops["titans"] / flops["atlas"], 3)
         row["speedup"] = {p: {"best_of": round(min(t_theirs) / min(times), 3),
                               **spread([b / a for a, b in zip(times, t_theirs, strict=True)])}
                           for p, times in t_ours.items()}
@@ -221,11 +271,15 @@ def bench_dim(dim: int, args: argparse.Namespace, earlier: tuple[str, Path] | No
 def summary_line(row: dict[str, Any]) -> str:
     line = f"dim {row['dim']:>5} / {row['heads']:>2} heads:"
     if "titans" in row:
-        line += f" titans {row['titans']['best_tok_s']:>9,.0f} tok/s;"
+        t = row["titans"]
+        line += (f" titans {t['best_tok_s']:>9,.0f} tok/s ({t['matmul_gflop']:.2f} GFLOP, "
+                 f"{t['best_gflop_s']:.1f} GFLOP/s); ratio at one FLOP rate "
+                 f"{row['ratio_at_equal_flop_rate']:.2f}x;")
     if "earlier" in row:
         line += f" ATLAS at {row['earlier']['commit'][:8]} {row['earlier']['best_tok_s']:>9,.0f} tok/s;"
     for p, r in row["atlas"].items():
-        line += f"\n  ATLAS, Newton-Schulz in {p}: {r['best_tok_s']:>9,.0f} tok/s"
+        line += (f"\n  ATLAS, Newton-Schulz in {p}: {r['best_tok_s']:>9,.0f} tok/s "
+                 f"({r['matmul_gflop']:.2f} GFLOP, {r['best_gflop_s']:.1f} GFLOP/s)")
         for key, name in (("speedup", "ATLAS/titans"), ("speedup_over_earlier", "over the earlier commit")):
             if key in row:
                 s = row[key][p]
