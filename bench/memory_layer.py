@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or RESULTS / "memory-layer-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO) if out.resolve().is_relative_to(REPO) else out.name}")
+    print(f"wrote {out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out.name}")
 
 
 if __name__ == "__main__":
