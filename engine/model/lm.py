@@ -187,8 +187,9 @@ class AtlasModel(nn.Module):
         # The rounds every session commits (whole chunks) run as one span, layer by layer: a
         # span computes each chunk as its own block would, with the row-wise operations
         # (projections, norms, MLPs) taken over all its rows at once (docs/model.md,
-        # "Streaming on the absolute chunk grid").
-        span = int(total.min()) // b if t else 0
+        # "Streaming on the absolute chunk grid"). On the CPU only: there a product's rows keep
+        # their bits whatever the row count (tested); cuBLAS may choose its algorithm by it.
+        span = int(total.min()) // b if t and tokens.device.type == "cpu" else 0
         span = span if span > 1 else 0
         blocks = ([(0, span)] if span else []) + [(r, 1) for r in range(span, n_rounds)]
         for r, n in blocks:
