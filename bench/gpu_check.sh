@@ -4,7 +4,8 @@
 #
 #   bench    bench/kernels.py at B in 1, 8, 32 and T in 4k, 64k (kernel, eager, torch.compile, fla),
 #            as OUTDIR/kernels.json (committed as bench/results/kernels-<gpu>.json)
-#   tests    tests/test_kernels.py compiled on the GPU, the gpu-marked real-shape tests included
+#   tests    tests/test_kernels.py compiled on the GPU, the gpu-marked real-shape tests included, and
+#            whether cuBLAS keeps a row's bits whatever the row count (what spans need on a GPU)
 #   cases    bench/kernel_case.py: every depth, optimizer and dtype at the serving shapes, each in a
 #            process of its own (an illegal access fails one case, not every test after it), as
 #            OUTDIR/cases.jsonl
@@ -72,7 +73,8 @@ for stage in $stages; do
     bench) run_stage bench "${BENCH_LIMIT:-360}" python3 bench/kernels.py --out "$out/kernels.json" ;;
     tests) xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
            run_stage tests "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" \
-             tests/test_kernels.py ;;
+             tests/test_kernels.py \
+             tests/test_model_invariance.py::test_cuda_products_keep_a_rows_bits_whatever_the_row_count ;;
     cases) run_stage cases "${CASES_LIMIT:-120}" bash -c '
              for depth in 1 2; do for opt in gd momentum muon; do for dtype in fp32 bf16; do
                python3 bench/kernel_case.py --depth $depth --opt $opt --dtype $dtype &

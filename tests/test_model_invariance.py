@@ -223,3 +223,26 @@ def test_a_span_is_whole_chunks_that_every_session_commits() -> None:
         mem(x, st, torch.tensor([True, False]), torch.full((2,), 2 * b - 1))
     with pytest.raises(ValueError, match="every session commits"):
         mem(torch.randn(2, 2 * b + 3, d), st, torch.tensor([True, True]), torch.full((2,), 2 * b + 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_products_keep_a_rows_bits_whatever_the_row_count(dtype) -> None:
+    """What spans need before they run on a GPU (they run on the CPU only, engine/model/lm.py): each
+    of the default model's linear maps gives a chunk's rows the same bits in a product of one chunk
+    as in a product of many."""
+    from atlas.engine import ModelConfig
+
+    model = Atlas.from_config(ModelConfig(), seed=0, device="cuda").model.to(dtype)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    b = model.cfg.chunk_size
+    for name, layer in model.named_modules():
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        for sessions, chunks in ((1, 2), (1, 64), (4, 8)):
+            x = torch.randn(sessions, chunks * b, layer.in_features, device="cuda", generator=gen).to(dtype)
+            whole = layer(x)
+            for j in range(chunks):
+                part = layer(x[:, j * b:(j + 1) * b].contiguous())  # as a round makes it
+                assert torch.equal(whole[:, j * b:(j + 1) * b], part), (name, sessions, chunks, j)
