@@ -261,22 +261,24 @@ class AtlasMemory(nn.Module):
             return out, new
         if x.shape[1] % b:
             raise ValueError("a committed chunk must have chunk_size rows")
+        # The committing sessions, once for the block (None: all of them).
+        idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
         new = dict(st)
         reads = []
         for j in range(n_chunks):
             sl = slice(j * b, (j + 1) * b) if n_chunks > 1 else slice(None)
             weights = tuple(new[n] for n in names)
             reads.append(memory_read(weights, fq[:, :, sl]))
-            new.update(self._commit(new, commit, fk[:, :, sl], v[:, :, sl], logits[:, :, sl]))
-        idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
+            new.update(self._commit(new, idx, fk[:, :, sl], v[:, :, sl], logits[:, :, sl]))
         new.update(cache, conv=conv_tail if idx is None else st["conv"].index_copy(0, idx, conv_tail[idx]))
         read = reads[0] if n_chunks == 1 else torch.cat(reads, dim=2)
         return head_rms_norm(read.to(x.dtype), self.norm, c.norm_eps), new
 
-    def _commit(self, st: dict[str, Tensor], commit: Tensor, fk: Tensor, v: Tensor,
+    def _commit(self, st: dict[str, Tensor], idx: Tensor | None, fk: Tensor, v: Tensor,
                 logits: Tensor) -> dict[str, Tensor]:
-        """The optimiser step of one committed chunk: phi(k), v (B, H, b, d) and the gate logits
-        (B, H, b, 4) of its rows; returns the new weights, momentum and Omega tail."""
+        """The optimiser step of one committed chunk for the sessions idx (None: all): phi(k), v
+        (B, H, b, d) and the gate logits (B, H, b, 4) of its rows; returns the new weights,
+        momentum and Omega tail."""
         c = self.cfg
         names = self._names
         weights = tuple(st[n] for n in names)
@@ -288,7 +290,6 @@ class AtlasMemory(nn.Module):
         logits = logits.to(wdtype)
         gamma = _sigmoid(logits[..., 3])
         chunk_gates = _sigmoid(logits[..., :3].mean(dim=2))
-        idx = None if bool(commit.all()) else commit.nonzero().squeeze(1)
         sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
         put = (lambda old, upd: upd) if idx is None else (lambda old, upd: old.index_copy(0, idx, upd))
 
