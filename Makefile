@@ -43,13 +43,17 @@ lint-mypy: $(STAMP)
 	@for p in engine kernels server training; do ln -sfn ../../../$$p build/typing/atlas/$$p; done
 	$(PY) -m mypy
 
-# --durations: the slowest tests, printed with every run, to keep the suite within its 15 minutes.
+# One worker per core, at most 4 (pytest-xdist; a test file stays on one worker, with its module's
+# fixtures); tests/conftest.py shares the cores' threads among them. --durations: the slowest tests,
+# printed with every run, to keep the suite within its 15 minutes. `$(PY) -m pytest` runs it serially.
+PYTEST_PARALLEL := -n logical --maxprocesses 4 --dist loadfile
+
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 # The edit loop: everything but the tests marked slow (each over ~30 s).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py

@@ -17,7 +17,9 @@ from atlas.engine.store import EmbeddedStore, RedisStore, StoreSettings, open_st
 from . import helpers
 from .store_helpers import RedisServer, make_store, start_cluster
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# Parallel workers (pytest-xdist's -n, `make test`) share the cores: more threads than cores stall.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
 
 
 # -- models ----------------------------------------------------------------------------------------
