@@ -5,7 +5,8 @@ gives it another vocabulary, e.g. a subword tokenizer's 32,000) or of the bundle
 Each measurement is its own process, the two source trees alternating (A B, B A, A B, ...), so that
 the machine's load hits both alike; the earlier commit is checked out into a temporary git worktree
 and imported in place of this one (PYTHONPATH). Per process: a 2,048-token prefix read into a fresh
-session (timed after a 256-token warm-up: the ingest rate), then one session decoding 128 tokens
+session (timed after a 256-token warm-up: the ingest rate; `--readers N`: into N sessions at once,
+as `atlas eval` reads its prompts), then one session decoding 128 tokens
 and 32 sessions decoding 64 steps together, one token per session per step
 through `Atlas.feed` (the one-row fast path, and the block path for each token that completes a
 chunk), with the thread policy of `atlas serve` (engine/threads.py). Reported: tokens/s of each, and
@@ -15,6 +16,7 @@ per pair the ratio working tree / earlier commit, as min, median and max.
     python bench/decode.py --ref v0.3 --pairs 5
     python bench/decode.py --ref HEAD~1 --vocab 32000 --out bench/results/decode-vocab32k-cpu.json
     python bench/decode.py --ref HEAD~1 --model demo --out bench/results/decode-demo-cpu.json
+    python bench/decode.py --ref HEAD~1 --model demo --prefix 65536 --readers 8
 
 Writes bench/results/decode-cpu.json (the commits by hash, the machine described).
 """
@@ -37,11 +39,12 @@ RESULTS = REPO / "bench" / "results"
 
 
 def worker(model: str, prefix_len: int, single: int, sessions: int, steps: int,
-           vocab: int | None) -> dict[str, Any]:
+           vocab: int | None, readers: int = 1) -> dict[str, Any]:
     """Ingest and decode rates of the source tree this process imports (printed as JSON by --worker)."""
+    import torch
     from ingest import decode_rate  # bench/ingest.py: the same greedy loop through Atlas.feed
 
-    from atlas.engine import Atlas, ModelConfig
+    from atlas.engine import Atlas, ModelConfig, SessionState
     from atlas.engine.threads import apply_thread_policy
 
     if model == "demo":
@@ -54,8 +57,11 @@ def worker(model: str, prefix_len: int, single: int, sessions: int, steps: int,
 
     atlas.feed(atlas.new_state(), prefix[:256])  # warm-up: allocator, lazy initialisation
     started = time.perf_counter()
-    atlas.feed(atlas.new_state(), prefix)
-    ingest = prefix_len / (time.perf_counter() - started)
+    if readers == 1:
+        atlas.feed(atlas.new_state(), prefix)
+    else:
+        atlas.feed(SessionState.stack([atlas.new_state()] * readers), torch.tensor([prefix] * readers))
+    ingest = readers * prefix_len / (time.perf_counter() - started)
     decode_rate(atlas, prefix, 1, 16)
     return {"threads": threads.threads, "ingest_tok_s": round(ingest, 1),
             "decode_1_tok_s": round(decode_rate(atlas, prefix, 1, single), 1),
@@ -68,7 +74,7 @@ def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--prefix", str(args.prefix),
-           "--single", str(args.single),
+           "--single", str(args.single), "--readers", str(args.readers),
            "--sessions", str(args.sessions), "--steps", str(args.steps)]
     if args.vocab is not None:
         cmd += ["--vocab", str(args.vocab)]
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", type=int, default=2048)
     p.add_argument("--model", choices=["default", "demo"], default="default")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the default model's)")
+    p.add_argument("--readers", type=int, default=1, help="sessions reading the prefix together")
     p.add_argument("--single", type=int, default=128, help="tokens one session decodes")
     p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--steps", type=int, default=64, help="steps of the batched decode")
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "demo" and args.vocab is not None:
         p.error("--vocab applies to the default model only")
     if args.worker:
-        print(json.dumps(worker(args.model, args.prefix, args.single, args.sessions, args.steps, args.vocab)))
+        print(json.dumps(worker(args.model, args.prefix, args.single, args.sessions, args.steps, args.vocab,
+                                args.readers)))
         return 0
 
     from earlier_tree import describe_tree, earlier_tree
@@ -124,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               "after": describe_tree(),
               "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATLAS_")},
               "settings": {k: getattr(args, k)
-                           for k in ("model", "pairs", "prefix", "single", "sessions", "steps", "vocab")},
+                           for k in ("model", "pairs", "prefix", "readers", "single", "sessions", "steps",
+                                     "vocab")},
               "summary": summary, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

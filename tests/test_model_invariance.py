@@ -213,6 +213,32 @@ def test_span_of_whole_chunks_equals_the_rounds(monkeypatch: pytest.MonkeyPatch)
     assert torch.equal(state.last_logits, every[:, -1])
 
 
+def test_a_long_piece_runs_as_bounded_spans_with_the_bits_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A piece longer than a span may be (lm.SPAN_ELEMENTS) runs as several spans in a row, then the
+    rounds, and reaches bit for bit the state and logits of one span over it all."""
+    from atlas.engine.model import lm
+    from atlas.engine.model.memory import AtlasMemory
+
+    atlas = Atlas.load(device="cpu")
+    b, d = atlas.config.chunk_size, atlas.config.d_model
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, 256, (2, 9 * b + 5), generator=gen)
+    start = SessionState.stack([atlas.new_state(), atlas.feed(atlas.new_state(), tokens[:1, :3])[0]])
+
+    rows: list[int] = []
+    real = AtlasMemory.project
+    monkeypatch.setattr(AtlasMemory, "project",
+                        lambda self, x, tail: rows.append(x.shape[1]) or real(self, x, tail))
+    one, one_logits = atlas.feed(start, tokens, all_logits=True)
+    assert 9 * b in rows  # one span of the nine chunks both sessions complete
+    rows.clear()
+    monkeypatch.setattr(lm, "SPAN_ELEMENTS", 2 * 4 * b * d)  # four chunks of two sessions a span
+    bounded, bounded_logits = atlas.feed(start, tokens, all_logits=True)
+    assert rows[::atlas.config.n_layers] == [4 * b, 4 * b, b, 8]  # spans of 4 and 4, then the rounds
+    assert same_session(bounded, one)
+    assert torch.equal(bounded_logits, one_logits)
+
+
 def test_a_span_is_whole_chunks_that_every_session_commits() -> None:
     atlas = tiny_atlas(torch.float32)
     mem = atlas.model.memories[0]

@@ -17,6 +17,10 @@ from ..state import is_cache_key
 from .attention import SlidingWindowAttention, rope_cos_sin
 from .memory import AtlasMemory, head_rms_norm, state_dtype
 
+#: A span's rows (sessions x tokens) times the model's width, at most (`AtlasModel.forward`): 2 MB
+#: of fp32 for one row-wise activation, 8,192 rows of the demo model, 2,048 of the default one.
+SPAN_ELEMENTS = 1 << 19
+
 StateDict = dict[str, Tensor]
 
 
@@ -189,9 +193,17 @@ class AtlasModel(nn.Module):
         # (projections, norms, MLPs) taken over all its rows at once (docs/model.md,
         # "Streaming on the absolute chunk grid"). On the CPU only: there a product's rows keep
         # their bits whatever the row count (tested); cuBLAS may choose its algorithm by it.
-        span = int(total.min()) // b if t and tokens.device.type == "cpu" else 0
-        span = span if span > 1 else 0
-        blocks = ([(0, span)] if span else []) + [(r, 1) for r in range(span, n_rounds)]
+        # A long piece runs as several spans of a bounded size: their activations are then reused
+        # from the allocator's cache, where one span of a 64k-token piece mapped its own afresh and
+        # faulted them in page by page (half of its time, in the kernel).
+        whole = int(total.min()) // b if t and tokens.device.type == "cpu" else 0
+        per_span = max(2, SPAN_ELEMENTS // (bsz * b * self.cfg.d_model))
+        blocks, r = [], 0
+        while whole - r > 1:
+            n = min(per_span, whole - r)
+            blocks.append((r, n))
+            r += n
+        blocks += [(q, 1) for q in range(r, n_rounds)]
         for r, n in blocks:
             rows = min(n * b, int(total.max()) - r * b)
             vpos = r * b + torch.arange(rows, device=tokens.device)  # pending ids, then new tokens
