@@ -6,7 +6,8 @@ Each measurement is its own process, the two source trees alternating (A B, B A,
 the machine's load hits both alike; the earlier commit is checked out into a temporary git worktree
 and imported in place of this one (PYTHONPATH). Per process: a 2,048-token prefix read into a fresh
 session (timed after a 256-token warm-up: the ingest rate; `--readers N`: into N sessions at once,
-as `atlas eval` reads its prompts), then one session decoding 128 tokens
+as `atlas eval` reads its prompts; `--piece`: tokens per forward call, Atlas's 4,096 unless told,
+`atlas eval`'s 65,536), then one session decoding 128 tokens
 and 32 sessions decoding 64 steps together, one token per session per step
 through `Atlas.feed` (the one-row fast path, and the block path for each token that completes a
 chunk), with the thread policy of `atlas serve` (engine/threads.py). Reported: tokens/s of each, and
@@ -16,7 +17,7 @@ per pair the ratio working tree / earlier commit, as min, median and max.
     python bench/decode.py --ref v0.3 --pairs 5
     python bench/decode.py --ref HEAD~1 --vocab 32000 --out bench/results/decode-vocab32k-cpu.json
     python bench/decode.py --ref HEAD~1 --model demo --out bench/results/decode-demo-cpu.json
-    python bench/decode.py --ref HEAD~1 --model demo --prefix 65536 --readers 8
+    python bench/decode.py --ref HEAD~1 --model demo --prefix 65536 --readers 8 --piece 65536
 
 Writes bench/results/decode-cpu.json (the commits by hash, the machine described).
 """
@@ -39,7 +40,7 @@ RESULTS = REPO / "bench" / "results"
 
 
 def worker(model: str, prefix_len: int, single: int, sessions: int, steps: int,
-           vocab: int | None, readers: int = 1) -> dict[str, Any]:
+           vocab: int | None, readers: int = 1, piece: int = 4096) -> dict[str, Any]:
     """Ingest and decode rates of the source tree this process imports (printed as JSON by --worker)."""
     import torch
     from ingest import decode_rate  # bench/ingest.py: the same greedy loop through Atlas.feed
@@ -53,6 +54,7 @@ def worker(model: str, prefix_len: int, single: int, sessions: int, steps: int,
         config = ModelConfig() if vocab is None else ModelConfig(vocab_size=vocab)
         atlas = Atlas.from_config(config, seed=0, device="cpu")
     threads = apply_thread_policy(atlas.parameters)
+    atlas.max_piece = piece
     prefix = [i * 7 % atlas.config.vocab_size for i in range(prefix_len)]
 
     atlas.feed(atlas.new_state(), prefix[:256])  # warm-up: allocator, lazy initialisation
@@ -75,6 +77,7 @@ def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
         env["PYTHONPATH"] = str(tree)
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--prefix", str(args.prefix),
            "--single", str(args.single), "--readers", str(args.readers),
+           "--piece", str(args.piece),
            "--sessions", str(args.sessions), "--steps", str(args.steps)]
     if args.vocab is not None:
         cmd += ["--vocab", str(args.vocab)]
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["default", "demo"], default="default")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the default model's)")
     p.add_argument("--readers", type=int, default=1, help="sessions reading the prefix together")
+    p.add_argument("--piece", type=int, default=4096, help="tokens per forward call of the ingest")
     p.add_argument("--single", type=int, default=128, help="tokens one session decodes")
     p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--steps", type=int, default=64, help="steps of the batched decode")
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--vocab applies to the default model only")
     if args.worker:
         print(json.dumps(worker(args.model, args.prefix, args.single, args.sessions, args.steps, args.vocab,
-                                args.readers)))
+                                args.readers, args.piece)))
         return 0
 
     from earlier_tree import describe_tree, earlier_tree
@@ -132,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
               "after": describe_tree(),
               "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ATLAS_")},
               "settings": {k: getattr(args, k)
-                           for k in ("model", "pairs", "prefix", "readers", "single", "sessions", "steps",
-                                     "vocab")},
+                           for k in ("model", "pairs", "prefix", "readers", "piece", "single", "sessions",
+                                     "steps", "vocab")},
               "summary": summary, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
