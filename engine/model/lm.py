@@ -188,22 +188,7 @@ class AtlasModel(nn.Module):
         last = state["last_logits"]
         out = last.new_zeros(bsz, t + 1, v) if all_logits else None
         n_rounds = -(-int(total.max()) // b) if t else 0
-        # The rounds every session commits (whole chunks) run as one span, layer by layer: a
-        # span computes each chunk as its own block would, with the row-wise operations
-        # (projections, norms, MLPs) taken over all its rows at once (docs/model.md,
-        # "Streaming on the absolute chunk grid"). On the CPU only: there a product's rows keep
-        # their bits whatever the row count (tested); cuBLAS may choose its algorithm by it.
-        # A long piece runs as several spans of a bounded size: their activations are then reused
-        # from the allocator's cache, where one span of a 64k-token piece mapped its own afresh and
-        # faulted them in page by page (half of its time, in the kernel).
-        whole = int(total.min()) // b if t and tokens.device.type == "cpu" else 0
-        per_span = max(2, SPAN_ELEMENTS // (bsz * b * self.cfg.d_model))
-        blocks, r = [], 0
-        while whole - r > 1:
-            n = min(per_span, whole - r)
-            blocks.append((r, n))
-            r += n
-        blocks += [(q, 1) for q in range(r, n_rounds)]
+        blocks = self._plan_blocks(total, n_rounds, tokens.device.type == "cpu" and t > 0)
         for r, n in blocks:
             rows = min(n * b, int(total.max()) - r * b)
             vpos = r * b + torch.arange(rows, device=tokens.device)  # pending ids, then new tokens
@@ -241,14 +226,39 @@ class AtlasModel(nn.Module):
                 out = out.scatter(1, tok[..., None].expand(bsz, rows, v), logits)
             row_logits = logits[torch.arange(bsz), (row - first).clamp(0, rows - first - 1)]
             last = torch.where(has[:, None], row_logits, last)
-        ar = torch.arange(b, device=tokens.device)
-        keep_from = total // b * b
-        vpos = keep_from[:, None] + ar[None, :]
-        idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
-        pending = torch.where(vpos < total[:, None], torch.gather(stream, 1, idx), 0)
+        pending = self._pending(stream, filled, total)
         new = dict(layers, pos=state["pos"] + t, tokens=state["tokens"] + t, pending=pending,
                    last_logits=last, cache_len=total % b if t else state["cache_len"])
         return (out[:, :t] if out is not None else last), new
+
+    def _plan_blocks(self, total: Tensor, n_rounds: int, spans: bool) -> list[tuple[int, int]]:
+        """The blocks (first round, rounds) a forward computes: spans, then rounds of one chunk.
+
+        The rounds every session commits (whole chunks) run as spans, layer by layer: a span
+        computes each chunk as its own block would, with the row-wise operations (projections,
+        norms, MLPs) taken over all its rows at once (docs/model.md, "Streaming on the absolute
+        chunk grid"). `spans` on the CPU only: there a product's rows keep their bits whatever the
+        row count (tested); cuBLAS may choose its algorithm by it. A long piece runs as several
+        spans of a bounded size: their activations are then reused from the allocator's cache,
+        where one span of a 64k-token piece mapped its own afresh and faulted them in page by page
+        (half of its time, in the kernel)."""
+        b = self.cfg.chunk_size
+        whole = int(total.min()) // b if spans else 0
+        per_span = max(2, SPAN_ELEMENTS // (total.shape[0] * b * self.cfg.d_model))
+        blocks, r = [], 0
+        while whole - r > 1:
+            n = min(per_span, whole - r)
+            blocks.append((r, n))
+            r += n
+        return blocks + [(q, 1) for q in range(r, n_rounds)]
+
+    def _pending(self, stream: Tensor, filled: Tensor, total: Tensor) -> Tensor:
+        """The ids of each session's unfinished chunk (B, chunk_size), zeros past its last token;
+        `stream` is the earlier pending ids then the new tokens."""
+        b, t = self.cfg.chunk_size, stream.shape[1] - self.cfg.chunk_size
+        vpos = (total // b * b)[:, None] + torch.arange(b, device=stream.device)[None, :]
+        idx = torch.where(vpos < filled[:, None], vpos, b + vpos - filled[:, None]).clamp(max=b + t - 1)
+        return torch.where(vpos < total[:, None], torch.gather(stream, 1, idx), 0)
 
     def _decode(self, tokens: Tensor, state: StateDict, filled: Tensor,
                 all_logits: bool) -> tuple[Tensor, StateDict]:
