@@ -42,8 +42,9 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # vLLM's / Hugging Face's: over the prompt's and the generated tokens; positive logits are
-    # divided by it, negative ones multiplied. 1 means none.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    # divided by it, negative ones multiplied. 1 means none; at most ten times either way (a logit
+    # divided by 1e-39 overflows, and the non-finite result would look like a corrupt state).
+    repetition_penalty: float = Field(1.0, ge=0.1, le=10.0)
     logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit
     n: int = Field(1, ge=1, le=128)  # choices, forks of the one prompt state
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # per sampled token, with N alternatives

@@ -39,6 +39,8 @@ MAX_NAME_CHARS = 128
 MAX_METADATA_KEYS = 32
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_BYTES = 4096
+#: The largest document offset a session can be resumed from (the ingest route's `offset` bound).
+MAX_BYTES_COMMITTED = 1 << 62
 
 MetadataValue = str | int | float | bool | None
 
@@ -70,7 +72,7 @@ def check_name(name: Any) -> str | None:
 def check_metadata(metadata: Any) -> dict[str, MetadataValue]:
     """Session metadata: a flat JSON object of at most MAX_METADATA_KEYS keys (each at most
     MAX_METADATA_KEY_CHARS characters) with string, number, boolean or null values, at most
-    MAX_METADATA_BYTES bytes as JSON."""
+    MAX_METADATA_BYTES bytes as compact UTF-8 JSON."""
     if not isinstance(metadata, dict):
         raise ValueError("metadata is a JSON object")
     if len(metadata) > MAX_METADATA_KEYS:
@@ -81,8 +83,13 @@ def check_metadata(metadata: Any) -> dict[str, MetadataValue]:
         if not (v is None or isinstance(v, str | int | float | bool)) or (
                 isinstance(v, float) and not math.isfinite(v)):
             raise ValueError("metadata values are strings, finite numbers, booleans or null")
-    if len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is at most {MAX_METADATA_BYTES} bytes as JSON")
+    try:  # as the client sends it: compact, UTF-8 (a lone surrogate, "\ud800", is no text)
+        size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    except UnicodeEncodeError:
+        raise ValueError("metadata keys and values are Unicode text (a lone surrogate is not)") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is at most {MAX_METADATA_BYTES} bytes as compact UTF-8 JSON "
+                         f"(this is {size})")
     return dict(metadata)
 
 
@@ -146,9 +153,9 @@ def _info(header: dict[str, Any], fingerprint: str) -> dict[str, Any]:
         fp = info.get("fingerprint")
         raise ForeignSessionFileError("foreign_model", f"the session is of model {str(fp)[:16]}..., this "
                                       f"server runs {fingerprint[:16]}...")
-    for k in ("tokens", "bytes_committed"):
-        if type(info.get(k)) is not int or info[k] < 0:
-            raise SessionFileError("counters", f"{k} is not a count")
+    for k in ("tokens", "bytes_committed", "held_bytes"):
+        if type(info.get(k, 0)) is not int or not 0 <= info.get(k, 0) <= MAX_BYTES_COMMITTED:
+            raise SessionFileError("counters", f"{k} is not a count (0 to 2^62)")
     if not isinstance(info.get("state_sha256"), str):
         raise SessionFileError("checksum", "the file carries no state checksum")
     try:
@@ -178,6 +185,12 @@ def read(data: bytes, atlas: Atlas) -> SessionFile:
         raise SessionFileError("tensors", f"the file holds {state.batch_size} sessions, not one")
     if state.tokens[0] != info["tokens"]:
         raise SessionFileError("counters", "tokens disagrees with the state")
+    if len(state.held().text) != info.get("held_bytes", 0):
+        raise SessionFileError("counters", "held_bytes disagrees with the state")
+    if not atlas.tokenizer.holds_text and info["bytes_committed"] > info["tokens"]:
+        # bytes: every document byte is one token (a committed answer adds tokens, no bytes)
+        raise SessionFileError("counters", "bytes_committed is more than the tokens a byte-level "
+                               "model read")
     return SessionFile(state, state_bytes, info["tokens"], info["bytes_committed"], info["name"],
                        info["metadata"])
 

@@ -95,6 +95,9 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     """The error object, with the id of the request it answers (from the context: every error of a
     request, in a response or in its event stream, carries it)."""
     rid = current_request_id()
+    # A message may quote what the client sent, and JSON lets a client send a lone surrogate
+    # ("\ud800"), which UTF-8 cannot encode: it is written as its escape instead.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"code": code, "message": message, **({"request_id": rid} if rid else {})}}
 
 

@@ -47,8 +47,6 @@ class Metrics:
                                         buckets=E2E_BUCKETS, registry=r)
         self.ingest_rate = Histogram("atlas:ingest_tokens_per_second", "Ingest speed of each request.",
                                      buckets=RATE_BUCKETS, registry=r)
-        self.ingest_tokens = Counter("atlas:ingest_tokens", "Document tokens read into sessions.",
-                                     registry=r)
         self.prompt_tokens = Counter("atlas:prompt_tokens", "Prompt tokens of generation requests.",
                                      registry=r)
         self.generation_tokens = Counter("atlas:generation_tokens", "Tokens generated.", registry=r)
@@ -98,6 +96,8 @@ class _EngineCollector(Collector):
                                   rt.decode_tokens)
         yield CounterMetricFamily("atlas:engine_prefill_tokens", "Tokens fed by ingest and prompt steps.",
                                   rt.ingest_tokens)
+        yield CounterMetricFamily("atlas:ingest_tokens", "Document tokens committed into sessions.",
+                                  rt.document_tokens)
         yield GaugeMetricFamily("atlas:state_bytes", "Bytes of one session state (the same for any "
                                 "length).", services.state_bytes)
         a = services.atlas

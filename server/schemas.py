@@ -94,7 +94,7 @@ class SessionPatch(BaseModel):
     metadata: Annotated[dict[str, MetadataValue] | None, AfterValidator(
         lambda v: None if v is None else check_metadata(v))] = Field(
         None, description=f"Replaces the metadata: a flat object of at most {MAX_METADATA_KEYS} keys, "
-                          f"{MAX_METADATA_BYTES} bytes as JSON; null or {{}} clears it.")
+                          f"{MAX_METADATA_BYTES} bytes as compact UTF-8 JSON; null or {{}} clears it.")
 
 
 class SessionList(BaseModel):
@@ -191,7 +191,7 @@ class OpenAIFields(SamplingFields):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: over generated tokens.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: over generated tokens.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM's: over prompt and "
+    repetition_penalty: float = Field(1.0, ge=0.1, le=10.0, description="vLLM's: over prompt and "
                                       "generated tokens; positive logits divided, negative multiplied.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in "
                                                 "[-100, 100], added to its logit.")

@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.responses import Response
@@ -27,7 +28,14 @@ from atlas.engine.runtime.jobs import PromptLogprobs
 from atlas.engine.sampling import SamplingParams, TokenLogprob
 from atlas.engine.store import SessionMeta
 
+from .errors import ApiError
 from .metrics import Metrics
+
+T = TypeVar("T")
+
+#: Seconds past a generation's timeout before it is cancelled outright (the runtime ends it at its
+#: timeout itself once it samples; this covers a request that never got so far).
+TIMEOUT_GRACE_S = 5.0
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -94,6 +102,30 @@ class EventStream(Response):
                     await aclose()
 
 
+async def while_connected(receive: Receive, work: Awaitable[T]) -> T:
+    """`work` (the whole answer of a request that does not stream), cancelled when the client goes
+    away: a client that timed out (and perhaps retries) must not leave its generations running.
+    Call it once the request body is read: ``receive()`` then only reports the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():  # the client left (or this request was cancelled): stop the work
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():  # nobody reads this answer; the status is for the access log
+        raise ApiError("client_disconnected", "the client went away before the answer was ready")
+    return task.result()
+
+
 # -- generation --------------------------------------------------------------------------------------
 
 @dataclass
@@ -127,13 +159,15 @@ async def generation(runtime: Runtime, metrics: Metrics, sid: str | None, tenant
                      params: SamplingParams, commit: bool, timeout_s: float
                      ) -> AsyncGenerator[Token | Prompt | Finished, None]:
     """Tokens (of every choice, interleaved; with the prompt's log-probabilities first when the
-    params ask for them), then one Finished. Past ``timeout_s`` the work is cancelled and Finished
-    says ``timeout`` with what was generated. Errors before the first token raise on the first
-    ``__anext__`` (so a route can prime this to answer with a real status); closing this closes the
-    runtime's generator, which cancels the work."""
+    params ask for them), then one Finished. Past ``timeout_s`` the runtime samples no more tokens
+    and Finished says ``timeout`` (the text held back for a stop string sent, as at ``length``).
+    Should the runtime not get there (a prompt still being read, a session still busy with another
+    request), the work is cancelled ``TIMEOUT_GRACE_S`` later. Errors before the first token raise
+    on the first ``__anext__`` (so a route can prime this to answer with a real status); closing
+    this closes the runtime's generator, which cancels the work."""
     t0 = last = time.perf_counter()
-    deadline = t0 + timeout_s
-    agen = runtime.generate(sid, tenant, prompt, params, commit=commit)
+    deadline = t0 + timeout_s + TIMEOUT_GRACE_S
+    agen = runtime.generate(sid, tenant, prompt, params, commit=commit, timeout_s=timeout_s)
     n = 0
     reason = "cancelled"  # unless it ends otherwise: the caller closed this early
     try:

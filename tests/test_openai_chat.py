@@ -124,8 +124,39 @@ def test_template_errors_and_bad_parts_are_400(server) -> None:
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
         assert "messages[0].content" in r.json()["error"]["message"]
+        no_text = [{"role": "user", "content": [{"type": "text"}]}]
+        r = c.post("/v1/chat/completions", json={"messages": no_text})
+        assert r.status_code == 422 and "needs its `text`" in r.json()["error"]["message"]
         r = c.post("/v1/chat/completions", json={"messages": []})
         assert r.status_code == 422
+
+
+def test_edges_of_the_sampling_fields(server, client) -> None:
+    """Values at the edges get their documented answer, never a 500 or another field's error."""
+    r = client.chat.completions.create(model="chat-atlas", messages=MESSAGES, max_completion_tokens=0)
+    assert r.usage is not None and r.usage.completion_tokens == 0  # 0 is a value, not "unset"
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for route, body in (("completions", {"prompt": "x"}), ("chat/completions", {"messages": MESSAGES})):
+            for bias in ({"²": 5}, {"٣": 5}, {"-1": 5}, {"1.0": 5}):  # digits Python knows, ids it does not
+                r = c.post(f"/v1/{route}", json={**body, "max_tokens": 1, "logit_bias": bias})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
+            for penalty in (1e-39, 0.0, 11.0):  # 1e-39 would overflow the logits to inf
+                r = c.post(f"/v1/{route}", json={**body, "max_tokens": 1, "repetition_penalty": penalty})
+                assert r.status_code == 422 and "repetition_penalty" in r.text, r.text
+            # JSON allows a lone surrogate; the 404 that quotes it must still be UTF-8
+            r = c.post(f"/v1/{route}", headers={"Content-Type": "application/json"},
+                       content=b'{"max_tokens": 1, "session_id": "\\ud800", ' + (
+                           b'"prompt": "x"}' if route == "completions" else
+                           b'"messages": [{"role": "user", "content": "x"}]}'))
+            assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found", r.text
+
+
+def test_a_model_id_with_a_slash_is_found(folder, tmp_path) -> None:
+    with running_server(tmp_path, {"ATLAS_MODEL": str(folder), "ATLAS_MODEL_ID": "acme/chat-atlas"}) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert client.models.retrieve("acme/chat-atlas").id == "acme/chat-atlas"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("acme/other")
 
 
 # -- refused parameters ------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ def test_template_errors_carry_a_stable_code() -> None:
     assert e.value.code == "chat_template_error"
     with pytest.raises(ChatTemplateError, match="compile"):
         render_chat(MESSAGES, "{% for m in messages %}", SPECIALS)
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):  # the template's own arithmetic
+        render_chat(MESSAGES, "{{ 1 // 0 }}", SPECIALS)
     # The sandbox refuses what a template must never do (here: reach Python internals).
     with pytest.raises(ChatTemplateError):
         render_chat(MESSAGES, "{{ messages.__class__.__mro__[1].__subclasses__() }}", SPECIALS)

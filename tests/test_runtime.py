@@ -157,6 +157,38 @@ def test_runtime_cancel_mid_ingest_keeps_exactly_the_committed_bytes(atlas, runt
     assert same_session(atlas.load_state(data), expected)
 
 
+def test_runtime_counts_each_committed_document_token_once(atlas, runtime, store):
+    """`document_tokens` (the server's atlas:ingest_tokens_total): two ingests into one session at
+    once, and one whose client leaves, count exactly the tokens the session holds."""
+    before = runtime.stats.document_tokens
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+
+        async def slow():
+            async for _ in runtime.ingest(sid, "t", pieces(b"x" * 600, 50, delay=0.01)):
+                pass
+
+        async def append():
+            await asyncio.sleep(0.02)  # starts while the slow one holds the session
+            async for _ in runtime.ingest(sid, "t", pieces(b"y" * 10, 10)):
+                pass
+
+        await asyncio.gather(slow(), append())
+        left = runtime.ingest(sid, "t", pieces(b"z" * 2000, 40, delay=0.01))
+        for _ in range(5):
+            await left.__anext__()
+        await left.aclose()
+        for _ in range(400):  # the runtime commits what it read in the background
+            if runtime.stats.document_tokens - before == store.meta(sid).tokens > 610:
+                break
+            await asyncio.sleep(0.025)
+        return sid
+
+    sid = asyncio.run(main())
+    assert runtime.stats.document_tokens - before == store.meta(sid).tokens > 610
+
+
 def test_runtime_fork_and_generate_leave_parent_alone_commit_appends(atlas, runtime, store):
     text = docs(1)[0]
 
@@ -181,6 +213,55 @@ def test_runtime_fork_and_generate_leave_parent_alone_commit_appends(atlas, runt
     gen = atlas.generate(state, "Q?", GREEDY)
     list(gen)
     assert same_session(atlas.load_state(store.get(sid)[0]), gen.state)
+
+
+def test_runtime_a_committed_generation_cut_short_keeps_every_token_sent(atlas, runtime, store):
+    """A client that leaves a `commit` generation (or its timeout) commits the exchange up to where
+    it stopped: the prompt and every token sampled, as a generation that ends "length" does."""
+    text = docs(1)[0]
+    params = SamplingParams(max_tokens=10_000, temperature=0)
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        await ingest_all(runtime, sid, text)
+        gen = runtime.generate(sid, "t", "Q?", params, commit=True)
+        got = [(await gen.__anext__()).id for _ in range(70)]  # past a chunk boundary
+        await gen.aclose()
+        for _ in range(400):  # the runtime commits in the background
+            if store.meta(sid).tokens > len(text):
+                break
+            await asyncio.sleep(0.025)
+        return sid, got
+
+    sid, got = asyncio.run(main())
+    meta = store.meta(sid)
+    sent = meta.tokens - len(text) - 2
+    assert sent >= len(got) and meta.bytes_committed == len(text)
+    state, _ = atlas.feed(atlas.new_state(), list(text))
+    gen = atlas.generate(state, "Q?", SamplingParams(max_tokens=sent, temperature=0))
+    assert [t.id for t in gen][:len(got)] == got
+    assert same_session(atlas.load_state(store.get(sid)[0]), gen.state)
+
+
+def test_runtime_timeout_ends_like_length_with_the_held_back_text(atlas, runtime, store):
+    """At its timeout a generation ends "timeout" after the token it is sampling: the text held back
+    as the start of a stop string is sent, and a committed exchange holds that token."""
+    text = docs(1)[0]
+    state, _ = atlas.feed(atlas.new_state(), list(text))
+    first = next(iter(atlas.generate(state, "Q?", GREEDY))).text
+    params = SamplingParams(max_tokens=100, temperature=0, stop=[first + "\x01\x02"])
+
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        await ingest_all(runtime, sid, text)
+        events = [ev async for ev in runtime.generate(sid, "t", "Q?", params, commit=True, timeout_s=0)]
+        return sid, events
+
+    sid, events = asyncio.run(main())
+    *tokens, done = events
+    assert done.finish_reason == "timeout" and done.completion_tokens == len(tokens) == 1
+    assert tokens[0].text == first  # not held back and then lost
+    assert store.meta(sid).tokens == len(text) + 2 + 1
 
 
 def test_runtime_long_generations_cross_chunks_in_a_batch(atlas, runtime):

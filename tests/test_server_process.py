@@ -175,6 +175,21 @@ def test_client_disconnect_cancels_the_work(server):
         assert last["bytes_committed"] == last["tokens"] == 620_000
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(server):
+    """Without streaming, the answer is one response at the end; a client that times out before it
+    (and the official client then retries) must not leave its generations running."""
+    bodies = {"/v1/completions": {"prompt": "hi", "max_tokens": 100_000, "n": 4},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}],
+                                       "max_completion_tokens": 100_000, "n": 4}}
+    for route, body in bodies.items():
+        with client(server, timeout=1.0) as c, pytest.raises(httpx.ReadTimeout):
+            c.post(route, json=body)
+        wait_idle(server)
+    with client(server) as c:  # and a whole answer still comes back whole
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "n": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 10
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_errors(fast_checkpoint, tmp_path):
     srv = ServerProcess(tmp_path, {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_API_KEYS": "k-acme:acme",

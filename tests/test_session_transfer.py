@@ -177,6 +177,9 @@ def _forgeries(file: bytes, other_model_file: bytes) -> dict[str, bytes]:
     out["tokens forged"] = _rewrite(file, lambda t, i: i.update(tokens=i["tokens"] + 1))
     out["bytes negative"] = _rewrite(file, with_(bytes_committed=-1))
     out["bytes not a number"] = _rewrite(file, with_(bytes_committed="12"))
+    out["bytes past 2^62"] = _rewrite(file, with_(bytes_committed=1 << 63))
+    out["bytes beyond the tokens"] = _rewrite(file, lambda t, i: i.update(bytes_committed=i["tokens"] + 1))
+    out["held bytes forged"] = _rewrite(file, with_(held_bytes=5))
     out["checksum forged"] = _rewrite(file, with_(state_sha256="0" * 64))
     out["no checksum"] = _rewrite(file, lambda t, i: i.pop("state_sha256"))
     out["fingerprint forged"] = _rewrite(file, with_(fingerprint="f" * 64))
@@ -292,9 +295,18 @@ def test_patch_name_metadata_and_ttl(client):
     assert s["name"] is None and s["metadata"] == {}
     for bad in [{"name": ""}, {"name": "x" * 129}, {"name": "a\nb"}, {"metadata": {"k": [1]}},
                 {"metadata": {f"k{i}": 1 for i in range(33)}}, {"metadata": {"k": "v" * 5000}},
+                {"metadata": {"k": "ü" * 2100}},
                 {"ttl_s": 0}, {"ttl_s": "60"}, {"sliding_ttl": "yes"}, {"owner": "me"}]:
         r = client.patch(f"/v1/sessions/{sid}", headers=A, json=bad)
         assert r.status_code == 422, (bad, r.text)
+    lone_surrogate = b'{"metadata": {"k": "\\ud800"}}'  # JSON allows it; UTF-8 cannot hold it
+    r = client.patch(f"/v1/sessions/{sid}", headers={**A, "Content-Type": "application/json"},
+                     content=lone_surrogate)
+    assert r.status_code == 422, r.text
+    assert client.get("/v1/sessions", headers=A).status_code == 200  # nothing unlistable was stored
+    # the limit counts the UTF-8 bytes of compact JSON, as a client sends them (not \u00fc escapes)
+    r = client.patch(f"/v1/sessions/{sid}", headers=A, json={"metadata": {"k": "ü" * 2000}})
+    assert r.status_code == 200 and r.json()["metadata"]["k"] == "ü" * 2000
 
 
 def test_ttls_expire_and_slide(client):

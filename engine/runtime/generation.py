@@ -25,7 +25,7 @@ from .worker import Worker
 class GenerationTask:
     def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams, *, atlas: Atlas,
                  worker: Worker, events: asyncio.Queue, control: Control,
-                 document: list[int] | None = None) -> None:
+                 document: list[int] | None = None, deadline: float | None = None) -> None:
         self.state = state
         self.prompt = prompt
         self.document = document or []  # the held-back end of the session's document, fed first
@@ -34,12 +34,13 @@ class GenerationTask:
         self.worker = worker
         self.events = events
         self.control = control
+        self.deadline = deadline  # time.monotonic(): GenerationJob.deadline
         self._changed = asyncio.Event()  # set by the worker when any of this request's jobs moves
 
     def _choice(self, state: SessionState, prompt: list[int], index: int) -> GenerationJob:
         return GenerationJob(state, prompt, self.params, self.atlas.tokenizer, self.atlas.eos_token_ids,
                              vocab_size=self.atlas.config.vocab_size, index=index,
-                             sampler_prompt=self.prompt, changed=self._changed)
+                             sampler_prompt=self.prompt, changed=self._changed, deadline=self.deadline)
 
     def _score(self, job: Job) -> None:
         if self.params.prompt_logprobs is not None:

@@ -168,7 +168,9 @@ class IngestTask:
         return (tokens - self._start_tokens) / max(1e-9, time.perf_counter() - self._t0)
 
     async def _save(self, snap: tuple[SessionState, int]) -> SessionMeta:
+        before = self._meta.tokens if self._meta is not None else self._start_tokens
         self._meta = await self.states.save(self.sid, snap[0], self.fence, snap[1])
+        self.worker.stats.document_tokens += max(0, self._meta.tokens - before)
         return self._meta
 
     async def _follow(self, job: Job, reader: asyncio.Task) -> None:

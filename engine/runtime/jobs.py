@@ -39,7 +39,7 @@ class PromptLogprobs:
 
 @dataclass
 class GenerationDone:
-    finish_reason: str  # of the first choice: "stop", "length" or "cancelled"
+    finish_reason: str  # of the first choice: "stop", "length", "timeout" or "cancelled"
     prompt_tokens: int
     completion_tokens: int  # of all choices together
     session: SessionMeta | None = None  # the session after a committed exchange
@@ -97,7 +97,7 @@ class GenerationJob(Job):
     def __init__(self, state: SessionState, prompt: list[int], params: SamplingParams,
                  tokenizer: Tokenizer, eos_token_ids: tuple[int, ...] = (), *, vocab_size: int,
                  index: int = 0, sampler_prompt: list[int] | None = None,
-                 changed: asyncio.Event | None = None) -> None:
+                 changed: asyncio.Event | None = None, deadline: float | None = None) -> None:
         super().__init__(state, changed=changed)
         self.input.extend(prompt)
         self.closed = True
@@ -113,6 +113,10 @@ class GenerationJob(Job):
         self.last: int | None = None  # sampled, emitted, not yet fed
         self.generated = 0
         self.finish_reason: str | None = None
+        # time.monotonic() past which no token is sampled after the next: the generation ends
+        # "timeout" as it ends "length", its held-back text sent and its last token fed.
+        self.deadline = deadline
+        self.timed_out = False
 
     @property
     def decodes(self) -> bool:

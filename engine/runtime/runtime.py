@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -182,21 +183,24 @@ class Runtime:
             yield ev
 
     async def generate(self, sid: str | None, tenant: str, prompt: str | list[int],
-                       params: SamplingParams, commit: bool = False
+                       params: SamplingParams, commit: bool = False, timeout_s: float | None = None
                        ) -> AsyncGenerator[GeneratedToken | PromptLogprobs | GenerationDone, None]:
         """Continue a session (or, with sid None, an empty state) after `prompt`. By default the
-        exchange runs on a copy and the session stays as it was; `commit` appends it instead. The
+        exchange runs on a copy and the session stays as it was; `commit` appends it instead.
+        `timeout_s` from now on, no more tokens are sampled and the generation ends "timeout" (as
+        "length" ends it: the text held back for a stop string sent, the exchange committed). The
         document ends where the prompt starts: text the session holds back (a tokenizer.json's
         incremental encoder, docs/formats.md) is fed first, on the copy; with `commit` the session
         then holds nothing back."""
         ids = self.atlas.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if sid is not None:
             await self.get_session(sid, tenant)
 
         def task(state: SessionState, events: asyncio.Queue, control: Control) -> GenerationTask:
             state, document = self.atlas.end_document(state)
             return GenerationTask(state, ids, params, atlas=self.atlas, worker=self.worker, events=events,
-                                  control=control, document=document)
+                                  control=control, document=document, deadline=deadline)
 
         async def work(events: asyncio.Queue, control: Control) -> None:
             if sid is None:

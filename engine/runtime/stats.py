@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 class RuntimeStats:
     steps: int = 0
     decode_tokens: int = 0
-    ingest_tokens: int = 0
+    ingest_tokens: int = 0  # fed by feed steps: documents and prompts
+    document_tokens: int = 0  # committed into sessions by ingests (each token once)
     step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     peak_feed_batch: int = 0  # most sessions fed in one batch
     peak_decode_batch: int = 0  # most sessions decoded in one batch

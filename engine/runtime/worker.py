@@ -167,7 +167,7 @@ class Worker:
         decodes: list[GenerationJob] = []
         for job in jobs:
             if job.cancelled:
-                self._finish(job, "cancelled")
+                self._cancel(job)
                 continue
             ids = self._take_piece(job)
             if ids:
@@ -205,6 +205,21 @@ class Worker:
                 bad.__cause__ = exc
                 return bad
         return exc
+
+    def _cancel(self, job: Job) -> None:
+        """Finish a cancelled job at the state it has reached. A decoding session takes its own slot
+        of the batch and feeds the token it sampled last (its owner was sent it), so that a committed
+        exchange holds every token sent, as one that ends "length" does."""
+        if isinstance(job, GenerationJob) and not job.finished:
+            batch = self._batch
+            row = next((i for i, j in enumerate(batch.jobs) if j is job), None)
+            if row is not None and batch.state is not None:
+                job.state = batch.state.select(torch.tensor([row], device=self.atlas.device))
+            if job.last is not None:  # sampled and sent, never fed
+                if not self._feed([job], [[job.last]]):
+                    return  # failed alone, with its error
+                job.last = None
+        self._finish(job, "cancelled")
 
     def _fail(self, job: Job, exc: Exception, state: SessionState | None) -> None:
         job.error = self._blame(exc, state)
@@ -351,10 +366,11 @@ class Worker:
     def _after_feed(self, jobs: list[GenerationJob], states: list[SessionState], slots: bool = False) -> None:
         for i, j in enumerate(jobs):
             row = i if slots else 0
-            if j.stopped or j.generated >= j.params.max_tokens:
+            if j.stopped or j.generated >= j.params.max_tokens or j.timed_out:
                 if slots:  # its own copy: the slot will be reused
                     j.state = states[i].select(torch.tensor([row], device=self.atlas.device))
-                self._finish(j, "stop" if j.stopped else "length")
+                self._finish(j, "stop" if j.stopped else "length" if j.generated >= j.params.max_tokens
+                             else "timeout")
             else:
                 self._sample(j, states[i].last_logits[row])
 
@@ -370,7 +386,8 @@ class Worker:
             return
         j.generated += 1
         j.ended = tok in j.eos  # an end-of-sequence token shows no text
-        end = j.ended or j.generated >= p.max_tokens
+        j.timed_out = j.deadline is not None and time.monotonic() >= j.deadline
+        end = j.ended or j.generated >= p.max_tokens or j.timed_out
         text = j.stops.push(("" if j.ended else j.decoder.push(tok)) + (j.decoder.flush() if end else ""))
         if end or j.stops.stopped:
             text += j.stops.flush()

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from atlas.engine import Atlas
 from atlas.engine.chat_template import ChatTemplateError, render_chat
@@ -34,7 +34,7 @@ from ..schemas import (
     TopLogprob,
     Usage,
 )
-from ..streaming import EventStream, Finished, Prompt, Token, sse
+from ..streaming import EventStream, Finished, Prompt, Token, sse, while_connected
 from .common import prompt_ids, refuse_unsupported, sampling, token_text
 from .completions import RESPONSES, check_model, merged, start
 
@@ -49,9 +49,12 @@ def _message(m: ChatMessageIn, i: int) -> dict[str, Any]:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ApiError("unsupported_parameter", f"messages[{i}].content: parts of type "
                                f"{part.type!r} are not supported (only text)")
+            if part.text is None:
+                raise ApiError("invalid_request", f"messages[{i}].content: a part of type 'text' "
+                               "needs its `text`")
             texts.append(part.text)
         content = "\n".join(texts)
     out["content"] = content if content is not None else ""
@@ -75,8 +78,8 @@ def _entry(atlas: Atlas, e: TokenLogprob) -> ChatTokenLogprob:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
-async def chat_completions(req: ChatCompletionRequest, who: TenantDep, services: ServicesDep,
-                           settings: SettingsDep, metrics: MetricsDep):
+async def chat_completions(req: ChatCompletionRequest, request: Request, who: TenantDep,
+                           services: ServicesDep, settings: SettingsDep, metrics: MetricsDep):
     """OpenAI's chat completions, streaming (``chat.completion.chunk``: the role first, then content,
     then each choice's finish_reason, then usage with ``stream_options.include_usage``) or not."""
     check_model(req, services)
@@ -84,7 +87,8 @@ async def chat_completions(req: ChatCompletionRequest, who: TenantDep, services:
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("unsupported_parameter", "top_logprobs: only with logprobs: true")
     atlas = services.atlas
-    params = sampling(req, 128, settings, max_tokens=req.max_completion_tokens or req.max_tokens,
+    params = sampling(req, 128, settings, max_tokens=(req.max_tokens if req.max_completion_tokens is None
+                                              else req.max_completion_tokens),
                       vocab_size=atlas.config.vocab_size,
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     ids = prompt_ids(atlas, render(atlas, req), settings)
@@ -92,26 +96,29 @@ async def chat_completions(req: ChatCompletionRequest, who: TenantDep, services:
     cid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
 
     if not req.stream:
-        texts = [""] * n
-        entries: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
-        done: Finished | None = None
-        try:
-            async for _, item in merged(streams):
-                if isinstance(item, Token):
-                    texts[item.index] += item.text
-                    if item.logprob is not None:
-                        entries[item.index].append(_entry(atlas, item.logprob))
-                elif isinstance(item, Finished):
-                    done = item
-        finally:
-            await streams[0].aclose()
-        assert done is not None  # a generation always ends with Finished
-        usage = Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                      total_tokens=done.prompt_tokens + done.completion_tokens)
-        return ChatCompletion(id=cid, created=created, model=services.model_id, usage=usage, choices=[
-            ChatChoice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=done.reason(i),
-                       logprobs=ChatLogprobs(content=entries[i]) if req.logprobs else None)
-            for i in range(n)])
+        async def answer() -> ChatCompletion:
+            texts = [""] * n
+            entries: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
+            done: Finished | None = None
+            try:
+                async for _, item in merged(streams):
+                    if isinstance(item, Token):
+                        texts[item.index] += item.text
+                        if item.logprob is not None:
+                            entries[item.index].append(_entry(atlas, item.logprob))
+                    elif isinstance(item, Finished):
+                        done = item
+            finally:
+                await streams[0].aclose()
+            assert done is not None  # a generation always ends with Finished
+            usage = Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                          total_tokens=done.prompt_tokens + done.completion_tokens)
+            return ChatCompletion(id=cid, created=created, model=services.model_id, usage=usage, choices=[
+                ChatChoice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=done.reason(i),
+                           logprobs=ChatLogprobs(content=entries[i]) if req.logprobs else None)
+                for i in range(n)])
+
+        return await while_connected(request.receive, answer())
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 

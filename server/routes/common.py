@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from atlas.engine import Atlas
@@ -49,12 +50,15 @@ def sampling(req: SamplingFields, default_max_tokens: int, settings: ServerSetti
                           prompt_logprobs=prompt_logprobs, **extra)
 
 
+_TOKEN_ID = re.compile(r"[0-9]+")
+
+
 def logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float]:
     """OpenAI's logit_bias (token id strings -> [-100, 100]) as ids; 400 for ids that are not ids of
     the vocabulary."""
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
-        tok = int(key) if key.strip().isdigit() else -1
+        tok = int(key) if _TOKEN_ID.fullmatch(key.strip()) else -1  # not isdigit(): "²" is a digit
         if tok < 0 or (vocab_size is not None and tok >= vocab_size):
             raise ApiError("unsupported_parameter", f"logit_bias: {key!r} is not a token id of this "
                            f"model (0 to {(vocab_size or 1) - 1})")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from atlas.engine import Atlas
 from atlas.engine.sampling import SamplingParams, TokenLogprob
@@ -27,7 +27,7 @@ from ..errors import ApiError, error_event
 from ..metrics import Metrics
 from ..schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAIFields, Usage
 from ..settings import ServerSettings
-from ..streaming import EventStream, Finished, Prompt, Token, generation, primed, sse
+from ..streaming import EventStream, Finished, Prompt, Token, generation, primed, sse, while_connected
 from .common import JSON_GEN_ERRORS, prompt_ids, refuse_unsupported, sampling, text_offsets, token_text
 
 router = APIRouter(tags=["openai"])
@@ -213,7 +213,7 @@ class _Run:
 
 
 @router.post("/v1/completions", response_model=Completion, responses=RESPONSES)
-async def completions(req: CompletionRequest, who: TenantDep, services: ServicesDep,
+async def completions(req: CompletionRequest, request: Request, who: TenantDep, services: ServicesDep,
                       settings: SettingsDep, metrics: MetricsDep):
     """OpenAI's completions, streaming (``stream: true``, with ``stream_options.include_usage``) or
     not, with ``n`` choices per prompt (choice ``i`` of prompt ``p`` has index ``p * n + i``).
@@ -237,13 +237,16 @@ async def completions(req: CompletionRequest, who: TenantDep, services: Services
     pieces = run.pieces(streams, echo_first=req.echo and not scored)
 
     if not req.stream:
-        try:
-            async for _ in pieces:
-                pass
-        finally:
-            for st in streams:
-                await st.aclose()
-        return run.completion(cid, created, services.model_id)
+        async def answer() -> Completion:
+            try:
+                async for _ in pieces:
+                    pass
+            finally:
+                for st in streams:
+                    await st.aclose()
+            return run.completion(cid, created, services.model_id)
+
+        return await while_connected(request.receive, answer())
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": cid, "object": "text_completion", "created": created, "model": services.model_id}

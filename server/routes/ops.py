@@ -61,7 +61,7 @@ async def list_models(services: ServicesDep) -> ModelList:
     return ModelList(data=[model_card(services)])
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard,
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
             responses={**ERRORS, 404: {"model": ErrorBody}}, tags=["openai"], dependencies=AUTH)
 async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
     if model_id != services.model_id:

@@ -237,15 +237,13 @@ def _too_large(limit: int, bytes_committed: int) -> ApiError:
 
 
 async def _ingest_events(first: IngestProgress, progress: AsyncGenerator[IngestProgress, None],
-                         body: _CappedBody, limit: int, tokens: int, interval_s: float,
+                         body: _CappedBody, limit: int, interval_s: float,
                          metrics: Metrics) -> AsyncIterator[bytes]:
     """Progress events, at most one per `interval_s` and always the last, then close the ingest."""
     t0, emitted = time.perf_counter(), 0.0
     try:
         p = first
         while True:
-            metrics.ingest_tokens.inc(max(0, p.tokens - tokens))
-            tokens = p.tokens
             now = time.perf_counter()
             if p.done and body.over_limit:
                 yield sse(_too_large(limit, p.bytes_committed).body())
@@ -272,7 +270,7 @@ async def _ingest_events(first: IngestProgress, progress: AsyncGenerator[IngestP
              responses={**GEN_ERRORS, 200: SSE_DOC, 413: ERRORS[404]})
 async def ingest(request: Request, sid: SessionIdDep, who: TenantDep, services: ServicesDep,
                  settings: SettingsDep, metrics: MetricsDep,
-                 offset: int | None = Query(None, ge=0, le=1 << 62,
+                 offset: int | None = Query(None, ge=0, le=session_file.MAX_BYTES_COMMITTED,
                                             description="Where this body starts in the document "
                                                         "(default: after what the session has).")
                  ) -> EventStream:
@@ -299,8 +297,7 @@ async def ingest(request: Request, sid: SessionIdDep, who: TenantDep, services: 
         raise
     if first.done and body.over_limit:
         raise _too_large(limit, first.bytes_committed)
-    events = _ingest_events(first, progress, body, limit, meta.tokens, settings.progress_interval_s,
-                            metrics)
+    events = _ingest_events(first, progress, body, limit, settings.progress_interval_s, metrics)
     return EventStream(events, body_read=body.read)
 
 
