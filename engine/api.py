@@ -243,12 +243,20 @@ class Atlas:
         logits, new = self.model._decode(toks, t, t["tokens"] % b, all_logits=False)
         return SessionState(new, self.fingerprint), logits
 
+    def default_params(self, **fields: Any) -> SamplingParams:
+        """SamplingParams from the checkpoint's generation_config.json (`generation_defaults`:
+        temperature, top_p, top_k, max_new_tokens as max_tokens), then `fields`."""
+        given = {("max_tokens" if k == "max_new_tokens" else k): v
+                 for k, v in self.generation_defaults.items()}
+        return SamplingParams(**{**given, **fields})
+
     def generate(self, state: SessionState, prompt: str | Sequence[int] | None = None,
                  params: SamplingParams | None = None) -> Generation:
-        """Feed the prompt into (a copy of) one session, then sample. Iterate the result for tokens."""
+        """Feed the prompt into (a copy of) one session, then sample (`params` None: the checkpoint's
+        defaults, `default_params()`). Iterate the result for tokens."""
         if state.batch_size != 1:
             raise ValueError("generate takes one session")
-        params = params or SamplingParams()
+        params = params or self.default_params()
         if params.n != 1:
             raise ValueError("generate makes one choice: fork the state for more")
         state, ids = self.end_document(state)  # the document ends where the prompt starts

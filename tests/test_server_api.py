@@ -16,6 +16,7 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from atlas.engine import Atlas, SamplingParams, save_checkpoint
 from atlas.engine.runtime import RuntimeSettings
 from atlas.server.app import create_app
 from atlas.server.errors import ENGINE_ERRORS, HTTP_CODES, STATUS
@@ -488,3 +489,24 @@ def test_merged_choices_close_cleanly_when_the_client_leaves() -> None:
 
     asyncio.run(main())
     assert sorted(closed) == [0, 1, 2]
+
+
+def test_the_models_sampling_defaults_fill_what_a_request_leaves_out(fast_atlas, store, tmp_path):
+    """generation_config.json's max_new_tokens and do_sample (or temperature, top_p, top_k) are the
+    defaults of every generation route and of Atlas.generate; a request's own fields still win."""
+    save_checkpoint(fast_atlas.model, tmp_path, generation_config={"max_new_tokens": 3, "do_sample": False})
+    atlas = Atlas.load(tmp_path, device="cpu")
+    assert atlas.generation_defaults == {"max_new_tokens": 3, "temperature": 0.0}
+    greedy = atlas.generate(atlas.new_state(), "hi", SamplingParams(max_tokens=3, temperature=0))
+    assert [t.id for t in atlas.generate(atlas.new_state(), "hi")] == [t.id for t in greedy]
+    with serve(atlas, store) as c:
+        for _ in range(2):  # greedy: the same three tokens every time
+            r = c.post("/v1/completions", headers=ACME, json={"prompt": "hi"}).json()
+            assert r["usage"]["completion_tokens"] == 3 and r["choices"][0]["text"] == greedy.text
+        chat = {"messages": [{"role": "user", "content": "x"}]}
+        r = c.post("/v1/chat/completions", headers=ACME, json=chat)
+        assert r.json()["usage"]["completion_tokens"] == 3
+        sid = new_session(c)
+        assert generate(c, sid, prompt="hi")[-1]["usage"]["completion_tokens"] == 3
+        r = c.post("/v1/completions", headers=ACME, json={"prompt": "hi", "max_tokens": 5}).json()
+        assert r["usage"]["completion_tokens"] == 5

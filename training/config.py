@@ -20,12 +20,14 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the cosine decay's floor, a share of lr
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)  # the bound on the gradient norm
 
 
 class DataConfig(BaseModel):
@@ -62,6 +64,12 @@ class DataConfig(BaseModel):
         if not tasks or min(tasks.values()) < 0 or sum(tasks.values()) <= 0:
             raise ValueError("task weights must be >= 0 and not all zero")
         return tasks
+
+    @model_validator(mode="after")
+    def _lengths_in_order(self) -> DataConfig:
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len {self.min_len} is over max_len {self.max_len}")
+        return self
 
 
 NonNegative = Annotated[float, Field(ge=0)]

@@ -87,8 +87,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, who: Te
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("unsupported_parameter", "top_logprobs: only with logprobs: true")
     atlas = services.atlas
-    params = sampling(req, 128, settings, max_tokens=(req.max_tokens if req.max_completion_tokens is None
-                                              else req.max_completion_tokens),
+    asked = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+    params = sampling(req, 128, settings, defaults=atlas.generation_defaults, max_tokens=asked,
                       vocab_size=atlas.config.vocab_size,
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     ids = prompt_ids(atlas, render(atlas, req), settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from atlas.engine import Atlas
@@ -26,14 +27,22 @@ JSON_GEN_ERRORS: Responses = {**GEN_ERRORS, 415: {"model": ErrorBody}}
 
 
 def sampling(req: SamplingFields, default_max_tokens: int, settings: ServerSettings, *,
-             max_tokens: int | None = None, vocab_size: int | None = None,
-             logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+             defaults: Mapping[str, Any] | None = None, max_tokens: int | None = None,
+             vocab_size: int | None = None, logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> SamplingParams:
     """Engine sampling parameters (the one mapping of every route's body onto SamplingParams); an
-    explicit max_tokens over the cap is an error, the default is lowered to the cap. The OpenAI
-    routes add their fields (n, penalties, min_p, logit_bias checked against `vocab_size`) and the
-    log-probabilities they ask for."""
+    explicit max_tokens over the cap is an error, the default is lowered to the cap. `defaults`:
+    the model's (Atlas.generation_defaults, from its generation_config.json), for the fields the
+    request leaves out. The OpenAI routes add their fields (n, penalties, min_p, logit_bias checked
+    against `vocab_size`) and the log-probabilities they ask for."""
+    defaults = defaults or {}
     asked = req.max_tokens if max_tokens is None else max_tokens
+    if asked is None:
+        default_max_tokens = defaults.get("max_new_tokens", default_max_tokens)
     max_tokens = min(default_max_tokens, settings.max_tokens) if asked is None else asked
+    for name in ("temperature", "top_p", "top_k"):
+        if name not in req.model_fields_set and name in defaults:
+            req = req.model_copy(update={name: defaults[name]})
     if max_tokens > settings.max_tokens:
         raise ApiError("max_tokens_too_large",
                        f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens}")

@@ -225,7 +225,8 @@ async def completions(req: CompletionRequest, request: Request, who: TenantDep, 
     if req.commit and len(texts) != 1:
         raise ApiError("unsupported_parameter", "commit: only with one prompt")
     scored = req.echo and req.logprobs is not None
-    params = sampling(req, 16, settings, vocab_size=atlas.config.vocab_size,  # 16: OpenAI's default
+    params = sampling(req, 16, settings, defaults=atlas.generation_defaults,  # 16: OpenAI's default
+                      vocab_size=atlas.config.vocab_size,
                       logprobs=req.logprobs, prompt_logprobs=req.logprobs if scored else None)
     prompts = [prompt_ids(atlas, p, settings) for p in texts]
     # The text each prompt's choices start with when echoed: as sent, or decoded from its ids.

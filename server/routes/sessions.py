@@ -307,7 +307,7 @@ async def generate(req: GenerateRequest, sid: SessionIdDep, who: TenantDep, serv
     """Continue the session after ``prompt``; events ``{"text", "token"}`` then
     ``{"done": true, "finish_reason", "usage", "session"}``. By default the exchange runs on a fork
     and the session stays as it was; ``commit: true`` appends prompt and answer to it."""
-    params = sampling(req, 128, settings)
+    params = sampling(req, 128, settings, defaults=services.atlas.generation_defaults)
     ids = prompt_ids(services.atlas, req.prompt, settings)
     await services.runtime.get_session(sid, who)
     stream = await primed(generation(services.runtime, metrics, sid, who, ids, params, req.commit,
