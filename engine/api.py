@@ -37,9 +37,22 @@ BUNDLED_CHECKPOINT = Path(__file__).parent / "assets" / "demo-model"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" or "cuda:N"; ValueError,
+    saying why, for another name or a GPU this torch cannot use."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = torch.device("meta")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: ATLAS runs on auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                         "use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 @dataclass
@@ -173,6 +186,9 @@ class Atlas:
     # -- states ------------------------------------------------------------------------------------
 
     def new_state(self, batch: int = 1, position: int = 0) -> SessionState:
+        """`batch` empty sessions; `position`: the token count they start at (>= 0)."""
+        if batch < 1 or position < 0:
+            raise ValueError(f"new_state: batch {batch} (>= 1), position {position} (>= 0)")
         tensors = self.model.init_state(batch, position)
         if self.tokenizer.holds_text:  # room for the text the incremental encoder holds back
             tensors.update(held_tensors(batch, self.device))

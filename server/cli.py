@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,28 +30,30 @@ def demo(
         "What to hide in the document: passkey_prose, multi_needle_prose (four named numbers), "
         "babi_single (where is Mary?), babi_two (where is the apple?), babi_count, or passkey and "
         "multi_needle in synthetic filler"))] = "passkey_prose",
-    tokens: Annotated[int, typer.Option(
-        help="Bytes of the built document (a byte-level model's tokens); with --text, tokens read")] = 8192,
+    tokens: Annotated[int, typer.Option(min=1, help=(
+        "Bytes of the built document (a byte-level model's tokens); with --text, tokens read "
+        "(a shorter text is repeated to that length)"))] = 8192,
     seed: Annotated[int, typer.Option(help="Which document: the facts, their places and the prose")] = 0,
     prose: Annotated[Path | None, typer.Option(exists=True, help=(
         "Prose to hide the facts in: a text file or a corpus folder (atlas corpus build: its "
         "eval-prose.txt); default a built-in passage"))] = None,
     text: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=(
         "Your own document instead: streamed in, then continued after --question"))] = None,
-    question: Annotated[str, typer.Option(help="With --text: the prompt to continue")] = "\n",
+    question: Annotated[str, typer.Option(help=(
+        "With --text: the prompt to continue (\\n and \\t read as a newline and a tab)"))] = "\n",
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: bundled)")] = None,
     baseline: Annotated[Path | None, typer.Option(help=(
         "Checkpoint whose answers go beside the model's (default: the bundled attention-only "
         "baseline, when the model is the bundled one)"))] = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Ask only the model")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    max_tokens: Annotated[int, typer.Option(help="With --text: tokens to generate")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=0, help="With --text: tokens to generate")] = 64,
 ) -> None:
     """Hide facts in a long document of prose, stream it into a session, and ask for each fact:
     the model's answers beside the truth and the attention-only baseline's."""
-    from atlas.engine import Atlas, SamplingParams
+    from atlas.engine import SamplingParams
 
-    atlas = Atlas.load(checkpoint, device=device)
+    atlas = _load(checkpoint, device)
     cfg = atlas.config
     err.print(f"model {atlas.fingerprint[:12]}  {cfg.n_layers} layers x {cfg.mixers[0]}, "
               f"d_model {cfg.d_model}, chunk {cfg.chunk_size}, device {atlas.device}")
@@ -60,7 +63,7 @@ def demo(
             err.print(f"[red]--text {text} is empty[/red]")
             raise typer.Exit(2)
         state = _demo_read(atlas, doc, tokens, "document")
-        prompt = question.encode().decode("unicode_escape")
+        prompt = _ESCAPES.sub(lambda m: _ESCAPED[m.group(1)], question)
         gen = atlas.generate(state, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=0))
         typer.echo(prompt, nl=False)
         for tok in gen:
@@ -69,6 +72,24 @@ def demo(
         return
     _demo_facts(atlas, task, tokens, seed, prose,
                 None if no_baseline else _demo_baseline(baseline, checkpoint), device)
+
+
+#: --question's escapes: a shell passes "\n" as two characters. Nothing else is touched (not
+#: unicode_escape, which garbles any non-ASCII text and fails on "C:\Users").
+_ESCAPES = re.compile(r"\\([nt\\])")
+_ESCAPED = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _load(checkpoint: Path | None, device: str) -> Any:
+    """Atlas.load, or the one-line reason it cannot (exit 2), as `atlas serve` says it."""
+    from atlas.engine import Atlas
+    from atlas.engine.checkpoint import CheckpointError
+
+    try:
+        return Atlas.load(checkpoint, device=device)
+    except (CheckpointError, ValueError) as e:
+        err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from e
 
 
 def _demo_read(atlas: Any, doc: str, tokens: int | None, label: str) -> Any:
@@ -115,7 +136,6 @@ def _demo_facts(atlas: Any, task: str, tokens: int, seed: int, prose: Path | Non
     """Build the task's document, read it with the model (and the baseline), ask for every fact."""
     from rich.table import Table
 
-    from atlas.engine import Atlas
     from atlas.training.demo import ask_all, demo_document, is_right
     from atlas.training.prompt import held_out_prose
 
@@ -129,7 +149,7 @@ def _demo_facts(atlas: Any, task: str, tokens: int, seed: int, prose: Path | Non
               f"{len(doc.facts)} fact(s) of {task} hidden at random places (seed {seed})")
     answers = {"model": ask_all(atlas, _demo_read(atlas, doc.document, None, "model"), doc.facts)}
     if baseline is not None:
-        other = Atlas.load(baseline, device=device)
+        other = _load(baseline, device)
         answers["baseline"] = ask_all(other, _demo_read(other, doc.document, None, "baseline"), doc.facts)
     table = Table(title=f"{task}, {len(doc.document):,} bytes")
     table.add_column("question")
@@ -188,6 +208,13 @@ def serve(
     # format, with the request id on every line of a request.
     setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("atlas.server")
+    from atlas.engine.api import resolve_device
+
+    try:
+        resolve_device(settings.device)
+    except ValueError as e:
+        err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from e
     if settings.model:  # a folder that cannot load: its one-line reason and exit 2, before serving
         from atlas.engine.checkpoint import CheckpointError, read_checkpoint
 

@@ -55,6 +55,7 @@ class ServerSettings(BaseSettings):
     #: Model id shown by /v1/models and required in /v1/completions' ``model`` (default: the
     #: checkpoint directory's name, or ``atlas-demo``).
     model_id: str | None = None
+    #: auto (CUDA when there is a GPU), cpu, cuda or cuda:N (checked at start: engine.api.resolve_device)
     device: str = "auto"
     #: Dtype of the weights and activations (float32, bfloat16 or float16; bf16, fp16, fp32 too).
     #: The recurrent state stays fp32 whatever it is (docs/model.md, "Precision").
@@ -80,7 +81,7 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
     #: Least time between two ingest progress events (the final event always comes).
     progress_interval_s: float = Field(0.2, ge=0)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     #: ``text`` (uvicorn's look) or ``json`` (one object per line: time, level, logger, message,
     #: request_id), for ``atlas serve``'s log on stderr (server/logs.py).
     log_format: LogFormat = "text"
@@ -109,7 +110,7 @@ class ServerSettings(BaseSettings):
             return DTYPE_ALIASES.get(v, v)
         return v
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format", "log_level", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v

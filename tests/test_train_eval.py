@@ -13,7 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from atlas.engine import load_checkpoint
+from atlas.engine import Atlas, load_checkpoint, save_checkpoint
+from atlas.engine.api import BUNDLED_CHECKPOINT
 from atlas.engine.machine import portable_path
 from atlas.server.cli import app
 from atlas.training.batches import task_batch
@@ -673,3 +674,53 @@ def test_gates_benchmark_sums_what_each_layer_writes_beside_the_key(tmp_path):
     assert second["write_at_key"] > 0.5 > second["write_sum_elsewhere"]  # the key's chunk, not the filler
     assert all(len(row["text"]) == 64 for row in second["writes_most"])
     assert str(tmp_path) not in out.read_text()
+
+
+def test_a_run_resumed_in_its_folder_must_train_the_same_model(tmp_path, monkeypatch):
+    cfg = tiny_train_config(tmp_path)
+    _run_until(cfg, 2, monkeypatch)  # a checkpoint at step 2 to resume from
+    record = (cfg.out_dir / "train-config.json").read_text()
+    wider = TrainConfig(**{**cfg.model_dump(), "model": {**cfg.model.model_dump(), "d_model": 32}})
+    with pytest.raises(ValueError, match=r"another model \(d_model 16 -> 32\).*--no-resume"):
+        run_training(wider, progress=False)
+    assert (cfg.out_dir / "train-config.json").read_text() == record  # the run's record is kept
+
+
+def test_command_line_mistakes_get_one_line_and_exit_2(tmp_path):
+    """Bad values, devices, folders and configs: a sentence naming the problem, never a traceback."""
+    runner = CliRunner()
+    damaged = tmp_path / "damaged"
+    save_checkpoint(load_checkpoint(BUNDLED_CHECKPOINT), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (tmp_path / "f.bin").write_bytes(b"hello")
+    bad_configs = {"grad_clip = -1.0": "greater than 0", "learning_rate = 1e-3": "learning_rate",
+                   "lr = 1e-3\nmin_lr_ratio = 2": "min_lr_ratio"}
+    cases = {("eval", "--lengths", "-1k"): "at least 1 token",
+             ("eval", "--lengths", "10"): "no task fits",
+             ("eval", "--tasks", ","): "names no task",
+             ("eval", "--device", "tpu"): "ATLAS runs on auto, cpu, cuda",
+             ("eval", "--model", f"x={damaged}", "--lengths", "1k"): "not a readable safetensors file",
+             ("demo", "--checkpoint", str(damaged)): "not a readable safetensors file",
+             ("demo", "--device", "tpu"): "ATLAS runs on auto, cpu, cuda",
+             ("serve", "--device", "tpu"): "ATLAS runs on auto, cpu, cuda",
+             ("serve", "--log-level", "loud"): "log_level",
+             ("tokenizer", "train", str(tmp_path / "f.bin"), "--out", str(tmp_path / "t.json")):
+                 "text files are"}
+    for i, (line, why) in enumerate(bad_configs.items()):
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(f"steps = 1\n[optim]\n{line}\n")
+        cases[("train", str(path))] = why
+    (tmp_path / "lengths.toml").write_text("steps = 1\n[data]\nmin_len = 512\nmax_len = 256\n")
+    cases[("train", str(tmp_path / "lengths.toml"))] = "min_len 512 is over max_len 256"
+    for args, why in cases.items():
+        r = runner.invoke(app, list(args))
+        assert r.exit_code == 2 and why in r.output, (args, r.output)
+        assert "Traceback" not in r.output, args
+    doc = tmp_path / "doc.txt"
+    doc.write_text("héllo wörld " * 20, encoding="utf-8")
+    r = runner.invoke(app, ["demo", "--text", str(doc), "--tokens", "64", "--max-tokens", "2",
+                            "--question", "Qué? C:\\Users\\n"])
+    assert r.exit_code == 0 and "Qué? C:\\Users\n" in r.output, r.output  # \n read, the rest as typed
+    with pytest.raises(ValueError, match="position"):
+        Atlas.load().new_state(position=-5)

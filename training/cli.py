@@ -218,9 +218,20 @@ def evaluate(
     from atlas.engine.api import resolve_device
     from atlas.engine.machine import describe_machine
 
-    dev = resolve_device(device)
+    from .tasks import min_length
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        _fail(str(e))
     task_list = _task_list(tasks)
     length_list = _length_list(lengths, dev)
+    if not any(n >= min_length(t) for t in task_list for n in length_list):
+        _fail(f"no task fits in --lengths {lengths}: the shortest prompts are "
+              + ", ".join(f"{t} {min_length(t)}" for t in task_list))
+    for t in task_list:
+        if short := [n for n in length_list if n < min_length(t)]:
+            err.print(f"{t}: skipping lengths {short}, under its shortest prompt ({min_length(t)} tokens)")
     models = _checkpoints(model)
     out = out or Path("bench/results") / f"passkey-{dev.type}.json"
     results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed, "gap": gap,
@@ -270,7 +281,9 @@ def _task_list(tasks: str | None) -> list[str]:
     """--tasks as a list (default: pass-key and multi-needle); exits 2 on an unknown one."""
     from .tasks import EVAL_TASKS, TASKS
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(TASKS)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else list(TASKS)
+    if not task_list:
+        _fail(f"--tasks names no task; choose from {list(EVAL_TASKS)}")
     if bad := [t for t in task_list if t not in EVAL_TASKS]:
         err.print(f"[red]unknown task(s) {bad}; choose from {list(EVAL_TASKS)}[/red]")
         raise typer.Exit(2)
@@ -286,14 +299,21 @@ def _length_list(lengths: str | None, dev: torch.device) -> list[int]:
     except ValueError as e:
         err.print(f"[red]bad --lengths: {e}[/red]")
         raise typer.Exit(2) from e
+    if bad := [n for n in length_list if n < 1]:
+        _fail(f"bad --lengths: {bad} (a length is at least 1 token)")
+    if not length_list:
+        _fail("--lengths names no length")
     if lengths is None and dev.type == "cuda":
         length_list.append(10 * (1 << 20))
     return length_list
 
 
 def _checkpoints(specs: list[str] | None) -> dict[str, Path]:
-    """--model NAME=CHECKPOINT_DIR options by name (default: the bundled model as "demo")."""
+    """--model NAME=CHECKPOINT_DIR options by name (default: the bundled model as "demo"), each
+    checked (one line and exit 2 for a folder that cannot load, or a model with a tokenizer.json:
+    the tasks are built, and their lengths counted, in bytes)."""
     from atlas.engine.api import BUNDLED_CHECKPOINT
+    from atlas.engine.checkpoint import TOKENIZER_FILE, CheckpointError, read_checkpoint
 
     models: dict[str, Path] = {}
     for spec in specs or [f"demo={BUNDLED_CHECKPOINT}"]:
@@ -301,6 +321,13 @@ def _checkpoints(specs: list[str] | None) -> dict[str, Path]:
         if not sep or not (Path(path) / "config.json").exists():
             err.print(f"[red]--model wants NAME=CHECKPOINT_DIR with a config.json, got {spec!r}[/red]")
             raise typer.Exit(2)
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            _fail(str(e))
+        if (Path(path) / TOKENIZER_FILE).exists():
+            _fail(f"--model {spec}: atlas eval measures byte-level models (its prompts are built and "
+                  f"counted in bytes); this one reads through its {TOKENIZER_FILE}")
         models[name] = Path(path)
     return models
 
@@ -349,12 +376,16 @@ def _evaluate_models(results: dict, models: dict[str, Path], dev: torch.device, 
 
 def _evaluate_model(results: dict, name: str, path: Path, dev: torch.device, task_list: list[str],
                     length_list: list[int], bar: Progress, job: TaskID, prose: str | None = None) -> None:
-    from atlas.engine.checkpoint import fingerprint, load_checkpoint, read_config
+    from atlas.engine.checkpoint import CheckpointError, fingerprint, load_checkpoint, read_config
     from atlas.engine.machine import portable_path, with_portable_paths
 
     from .evaluation import evaluate as run_eval
 
-    net = load_checkpoint(path, device=dev)
+    try:
+        net = load_checkpoint(path, device=dev)
+    except CheckpointError as e:  # the tensors' data (read_checkpoint checked the rest)
+        bar.stop()
+        _fail(str(e))
     _, meta = read_config(path)
     entry = {"path": portable_path(path), "machine": results["machine"], "fingerprint": fingerprint(net),
              "config": net.cfg.model_dump(mode="json"),

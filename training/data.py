@@ -78,6 +78,8 @@ def expand_files(patterns: list[str]) -> list[Path]:
         found = [f for f in found if Path(f).is_file()]
         if not found:
             raise FileNotFoundError(f"corpus file {pattern}: no such file")
+        if bad := [f for f in found if Path(f).suffix.lower() not in BUILDERS]:
+            raise ValueError(f"{bad[0]}: text files are {', '.join(sorted(BUILDERS))}")
         files += [Path(f) for f in found]
     return files
 

@@ -135,6 +135,8 @@ class _Text(NamedTuple):
             file = cfg.init_from / TOKENIZER_FILE
         if file is None:
             return cls(ByteTokenizer(), None, None, None)
+        if not file.is_file():  # the tokenizers library would say only "No such file or directory"
+            raise FileNotFoundError(f"tokenizer {file}: no such file (a tokenizer.json)")
         beside = file.with_name(TOKENIZER_CONFIG_FILE)
         config_file = beside if beside.is_file() else None
         tok_cfg = json.loads(beside.read_text()) if config_file else None
@@ -306,6 +308,20 @@ class _Training:
         distributed.barrier()
 
 
+def _check_same_model(out: Path, cfg: TrainConfig) -> None:
+    """A run resumed in `out` must train the model it was training: another one's weights would not
+    load (and its train-config.json must not be overwritten first)."""
+    try:
+        before = json.loads((out / "train-config.json").read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        return  # no record to compare with: the weights' shapes are checked on loading
+    now = cfg.model.model_dump(mode="json")
+    if changed := sorted(k for k in now if k in before and before[k] != now[k]):
+        what = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in changed[:4])
+        raise ValueError(f"{out} holds a run of another model ({what}); train into a new out_dir, "
+                         "or start over with --no-resume")
+
+
 def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, progress: bool) -> Path:
     if cfg.micro_batches % world.size:
         raise ValueError(f"micro_batches {cfg.micro_batches} cannot be shared by {world.size} processes: "
@@ -317,13 +333,16 @@ def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, pro
         cfg = _with_vocab(cfg, text.tokenizer.vocab_size)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    trainer = _resume_file(out)
+    earlier_layout = out / "trainer.pt"  # where earlier versions kept it
+    resuming = resume and (trainer.exists() or earlier_layout.exists())
+    if resuming:
+        _check_same_model(out, cfg)
     if world.main:
         (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     model, earlier = _initial_model(cfg, device)
-    trainer = _resume_file(out)
-    earlier_layout = out / "trainer.pt"  # where earlier versions kept it
     saved = None
-    if resume and (trainer.exists() or earlier_layout.exists()):
+    if resuming:
         saved = torch.load(trainer if trainer.exists() else earlier_layout, map_location=device,
                            weights_only=True)
         model.load_state_dict(saved["model"])  # before FSDP shards the weights

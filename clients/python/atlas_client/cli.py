@@ -324,6 +324,10 @@ def sessions_export(
     """Save a session (its state, counters, name, metadata) as one file, for sessions import here
     or on another server running the same model."""
     target = output or f"{session}.atlas-session"
+    if target != "-" and (Path(target).is_dir() or not Path(target).absolute().parent.is_dir()):
+        err.print(f"[red]error[/red] cannot write {target}: "
+                  + ("it is a folder" if Path(target).is_dir() else "its folder does not exist"))
+        raise typer.Exit(EXIT_USAGE)
     with _client(url, api_key, retries) as c:
         if target == "-":
             written = c.export_state(session, sys.stdout.buffer)
