@@ -129,7 +129,7 @@ def convert(
     new: Annotated[Path, typer.Argument(help="The folder to write (must not hold a config.json)")],
     dtype: Annotated[str | None, typer.Option(help=(
         "Cast the weights: float32, bfloat16 or float16 (default: keep them bit for bit)"))] = None,
-    max_shard_bytes: Annotated[int | None, typer.Option(help=(
+    max_shard_bytes: Annotated[int | None, typer.Option(min=1, help=(
         "Largest weight file; bigger weights go into shards (default 5e9)"))] = None,
 ) -> None:
     """Write a checkpoint folder in the current format (docs/formats.md), e.g. an old one's."""
