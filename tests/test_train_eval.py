@@ -713,6 +713,12 @@ def test_command_line_mistakes_get_one_line_and_exit_2(tmp_path):
         cases[("train", str(path))] = why
     (tmp_path / "lengths.toml").write_text("steps = 1\n[data]\nmin_len = 512\nmax_len = 256\n")
     cases[("train", str(tmp_path / "lengths.toml"))] = "min_len 512 is over max_len 256"
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"seed": 0, "gap": 0, "trials": 8}))
+    cases[("eval", "--update", "--out", str(partial), "--lengths", "1k")] = "not an eval results file"
+    (tmp_path / "file").write_text("")
+    cases[("eval", "--lengths", "1k", "--trials", "1", "--tasks", "passkey", "--out",
+           str(tmp_path / "r.json"), "--plot", str(tmp_path / "file" / "p.png"))] = "the results are in"
     for args, why in cases.items():
         r = runner.invoke(app, list(args))
         assert r.exit_code == 2 and why in r.output, (args, r.output)

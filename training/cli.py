@@ -246,8 +246,11 @@ def evaluate(
     if plot:
         from .evaluation import plot as draw
 
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        draw(results, str(plot))
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            draw(results, str(plot))
+        except OSError as e:
+            _fail(f"--plot {plot}: {e} (the results are in {out})")
         err.print(f"plot {plot}")
 
 
@@ -341,6 +344,9 @@ def _keep_earlier_results(results: dict, out: Path) -> None:
     try:
         earlier = json.loads(out.read_text())
         differ = [k for k in ("seed", "gap", "trials") if earlier[k] != results[k]]
+        for key, kind in (("lengths", list), ("tasks", list), ("models", dict), ("machine", dict)):
+            if not isinstance(earlier[key], kind):
+                raise TypeError(f"{key} is not a {kind.__name__}")
     except (ValueError, KeyError, TypeError) as e:
         err.print(f"[red]--update: {out} is not an eval results file ({e})[/red]")
         raise typer.Exit(2) from e
