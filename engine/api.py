@@ -228,7 +228,10 @@ class Atlas:
         and the logits: (B, T, V) with all_logits, else those after the last token (B, V)."""
         if state.fingerprint != self.fingerprint:
             raise ValueError("state belongs to another model")
-        toks = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        toks = torch.as_tensor(tokens, device=self.device)
+        if toks.numel() and (toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool):
+            raise TypeError(f"token ids are integers, not {toks.dtype}")
+        toks = toks.to(torch.long)
         if toks.dim() == 1:
             toks = toks[None].expand(state.batch_size, -1)
         if toks.shape[0] != state.batch_size:

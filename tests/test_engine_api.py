@@ -493,3 +493,16 @@ def test_tiny_temperature_is_greedy(atlas: Atlas) -> None:
 def test_top_p_that_underflows_keeps_the_best_token(atlas: Atlas) -> None:
     logits = torch.randn(256)
     assert sample(logits, SamplingParams(top_p=2.2250738585072014e-308, top_k=10**6)) == int(logits.argmax())
+
+
+def test_feed_takes_integer_ids_only(atlas: Atlas) -> None:
+    """A float is no token id (torch would truncate 1.5 to 1); nor is a position before the start."""
+    state = atlas.new_state()
+    for bad in ([1.5, 2.7], [True], torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="integers"):
+            atlas.feed(state, bad)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        atlas.feed(state, [atlas.config.vocab_size])
+    assert atlas.feed(state, [])[0].tokens[0] == 0 and atlas.feed(state, torch.tensor([1], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="position"):
+        atlas.new_state(position=-5)

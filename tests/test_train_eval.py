@@ -684,6 +684,10 @@ def test_a_run_resumed_in_its_folder_must_train_the_same_model(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"another model \(d_model 16 -> 32\).*--no-resume"):
         run_training(wider, progress=False)
     assert (cfg.out_dir / "train-config.json").read_text() == record  # the run's record is kept
+    fewer = TrainConfig(**{**cfg.model_dump(), "steps": 1})
+    with pytest.raises(ValueError, match="at step 2, past the 1 asked for"):
+        run_training(fewer, progress=False)
+    assert (cfg.out_dir / "train-config.json").read_text() == record
 
 
 def test_command_line_mistakes_get_one_line_and_exit_2(tmp_path):

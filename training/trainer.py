@@ -338,8 +338,6 @@ def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, pro
     resuming = resume and (trainer.exists() or earlier_layout.exists())
     if resuming:
         _check_same_model(out, cfg)
-    if world.main:
-        (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     model, earlier = _initial_model(cfg, device)
     saved = None
     if resuming:
@@ -356,10 +354,14 @@ def _run(cfg: TrainConfig, world: World, device: torch.device, resume: bool, pro
     run = _Training(cfg, world, device, model, wrapped, opt, loader, text, earlier)
     if saved is not None:
         run.restore(saved)
+    end = min(cfg.steps, cfg.stop_after or cfg.steps)
+    if run.step > end:  # and its record is left as it was
+        raise ValueError(f"{out} is at step {run.step}, past the {end} asked for: ask for more steps, "
+                         "or train into a new out_dir")
     if world.main:
+        (out / "train-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         _trim_log(out / "log.jsonl", run.step)  # steps after the checkpoint will be logged again
     model.train()
-    end = min(cfg.steps, cfg.stop_after or cfg.steps)
     bar = tqdm(total=end, initial=run.step, disable=not (progress and world.main), desc=cfg.name, unit="step")
     board = _tensorboard(out, run.step) if cfg.tensorboard and world.main else None
     with (out / "log.jsonl").open("a") if world.main else contextlib.nullcontext() as log_file:
