@@ -703,6 +703,7 @@ def test_command_line_mistakes_get_one_line_and_exit_2(tmp_path):
     cases = {("eval", "--lengths", "-1k"): "at least 1 token",
              ("eval", "--lengths", "10"): "no task fits",
              ("eval", "--tasks", ","): "names no task",
+             ("eval", "--gap", "100000", "--lengths", "1k"): "with --gap 100000",
              ("eval", "--device", "tpu"): "ATLAS runs on auto, cpu, cuda",
              ("eval", "--model", f"x={damaged}", "--lengths", "1k"): "not a readable safetensors file",
              ("demo", "--checkpoint", str(damaged)): "not a readable safetensors file",

@@ -226,12 +226,13 @@ def evaluate(
         _fail(str(e))
     task_list = _task_list(tasks)
     length_list = _length_list(lengths, dev)
-    if not any(n >= min_length(t) for t in task_list for n in length_list):
-        _fail(f"no task fits in --lengths {lengths}: the shortest prompts are "
-              + ", ".join(f"{t} {min_length(t)}" for t in task_list))
+    if not any(n >= min_length(t) + gap for t in task_list for n in length_list):
+        _fail(f"no task fits in --lengths {lengths}" + (f" with --gap {gap}" if gap else "")
+              + ": the shortest prompts are " + ", ".join(f"{t} {min_length(t) + gap}" for t in task_list))
     for t in task_list:
-        if short := [n for n in length_list if n < min_length(t)]:
-            err.print(f"{t}: skipping lengths {short}, under its shortest prompt ({min_length(t)} tokens)")
+        if short := [n for n in length_list if n < min_length(t) + gap]:
+            err.print(f"{t}: skipping lengths {short}, under its shortest prompt "
+                      f"({min_length(t) + gap} tokens)")
     models = _checkpoints(model)
     out = out or Path("bench/results") / f"passkey-{dev.type}.json"
     results: dict = {"benchmark": "passkey", "machine": describe_machine(dev), "seed": seed, "gap": gap,

@@ -184,12 +184,12 @@ def evaluate(model: AtlasModel, tasks: Sequence[str], lengths: Sequence[int], tr
              on_point: Callable[[Point], None] | None = None,
              on_progress: Callable[[int], None] | None = None, gap: int = 0,
              prose: str | None = None) -> list[Point]:
-    """Every (task, length) point; lengths a task cannot fit in are skipped. `prose`: the held-out
-    text of the real-text tasks (default prompt.FALLBACK_PROSE)."""
+    """Every (task, length) point; lengths a task cannot fit in (with `gap` bytes after each fact)
+    are skipped. `prose`: the held-out text of the real-text tasks (default prompt.FALLBACK_PROSE)."""
     points = []
     for task in tasks:
         for length in lengths:
-            if length < min_length(task):
+            if length < min_length(task) + gap:
                 continue
             p = evaluate_point(model, task, length, trials, seed, on_progress=on_progress, gap=gap,
                                prose=prose)
