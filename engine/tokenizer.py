@@ -22,6 +22,9 @@ from typing import Any, Protocol
 #: The most document bytes an incremental encoder holds back, and the most bytes of already-fed
 #: context it keeps before them (docs/formats.md, "Held-back text").
 HOLD_BYTES = 1024
+#: The held text a commit looks at: what has surely arrived, whole characters, once more than
+#: HOLD_BYTES are held (the last character may still be incomplete: up to 3 bytes).
+WINDOW_BYTES = HOLD_BYTES - 4
 CONTEXT_BYTES = 1024
 
 
@@ -372,8 +375,10 @@ class HFIncrementalEncoder:
 
     The bound: when the held text would exceed `HOLD_BYTES` (a pre-token that long: a base64 blob,
     a run of one character; for a tokenizer without pre-tokenizer, as long a span without a cut),
-    the encoder cuts it anyway, as if the document ended there, and keeps at most half of that.
-    This is the one place where the tokens may differ from those of the whole document."""
+    the encoder cuts it anyway, as if the document ended there, half-way into its first
+    WINDOW_BYTES. This is the one place where the tokens may differ from those of the whole
+    document. Every commit looks at those first WINDOW_BYTES of the held text only, so the cuts
+    are the same however the document arrives."""
 
     def __init__(self, rules: _Rules, held: HeldText) -> None:
         self._r = rules
@@ -410,8 +415,35 @@ class HFIncrementalEncoder:
         enc = self._r.tok.encode(w, add_special_tokens=False)
         return [i for i, (s, _) in zip(enc.ids, enc.offsets, strict=True) if s >= n0], enc
 
+    def _window(self) -> str:
+        """The held text's first WINDOW_BYTES bytes (whole characters): all a commit looks at. With
+        more than HOLD_BYTES received they have all arrived, so where the bound cuts depends on the
+        document alone, not on how much of it came in one piece."""
+        if 4 * len(self._text) <= WINDOW_BYTES:
+            return self._text
+        size = 0
+        for i, ch in enumerate(self._text):
+            size += len(ch.encode("utf-8"))
+            if size > WINDOW_BYTES:
+                return self._text[:i]
+        return self._text
+
     def _commit(self) -> list[int]:
-        w, n0 = self._ctx + self._text, len(self._ctx)
+        """Window after window, what is final; the bound only where a whole window holds nothing
+        final (and more than HOLD_BYTES are held): in one piece or many, the same cuts."""
+        out: list[int] = []
+        while True:
+            held = len(self._raw)
+            out += self._settle()
+            if len(self._raw) < held:
+                continue
+            if held <= HOLD_BYTES:
+                return out
+            out += self._force()
+
+    def _settle(self) -> list[int]:
+        """Feed what is final in the window (the rule above)."""
+        w, n0 = self._ctx + self._window(), len(self._ctx)
         if len(w) == n0:
             return []
         enc = self._r.tok.encode(w, add_special_tokens=False)
@@ -422,7 +454,7 @@ class HFIncrementalEncoder:
         if first and reach[first - 1] > n0:  # a context token runs into the held text: give the
             self.forced_cuts += 1  # context up (a cut)
             self._ctx = ""
-            return self._commit()
+            return self._settle()
         # From the end: skip the last cut, take the one before it (where no added token may start),
         # then find where the pre-token (or span) before it starts, for the next context.
         limit = self._r.added_start(w)
@@ -450,8 +482,6 @@ class HFIncrementalEncoder:
         if q:
             out = ids[first:kq]
             self._keep(w, q, start)
-        if len(self._raw) > HOLD_BYTES:
-            out += self._force()
         return out
 
     def _keep(self, w: str, q: int, start: int) -> None:
@@ -463,18 +493,18 @@ class HFIncrementalEncoder:
         if len(data) > CONTEXT_BYTES:
             ctx = data[-CONTEXT_BYTES:].decode("utf-8", errors="ignore")
         self._raw = self._raw[_raw_length(self._raw, w[n0:q]):]
-        self._text = w[q:]
+        self._text = self._text[q - n0:]  # w may end at the window: the text beyond it stays held
         self._ctx = ctx
 
     def _force(self) -> list[int]:
-        """The bound: cut where at most HOLD_BYTES // 2 bytes stay held (at the first token end past
-        that point, if one is clean), as if the document ended there."""
+        """The bound: cut the window HOLD_BYTES // 2 bytes in (at the first token end past that
+        point, if one is clean), as if the document ended there."""
         self.forced_cuts += 1
-        w, n0 = self._ctx + self._text, len(self._ctx)
-        q, size = len(w), 0
-        while q > n0 + 1 and size + len(w[q - 1].encode("utf-8")) <= HOLD_BYTES // 2:
-            q -= 1
+        w, n0 = self._ctx + self._window(), len(self._ctx)
+        q, size = n0, 0
+        while q < len(w) - 1 and size + len(w[q].encode("utf-8")) <= HOLD_BYTES // 2:
             size += len(w[q].encode("utf-8"))
+            q += 1
         offs = self._r.tok.encode(w, add_special_tokens=False).offsets
         ends = sorted(e for s, e in offs if s >= n0 and q <= e < len(w))
         clean = [e for e in ends if not any(s < e < t for s, t in offs)]

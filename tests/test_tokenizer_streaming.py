@@ -193,6 +193,15 @@ def test_the_hold_back_is_bounded(family, toks):
         assert forced > 0
     if family == "byte_bpe":  # lossless: the cut changes tokens, never text
         assert tok.decode(ids) == doc.decode()
+    # where the bound cuts depends on the document alone, not on how the upload was cut
+    rng = random.Random(family)
+    for text in (doc, b"start " + b"a" * 5000 + b" end"):
+        ids = stream(tok, [text])[0]
+        for size in (13, 100, 700, 1500, 5010):
+            assert stream(tok, [text[i:i + size] for i in range(0, len(text), size)])[0] == ids, size
+        for _ in range(3):
+            pieces = cut(text, [rng.randrange(1, len(text)) for _ in range(30)])
+            assert stream(tok, pieces, [rng.random() < 0.5 for _ in pieces])[0] == ids
 
 
 def test_byte_tokenizer_holds_nothing_back():
