@@ -180,8 +180,9 @@ class Atlas:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+    def decode(self, ids: Sequence[int], special: bool = False) -> str:
+        """The text of `ids`; `special`: with special tokens' text (Tokenizer.decode)."""
+        return self.tokenizer.decode(list(ids), special)
 
     # -- states ------------------------------------------------------------------------------------
 

@@ -69,9 +69,12 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """The text of `ids`; `special`: with the text of special (added) tokens, which generated
+        text leaves out and prompts, echoes and /detokenize keep."""
+        ...
 
-    def stream_decoder(self) -> StreamDecoder: ...
+    def stream_decoder(self, special: bool = False) -> StreamDecoder: ...
 
     def incremental_encoder(self, held: HeldText | None = None) -> IncrementalEncoder: ...
 
@@ -94,10 +97,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], special: bool = False) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> _ByteStreamDecoder:
+    def stream_decoder(self, special: bool = False) -> _ByteStreamDecoder:
         return _ByteStreamDecoder()
 
     def token_bytes(self, token: int) -> bytes:
@@ -149,11 +152,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=not special)
 
-    def stream_decoder(self) -> _HFStreamDecoder:
-        return _HFStreamDecoder(self)
+    def stream_decoder(self, special: bool = False) -> _HFStreamDecoder:
+        return _HFStreamDecoder(self, special)
 
     def token_bytes(self, token: int) -> bytes:
         text = self._tok.decode([token], skip_special_tokens=False)
@@ -191,15 +194,16 @@ class _HFStreamDecoder:
 
     MAX_WAIT = 8
 
-    def __init__(self, tok: HFTokenizer):
+    def __init__(self, tok: HFTokenizer, special: bool = False):
         self._tok = tok._tok
+        self._skip = not special
         self._ids: list[int] = []
         self._prefix = 0  # ids before this are emitted and no longer decoded
         self._read = 0  # ids before this are emitted
 
     def _step(self, force: bool) -> str:
-        prefix = self._tok.decode(self._ids[self._prefix:self._read])
-        text = self._tok.decode(self._ids[self._prefix:])
+        prefix = self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
+        text = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
         grew = len(text) > len(prefix)
         waiting = not grew or text.endswith("\ufffd")
         if waiting and not force and len(self._ids) - self._read <= self.MAX_WAIT:

@@ -198,3 +198,19 @@ def test_other_refusals(client) -> None:
                                   stream_options={"include_usage": True, "continuous_usage_stats": True})
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="another-model", messages=MESSAGES, max_tokens=1)
+
+
+def test_special_tokens_are_text_in_prompts_echoes_and_detokenize(server) -> None:
+    """A prompt's special tokens are part of its text: the echo's offsets count them, token-id
+    prompts echo them, and /detokenize gives /tokenize's text back (as vLLM's)."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        prompt = "a<|endoftext|>bcd"
+        body = {"max_tokens": 2, "echo": True, "logprobs": 0, "temperature": 0}
+        r = c.post("/v1/completions", json={**body, "prompt": prompt}).json()["choices"][0]
+        tokens, offsets = r["logprobs"]["tokens"], r["logprobs"]["text_offset"]
+        assert r["text"].startswith(prompt) and "".join(tokens) == r["text"]
+        assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        ids = c.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+        by_id = c.post("/v1/completions", json={**body, "prompt": [ids]}).json()["choices"][0]
+        assert by_id["text"] == r["text"] and by_id["logprobs"]["text_offset"] == offsets
+        assert c.post("/detokenize", json={"tokens": ids}).json()["prompt"] == prompt

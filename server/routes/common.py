@@ -160,7 +160,7 @@ def token_text(atlas: Atlas, token: int) -> str:
 def text_offsets(atlas: Atlas, ids: list[int]) -> tuple[str, list[int]]:
     """The text of `ids` and where each token's text starts in it (streamed decoding: a token that
     completes a character starts where the character does)."""
-    decoder = atlas.tokenizer.stream_decoder()
+    decoder = atlas.tokenizer.stream_decoder(special=True)  # a prompt's special tokens are its text
     text, offsets = "", []
     for tok in ids:
         offsets.append(len(text))

@@ -20,6 +20,7 @@ template (``engine/chat_template.py``, as ``/v1/chat/completions`` does), then c
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter
@@ -111,7 +112,7 @@ async def detokenize(req: DetokenizeRequest, _: TenantDep, services: ServicesDep
     bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise ApiError("token_out_of_vocabulary", f"token id {bad} is outside the vocabulary [0, {vocab})")
-    decode = services.atlas.decode
+    decode = functools.partial(services.atlas.decode, special=True)  # as vLLM's: /tokenize's ids back
     ids = req.tokens
     text = await asyncio.to_thread(decode, ids) if len(ids) > THREAD_CHARS else decode(ids)
     return DetokenizeResponse(prompt=text)
