@@ -350,3 +350,21 @@ def test_runtime_body_error_before_a_chunk_fails_cleanly(atlas, runtime, store):
 
     sid = asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert store.meta(sid).bytes_committed == 3 + len(b"hello world")
+
+
+def test_runtime_delete_takes_over_its_own_leftover_lease(atlas, runtime, store):
+    """A lease under the runtime's own name that nothing releases (Redis went away mid-request) does
+    not block a delete; another writer's lease does, saying how long it has left (Retry-After)."""
+    async def main():
+        mine = (await runtime.create_session("t")).id
+        store.lease(mine, runtime.owner, 60_000)  # the leftover
+        await runtime.delete_session(mine, "t")
+        theirs = (await runtime.create_session("t")).id
+        store.lease(theirs, "another-runtime", 60_000)
+        with pytest.raises(LeaseConflictError) as e:
+            await runtime.delete_session(theirs, "t")
+        assert e.value.retry_after_ms and e.value.retry_after_ms > 50_000
+        return mine, theirs
+
+    mine, theirs = asyncio.run(main())
+    assert {m.id for m in store.list("t")} >= {theirs} and mine not in {m.id for m in store.list("t")}

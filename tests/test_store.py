@@ -299,3 +299,19 @@ def test_open_store_on_url_and_stats(standalone_redis, key_prefix):
         assert st.saves.count == 1 and st.loads.count == 1
         assert st.saves.bytes == st.loads.bytes == PART * 2
         assert sum(st.saves.buckets) == 1 and st.saves.total_s > 0
+
+
+def test_a_create_with_state_that_fails_leaves_no_session(tmp_path):
+    """A fork or an import writes the new session, then its state: when the state cannot be written
+    (here Redis is out of memory), the empty session must not stay behind, counted and listed."""
+    from .store_helpers import redis_server
+
+    with redis_server(tmp_path / "redis", "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as srv:
+        store = make_store(srv.url, "oom:")
+        first = store.create("t", fingerprint="f", data=b"x" * 100_000)
+        with pytest.raises(StoreError):
+            for _ in range(200):  # until Redis refuses writes
+                store.create("t", fingerprint="f", data=os.urandom(200_000))
+        listed = store.list("t")
+        assert first.id in {m.id for m in listed}
+        assert all(m.state_bytes > 0 for m in listed), [m for m in listed if not m.state_bytes]

@@ -27,6 +27,7 @@ from ..sampling import SamplingParams
 from ..state import SessionState
 from ..store import (
     HotCache,
+    LeaseConflictError,
     SessionMeta,
     SessionNotFoundError,
     StateCorruptError,
@@ -147,7 +148,15 @@ class Runtime:
             if not await asyncio.to_thread(self.store.owns, tenant, sid):
                 raise SessionNotFoundError(f"no session {sid}", sid=sid) from None
         async with self._lock(sid):
-            await asyncio.to_thread(self.store.delete, sid, tenant=tenant)
+            try:
+                await asyncio.to_thread(self.store.delete, sid, tenant=tenant)
+            except LeaseConflictError:
+                # Leased: by another runtime (this raises again, with how long to wait), or under
+                # this one's own name, a leftover whose release was lost with Redis (it holds the
+                # lock, so none of its operations runs): taken over, then deleted under it.
+                lease = await asyncio.to_thread(self.store.lease, sid, self.owner,
+                                                self.settings.lease_ttl_ms, reclaim=True)
+                await asyncio.to_thread(self.store.delete, sid, fence=lease.fence, tenant=tenant)
             self.states.forget(sid)
         self._locks.pop(sid, None)
 

@@ -430,8 +430,13 @@ class RedisStore(StateStore):
                     self._client.srem(self._index_key(tenant), sid)
             raise
         if data is not None:
-            return self.put(sid, data, fingerprint=fingerprint, tokens=tokens,
-                            bytes_committed=bytes_committed)
+            try:
+                return self.put(sid, data, fingerprint=fingerprint, tokens=tokens,
+                                bytes_committed=bytes_committed)
+            except BaseException:  # a fork or import that failed leaves no empty session behind
+                with contextlib.suppress(Exception):  # (a store that is down: its TTL-less hash stays)
+                    self.delete(sid, tenant=tenant)
+                raise
         return self._meta(sid, fields)[0]
 
     def _admit(self, tenant: str, sid: str, cap: int | None) -> bool:
