@@ -119,6 +119,13 @@ class ApiError(Exception):
     def body(self) -> dict[str, dict[str, str]]:
         return error_body(self.code, self.message)
 
+    def event(self) -> dict[str, dict[str, Any]]:
+        """The body as the last event of a stream whose status line said 200: with the status the
+        error would have had (a client raises what it would have raised for that answer)."""
+        out: dict[str, dict[str, Any]] = dict(self.body())
+        out["error"]["status"] = self.status
+        return out
+
     def response(self) -> JSONResponse:
         return error_response(self.status, self.code, self.message, self.headers)
 
@@ -183,13 +190,14 @@ def internal_error() -> ApiError:
     return ApiError("internal_error", "internal error; see the server log")
 
 
-def error_event(exc: BaseException) -> dict[str, dict[str, str]]:
-    """The error object sent inside an event stream (whose status line is already 200)."""
+def error_event(exc: BaseException) -> dict[str, dict[str, Any]]:
+    """The error object sent inside an event stream (whose status line is already 200), with the
+    status the error would have had (ApiError.event)."""
     err = to_api_error(exc)
     if err is None:
         log.exception("unexpected error in a stream", exc_info=exc)
         err = internal_error()
-    return err.body()
+    return err.event()
 
 
 def served_routes(openapi: dict[str, Any], prefix: str = "/v1") -> list[str]:

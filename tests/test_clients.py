@@ -392,3 +392,49 @@ def test_client_command_runs_without_the_server_package(server, tmp_path, sdk):
                          timeout=60, cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout == sdk.generate(sid, "\nQ: who?\nA:", max_tokens=8, temperature=0).text() + "\n"
+
+
+def test_an_iterator_source_keeps_what_progress_events_report_until_its_request_ends():
+    """Progress events are no acknowledgements (docs/chaos.md): a store outage sends the next
+    request back to the last checkpoint, so an iterator's replay buffer must still hold it."""
+    from atlas_client._core import Upload
+    from atlas_client._source import Source
+
+    doc = document(300_000)
+    source = Source((doc[i:i + 10_000] for i in range(0, len(doc), 10_000)), piece_bytes=10_000)
+    upload = Upload("s", source, 0, 0, 1 << 20, None)
+    body = b"".join(upload.body())
+    assert body == doc
+    upload.event({"bytes_committed": 250_000, "tokens": 250_000, "tokens_per_s": 1.0})
+    upload.resume(65_536)  # the outage: the session is back at its checkpoint
+    assert b"".join(source.pieces(65_536)) == doc[65_536:]
+    upload.finished(type("Done", (), {"bytes_committed": len(doc)})())  # the request's end confirms
+    assert not source._buf
+
+
+def test_a_failed_append_resumes_where_its_file_begins(fast_checkpoint, tmp_path):
+    """`atlas ingest FILE --session S --append` that fails prints how to resume: with --start, the
+    offset where FILE begins in the document, so that no byte of FILE is skipped or sent twice."""
+    runner = CliRunner()
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_bytes(document(30_000))
+    second.write_bytes(document(250_000)[::-1])
+    settings = {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_API_KEYS": f"{KEY}:acme",
+                "ATLAS_MAX_BODY_BYTES": "100000"}
+    with running_server(tmp_path / "srv", settings) as srv:
+        env = {"ATLAS_URL": srv.url, "ATLAS_API_KEY": KEY, "ATLAS_RETRIES": "0"}
+        r = runner.invoke(atlas_app, ["ingest", str(first), "-q"], env=env)
+        sid = r.stdout.strip()
+        args = ["ingest", str(second), "--session", sid, "--append", "-q"]
+        for _ in range(4):  # each request may carry 100,000 bytes: it fails, then resumes as told
+            r = runner.invoke(atlas_app, args, env=env)
+            if r.exit_code == 0:
+                break
+            assert "error 413 body_too_large" in r.stderr  # the stream's error event has its status
+            hint = r.stderr.split("resume with: ")[1].splitlines()[0].split()
+            assert hint[-2:] == ["--start", "30000"], r.stderr
+            args = [*hint[1:], "-q"]
+        assert r.exit_code == 0, r.output
+        with AtlasClient(srv.url, KEY) as c:
+            meta = c.get_session(sid)
+    assert meta.bytes_committed == meta.tokens == 280_000

@@ -246,7 +246,7 @@ async def _ingest_events(first: IngestProgress, progress: AsyncGenerator[IngestP
         while True:
             now = time.perf_counter()
             if p.done and body.over_limit:
-                yield sse(_too_large(limit, p.bytes_committed).body())
+                yield sse(_too_large(limit, p.bytes_committed).event())
             elif p.done or now - emitted >= interval_s:
                 emitted = now
                 if p.done:

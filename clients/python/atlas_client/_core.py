@@ -206,10 +206,11 @@ class Upload:
         self.exhausted = True
 
     def event(self, event: dict[str, Any]) -> IngestProgress:
-        """A progress event of the current request, reported; the source may drop what it confirms."""
+        """A progress event of the current request, reported. Not a confirmation: its
+        ``bytes_committed`` is committed only when the request ends (a store outage before then
+        sends the next request back to the last checkpoint), so the source keeps it for a replay."""
         progress = self._report(event)
         self.tokens, self.tokens_per_s = progress.tokens, progress.tokens_per_s
-        self.source.confirm(progress.bytes_committed - self.start)
         return progress
 
     def finished(self, last: IngestProgress) -> bool:
@@ -237,8 +238,9 @@ def sid_of(session: str | Session) -> str:
 
 
 def metadata_filter(metadata: Labels) -> list[str]:
-    """``?metadata=K=V`` values: the server compares a string as it is and any other value as JSON
-    (``3``, ``true``, ``null``), so a filter matches the value it was set to."""
+    """``?metadata=K=V`` values: the server compares text, a string as it is and any other value as
+    JSON (``3``, ``true``, ``null``), so a filter matches the value it was set to (and 3 matches
+    "3" too: the query string has no types)."""
     return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in metadata.items()]
 
 
@@ -403,7 +405,8 @@ class Calls(AsyncClosing):
     # -- sessions ------------------------------------------------------------------------------------
 
     async def create_session(self, ttl_s: int | None = None) -> Session:
-        return Session(**await self._json("POST", "/v1/sessions", json={"ttl_s": ttl_s} if ttl_s else None))
+        body = {"ttl_s": ttl_s} if ttl_s is not None else None  # 0 goes too: the server refuses it
+        return Session(**await self._json("POST", "/v1/sessions", json=body))
 
     async def list_sessions_page(self, *, name: str | None = None,
                                  metadata: Labels | None = None,

@@ -18,8 +18,9 @@ class Source:
     """An ingest source that can be read again from any offset not yet confirmed by the server.
 
     Files and bytes are re-read from disk or memory, so a resume after a dropped connection costs
-    nothing. A plain iterator cannot rewind: what it yielded is kept in a replay buffer until the
-    server's progress events confirm it (``confirm``); a resume before the buffer raises.
+    nothing. A plain iterator cannot rewind: what it yielded is kept in a replay buffer until a
+    request's end confirms it (``confirm``: at most one request's bytes, ``request_bytes``, are
+    kept); a resume before the buffer raises.
     """
 
     def __init__(self, src: IngestSource, piece_bytes: int = 1 << 20):

@@ -69,6 +69,9 @@ def ingest(
     append: Annotated[bool, typer.Option(
         "--append", help="Start after what the session already has "
         "(default: FILE is the document from its start; a rerun resumes)")] = False,
+    start: Annotated[int | None, typer.Option(
+        "--start", min=0, help="The document offset where FILE begins: how a failed --append resumes "
+        "(it prints the command); default 0")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
     url: Url = DEFAULT_URL, api_key: ApiKey = None, retries: Retries = 5,
 ) -> None:
@@ -85,6 +88,9 @@ def ingest(
 
     if file != "-" and not Path(file).is_file():
         err.print(f"[red]error[/red] no such file: {file}")
+        raise typer.Exit(EXIT_USAGE)
+    if append and start is not None:
+        err.print("[red]error[/red] --append or --start, not both")
         raise typer.Exit(EXIT_USAGE)
     source: Any = sys.stdin.buffer if file == "-" else Path(file)
     total = None if file == "-" else Path(file).stat().st_size
@@ -106,10 +112,15 @@ def ingest(
                 resumed = f" (resumed {p.resumes}x)" if p.resumes else ""
                 bar.update(task, completed=p.bytes_sent, rate=f"{p.tokens:,} tok  {rate:,.0f} tok/s{resumed}")
 
+            # where FILE begins in the document: fixed now, so that the resume command can say it
+            begin = start or 0
+            if append and session is not None:
+                begin = c.get_session(sid).bytes_committed
             try:
-                last = c.ingest(source, sid, start=None if append else 0, on_progress=show)
+                last = c.ingest(source, sid, start=begin, on_progress=show)
             except AtlasError:
-                err.print(f"resume with: atlas ingest {file} --session {sid}")
+                err.print(f"resume with: atlas ingest {file} --session {sid}"
+                          + (f" --start {begin}" if begin else ""))
                 raise
             bar.update(task, completed=last.bytes_committed if total is None else total)
         err.print(f"session {sid}: {last.tokens:,} tokens, {last.bytes_committed:,} bytes committed")

@@ -68,7 +68,9 @@ def error_from_body(status: int, body: Any, headers: httpx.Headers | None = None
         code, message = str(err.get("code", "")), str(err.get("message", ""))
     else:
         code, message = f"http_{status}", str(body)[:500]
-    if not status:
+    if not status and isinstance(err, dict) and isinstance(err.get("status"), int):
+        status = err["status"]  # an event stream's error says what its status would have been
+    if not status:  # (servers before that: the codes a stream can end with)
         status = {"session_not_found": 404, "offset_gap": 409, "lease_conflict": 409, "state_corrupt": 409,
                   "foreign_model": 409, "queue_full": 429, "store_unavailable": 503,
                   "shutting_down": 503, "not_ready": 503}.get(code, 500)
