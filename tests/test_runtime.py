@@ -368,3 +368,28 @@ def test_runtime_delete_takes_over_its_own_leftover_lease(atlas, runtime, store)
 
     mine, theirs = asyncio.run(main())
     assert {m.id for m in store.list("t")} >= {theirs} and mine not in {m.id for m in store.list("t")}
+
+
+def test_runtime_delete_stops_the_sessions_running_ingest(atlas, runtime, store):
+    """A delete does not wait for a long ingest into the session to end: the ingest stops within a
+    step (committing what it read), then the session is deleted."""
+    async def main():
+        sid = (await runtime.create_session("t")).id
+        events = []
+
+        async def slow():  # 400 pieces, 10 ms apart: four seconds if left alone
+            async for p in runtime.ingest(sid, "t", pieces(b"x" * 4000, 10, delay=0.01)):
+                events.append(p)
+
+        running = asyncio.create_task(slow())
+        while not events:
+            await asyncio.sleep(0.01)
+        t0 = asyncio.get_running_loop().time()
+        await runtime.delete_session(sid, "t")
+        took = asyncio.get_running_loop().time() - t0
+        await running
+        return sid, took, events[-1]
+
+    sid, took, last = asyncio.run(main())
+    assert took < 2.0 and last.done and last.bytes_committed < 4000
+    assert sid not in {m.id for m in store.list("t")}

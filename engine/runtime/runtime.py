@@ -65,6 +65,7 @@ class Runtime:
         # a lease it holds when it dies is taken over within a heartbeat, not the lease's TTL.
         self.owner = f"{HEARTBEAT_OWNERS}{uuid.uuid4().hex[:12]}"
         self._locks: dict[str, asyncio.Lock] = {}
+        self._writers: dict[str, set[Control]] = {}  # the operations that write each session
         self._tasks: set[asyncio.Task] = set()
         self._stop = threading.Event()
         self._heart = threading.Thread(target=self._beat, name="atlas-heartbeat", daemon=True)
@@ -147,6 +148,8 @@ class Runtime:
         except StateCorruptError:
             if not await asyncio.to_thread(self.store.owns, tenant, sid):
                 raise SessionNotFoundError(f"no session {sid}", sid=sid) from None
+        for control in list(self._writers.get(sid, ())):
+            control.cancel()  # an ingest (or committing generation) stops within a step, commits
         async with self._lock(sid):
             try:
                 await asyncio.to_thread(self.store.delete, sid, tenant=tenant)
@@ -183,7 +186,7 @@ class Runtime:
         await self.get_session(sid, tenant)
 
         async def work(events: asyncio.Queue, control: Control) -> None:
-            async with self._lock(sid), self._write_lease(sid) as fence:
+            async with self._writing(sid, control), self._lock(sid), self._write_lease(sid) as fence:
                 await IngestTask(sid, body, offset, fence, atlas=self.atlas, states=self.states,
                                  worker=self.worker, settings=self.settings, events=events,
                                  control=control).run()
@@ -219,7 +222,7 @@ class Runtime:
                     state, _ = await self.states.load(sid)
                 events.put_nowait(await task(state, events, control).run())
             else:
-                async with self._lock(sid), self._write_lease(sid) as fence:
+                async with self._writing(sid, control), self._lock(sid), self._write_lease(sid) as fence:
                     state, _ = await self.states.load(sid)
                     done = await task(state, events, control).run()
                     assert done.state is not None
@@ -233,6 +236,18 @@ class Runtime:
 
     def _lock(self, sid: str) -> asyncio.Lock:
         return self._locks.setdefault(sid, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, sid: str, control: Control) -> AsyncIterator[None]:
+        """`control` writes `sid` meanwhile (running or waiting for it): a delete cancels it."""
+        self._writers.setdefault(sid, set()).add(control)
+        try:
+            yield
+        finally:
+            writers = self._writers.get(sid, set())
+            writers.discard(control)
+            if not writers:
+                self._writers.pop(sid, None)
 
     def _admit(self) -> None:
         with self.worker.cv:
