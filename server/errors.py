@@ -70,6 +70,7 @@ STATUS: dict[str, int] = {
     "shutting_down": 503,
     "store_unavailable": 503,
     "store_error": 503,  # an unexpected reply from the store: treated like an unreachable one
+    "store_full": 507,  # Redis at its maxmemory refuses writes: retrying does not help
     "checkpoint_invalid": 503,  # the model cannot load (at start-up: /ready says why)
     "demo_prose_invalid": 503,  # ATLAS_DEMO_PROSE cannot be read as prose (too short, not text)
 }

@@ -18,6 +18,7 @@ from atlas.engine.store import (
     StateCorruptError,
     StateNotFoundError,
     StoreError,
+    StoreFullError,
     StoreSettings,
     StoreUnavailableError,
     open_store,
@@ -309,7 +310,7 @@ def test_a_create_with_state_that_fails_leaves_no_session(tmp_path):
     with redis_server(tmp_path / "redis", "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as srv:
         store = make_store(srv.url, "oom:")
         first = store.create("t", fingerprint="f", data=b"x" * 100_000)
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreFullError, match="out of memory"):
             for _ in range(200):  # until Redis refuses writes
                 store.create("t", fingerprint="f", data=os.urandom(200_000))
         listed = store.list("t")

@@ -16,6 +16,7 @@ from .errors import (
     StateCorruptError,
     StateNotFoundError,
     StoreError,
+    StoreFullError,
     StoreUnavailableError,
     TooManySessionsError,
 )
@@ -27,6 +28,6 @@ __all__ = [
     "LATENCY_BUCKETS_S", "CacheEntry", "CacheStats", "EmbeddedStore", "ForeignModelError", "HotCache",
     "LatencyStats", "Lease", "LeaseConflictError", "NoStateError", "RedisLease", "RedisStore",
     "SessionExistsError", "SessionMeta", "SessionNotFoundError", "StateCorruptError", "StateNotFoundError",
-    "StateStore", "StoreError", "StoreSettings", "StoreStats", "StoreUnavailableError",
+    "StateStore", "StoreError", "StoreSettings", "StoreStats", "StoreFullError", "StoreUnavailableError",
     "TooManySessionsError", "connect", "open_store",
 ]

@@ -78,3 +78,10 @@ class StoreUnavailableError(StoreError):
     """Redis cannot be reached or answered with an error; the caller may retry later."""
 
     code = "store_unavailable"
+
+
+class StoreFullError(StoreUnavailableError):
+    """Redis refuses writes: it is at its `maxmemory` (with `noeviction`, as sessions need). Waiting
+    does not help; deleting sessions, or more memory, does."""
+
+    code = "store_full"

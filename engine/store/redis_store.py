@@ -69,6 +69,7 @@ from .errors import (
     StateCorruptError,
     StateNotFoundError,
     StoreError,
+    StoreFullError,
     StoreUnavailableError,
     TooManySessionsError,
 )
@@ -151,6 +152,9 @@ def _redis_errors(sid: str | None = None) -> Iterator[None]:
     except StoreError:
         raise
     except redis.RedisError as e:
+        if isinstance(e, redis.exceptions.OutOfMemoryError) or str(e).startswith("OOM "):
+            raise StoreFullError(f"redis is out of memory ({e}): delete sessions, or give it more "
+                                 "(maxmemory)", sid=sid) from e
         raise StoreUnavailableError(f"redis: {type(e).__name__}: {e}", sid=sid) from e
 
 
