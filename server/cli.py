@@ -199,10 +199,23 @@ def serve(
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # unset: ATLAS_*
     if allow_remote:
         overrides["allow_remote"] = True
-    try:
+    from atlas.engine.runtime import RuntimeSettings
+    from atlas.engine.store import StoreSettings
+    from atlas.kernels.settings import KernelSettings
+
+    try:  # every ATLAS_* setting, the engine's and the store's too: a bad one stops here, named
         settings = ServerSettings(**overrides)
-    except ValidationError as e:
-        err.print(f"[red]invalid setting: {e}[/red]")
+        RuntimeSettings()
+        StoreSettings()
+        KernelSettings()
+    except ValidationError as e:  # named as set, without the value (ATLAS_API_KEYS holds secrets)
+        for problem in e.errors(include_input=False, include_url=False):
+            name = "ATLAS_" + "_".join(str(p) for p in problem["loc"]).upper()
+            err.print(f"invalid setting {name}: {problem['msg']}", style="red", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from e
+    except ValueError as e:  # pydantic-settings' SettingsError: a value it cannot parse at all
+        err.print(f"invalid setting: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from e
     # One handler for ours and uvicorn's loggers (uvicorn gets log_config=None below), in the chosen
     # format, with the request id on every line of a request.

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,11 @@ WeightsDtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "half": "float16"}
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s,]+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: A tenant is a store id (engine/store/integrity.py, ID_RE) without ":", which in a key list
+#: means a malformed entry ("k1:a;k2:b"); a key is visible ASCII (an HTTP header carries it).
+_TENANT = re.compile(r"[!-9;-z|~]{1,200}")
+_KEY = re.compile(r"[!-+\--~]+")
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -78,7 +84,7 @@ class ServerSettings(BaseSettings):
     #: A generation running longer stops and returns what it has (finish_reason ``timeout``).
     request_timeout_s: float = Field(300.0, gt=0)
     #: On SIGTERM: how long in-flight requests may take to finish before they are cancelled.
-    drain_timeout_s: float = Field(30.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0, allow_inf_nan=False)
     #: Least time between two ingest progress events (the final event always comes).
     progress_interval_s: float = Field(0.2, ge=0)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -156,19 +162,38 @@ class ServerSettings(BaseSettings):
 
 
 def parse_origins(spec: str) -> list[str]:
-    """``"*"`` -> ["*"]; ``"https://a.example, http://localhost:5173/"`` -> the origins as a browser
-    sends them (scheme://host[:port], no path: a trailing slash is dropped, anything else refused,
-    because such an entry could never match an Origin header)."""
+    """``"*"`` -> ["*"]; ``"https://a.example, HTTP://Localhost:5173/"`` -> the origins as a browser
+    sends them in its Origin header: scheme://host[:port] in lower case, without the scheme's
+    default port or a trailing slash. Anything that could never match one is refused: a path, a
+    query, a fragment, user info, a wildcard in the host."""
     out: list[str] = []
-    for item in spec.split(","):
-        item = item.strip().rstrip("/")
+    for raw in spec.split(","):
+        item = raw.strip()
         if not item:
             continue
-        if item != "*" and not _ORIGIN.fullmatch(item):
+        if item == "*":
+            out.append(item)
+            continue
+        origin = _origin(item.rstrip("/"))
+        if origin is None:
             raise ValueError(f"ATLAS_CORS_ORIGINS: {item!r} is not an origin such as "
-                             "https://app.example.com or http://localhost:5173 (or *)")
-        out.append(item)
+                             "https://app.example.com or http://localhost:5173 (or *); no paths, "
+                             "queries, user info or wildcards")
+        out.append(origin)
     return out
+
+
+def _origin(item: str) -> str | None:
+    if not _ORIGIN.fullmatch(item) or any(c in item for c in "?#@*"):
+        return None
+    scheme, _, hostport = item.lower().partition("://")
+    try:
+        port = urlsplit(item).port
+    except ValueError:
+        return None
+    if port is not None and _DEFAULT_PORTS.get(scheme) == port:
+        hostport = hostport.rsplit(":", 1)[0]
+    return f"{scheme}://{hostport}"
 
 
 def parse_api_keys(spec: str) -> dict[str, str]:
@@ -182,5 +207,14 @@ def parse_api_keys(spec: str) -> dict[str, str]:
         key, tenant = key.strip(), tenant.strip() or "default"
         if not key:
             raise ValueError("ATLAS_API_KEYS has an entry with an empty key")
+        if not _KEY.fullmatch(key):
+            raise ValueError("ATLAS_API_KEYS: a key is visible ASCII characters, no spaces or commas "
+                             f"(entry {len(out) + 1})")
+        if not _TENANT.fullmatch(tenant):
+            raise ValueError(f"ATLAS_API_KEYS: tenant {tenant!r} (entry {len(out) + 1}): 1 to 200 "
+                             "visible ASCII characters, no ':', '{' or '}'; entries are KEY:TENANT, "
+                             "separated by commas")
+        if key in out:
+            raise ValueError(f"ATLAS_API_KEYS: a key is listed twice (entry {len(out) + 1})")
         out[key] = tenant
     return out

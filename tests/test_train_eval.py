@@ -709,7 +709,7 @@ def test_command_line_mistakes_get_one_line_and_exit_2(tmp_path):
              ("demo", "--checkpoint", str(damaged)): "not a readable safetensors file",
              ("demo", "--device", "tpu"): "ATLAS runs on auto, cpu, cuda",
              ("serve", "--device", "tpu"): "ATLAS runs on auto, cpu, cuda",
-             ("serve", "--log-level", "loud"): "log_level",
+             ("serve", "--log-level", "loud"): "ATLAS_LOG_LEVEL",
              ("tokenizer", "train", str(tmp_path / "f.bin"), "--out", str(tmp_path / "t.json")):
                  "text files are"}
     for i, (line, why) in enumerate(bad_configs.items()):
@@ -728,6 +728,13 @@ def test_command_line_mistakes_get_one_line_and_exit_2(tmp_path):
         r = runner.invoke(app, list(args))
         assert r.exit_code == 2 and why in r.output, (args, r.output)
         assert "Traceback" not in r.output, args
+    bad_settings = [({"ATLAS_MAX_BATCH": "abc"}, "ATLAS_MAX_BATCH"),
+                    ({"ATLAS_NS_PRECISION": "x"}, "NS_PRECISION"),
+                    ({"ATLAS_DRAIN_TIMEOUT_S": "inf"}, "finite"),
+                    ({"ATLAS_API_KEYS": "sk-secret:ten ant"}, "tenant")]
+    for env, why in bad_settings:
+        r = runner.invoke(app, ["serve"], env=env)  # the engine's and store's settings too, at start
+        assert r.exit_code == 2 and why in r.output and "sk-secret" not in r.output, (env, r.output)
     doc = tmp_path / "doc.txt"
     doc.write_text("héllo wörld " * 20, encoding="utf-8")
     r = runner.invoke(app, ["demo", "--text", str(doc), "--tokens", "64", "--max-tokens", "2",

@@ -435,9 +435,18 @@ def test_cors_settings() -> None:
     assert ServerSettings(cors_origins="*").cors_origin_list == ["*"]
     assert ServerSettings(cors_origins=" https://a.example/ , http://localhost:5173").cors_origin_list == [
         "https://a.example", "http://localhost:5173"]
-    for bad in ["a.example", "https://a.example/path", "https://"]:
+    # as a browser writes its Origin header: lower case, no default port
+    browser_form = ServerSettings(cors_origins="HTTPS://App.Example.com:443,http://a.example:8080")
+    assert browser_form.cors_origin_list == ["https://app.example.com", "http://a.example:8080"]
+    for bad in ["a.example", "https://a.example/path", "https://", "https://*.example.com", "https://a.com?x=1",
+                "https://a.com#f", "https://user@a.com", "https://a.com:99999", "[/https://a.com]"]:
         with pytest.raises(ValueError, match="ATLAS_CORS_ORIGINS"):
             ServerSettings(cors_origins=bad)
+    # API keys: every entry KEY:TENANT, the tenant one the store can hold, no key twice
+    assert ServerSettings(api_keys="k1:acme, k2").tenants_by_key == {"k1": "acme", "k2": "default"}
+    for bad in ["sk-x:ten ant", "sk-x:acme,sk-x:globex", "k1:a;k2:b", "clé:uni", "k:t{x}", ":acme"]:
+        with pytest.raises(ValueError, match="ATLAS_API_KEYS"):
+            ServerSettings(api_keys=bad)
     assert ServerSettings(log_format="JSON").log_format == "json"
     with pytest.raises(ValueError):
         ServerSettings(log_format="xml")
