@@ -195,6 +195,7 @@ def test_prose_from_a_file(fast_atlas, store, tmp_path):
     with serve(fast_atlas, store, demo_prose=str(short)) as c:
         assert "too little prose" in error(get_document(c, task="passkey_prose", length=3000), 503,
                                            "demo_prose_invalid")
+        assert get_document(c, task="passkey", length=3000).status_code == 200  # it reads no prose
     with pytest.raises(ValidationError, match="ATLAS_DEMO_PROSE"):
         ServerSettings(demo_prose=str(tmp_path / "missing.txt"))
     assert ServerSettings(demo_prose="", demo_baseline="").demo_prose is None

@@ -80,8 +80,9 @@ def prose_name(task: str, settings: ServerSettings) -> str:
 
 def build(task: str, length: int, seed: int, settings: ServerSettings) -> DemoDocument:
     """The document (blocking: run it in a thread). The prose is read once (held_out_prose caches)."""
-    try:
-        prose = None if settings.demo_prose is None else held_out_prose(settings.demo_prose)
+    try:  # (the synthetic tasks read no prose, so a bad ATLAS_DEMO_PROSE does not stop them)
+        use = settings.demo_prose is not None and task in PROSE_TASKS
+        prose = held_out_prose(settings.demo_prose) if use else None
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise ApiError("demo_prose_invalid", f"ATLAS_DEMO_PROSE cannot be used: {e}") from e
     return demo_document(task, length, seed, prose)
