@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -102,10 +102,13 @@ class EventStream(Response):
                     await aclose()
 
 
-async def while_connected(receive: Receive, work: Awaitable[T]) -> T:
+async def while_connected(receive: Receive, work: Awaitable[T],
+                          on_gone: Callable[[], None] | None = None) -> T:
     """`work` (the whole answer of a request that does not stream), cancelled when the client goes
     away: a client that timed out (and perhaps retries) must not leave its generations running.
-    Call it once the request body is read: ``receive()`` then only reports the disconnect."""
+    `on_gone` is called first (work in a thread cannot be cancelled: it stops where it checks a
+    flag that `on_gone` sets). Call it once the request body is read: ``receive()`` then only
+    reports the disconnect."""
     task = asyncio.ensure_future(work)
 
     async def gone() -> None:
@@ -118,6 +121,8 @@ async def while_connected(receive: Receive, work: Awaitable[T]) -> T:
     finally:
         watch.cancel()
         if not task.done():  # the client left (or this request was cancelled): stop the work
+            if on_gone is not None:
+                on_gone()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -199,3 +199,20 @@ def test_prose_from_a_file(fast_atlas, store, tmp_path):
     with pytest.raises(ValidationError, match="ATLAS_DEMO_PROSE"):
         ServerSettings(demo_prose=str(tmp_path / "missing.txt"))
     assert ServerSettings(demo_prose="", demo_baseline="").demo_prose is None
+
+
+def test_a_baseline_run_its_client_left_stops(fast_checkpoint, baseline_dir, tmp_path):
+    """The baseline reads one document at a time; a client that gives up on a long one (a timeout)
+    must not keep the next request waiting for the whole read."""
+    import httpx
+
+    from .server_helpers import running_server
+
+    env = {"ATLAS_MODEL": str(fast_checkpoint), "ATLAS_API_KEYS": "k-demo:acme",
+           "ATLAS_DEMO_BASELINE": str(baseline_dir)}
+    with running_server(tmp_path, env) as srv, httpx.Client(base_url=srv.url, headers=KEY) as c:
+        assert c.get("/v1/demo/baseline", params={"task": "passkey", "length": 1024}).status_code == 200
+        with pytest.raises(httpx.ReadTimeout):  # minutes of reading, abandoned after one second
+            c.get("/v1/demo/baseline", params={"task": "passkey", "length": 32 << 20}, timeout=1.0)
+        r = c.get("/v1/demo/baseline", params={"task": "passkey", "length": 2048}, timeout=60)
+        assert r.status_code == 200 and r.elapsed.total_seconds() < 20, r.elapsed

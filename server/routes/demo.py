@@ -11,6 +11,7 @@ they run in worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -40,6 +41,7 @@ from ..schemas import SEED_MAX, DemoAnswer, DemoFact, ErrorBody
 from ..schemas import DemoBaseline as DemoBaselineOut
 from ..schemas import DemoDocument as DemoDocumentOut
 from ..settings import ServerSettings
+from ..streaming import while_connected
 from .common import Responses
 
 log = logging.getLogger("atlas.server")
@@ -165,16 +167,22 @@ async def baseline(request: Request, settings: SettingsDep, services: ServicesDe
             raise ApiError("client_disconnected", "the client went away")
         key = (path, settings.demo_prose, task, length, seed)
 
+        gone = threading.Event()
+
+        def still_wanted(done: int, total: int) -> None:
+            if gone.is_set():  # the client left: the next baseline request need not wait for this
+                raise ApiError("client_disconnected", "the client went away")
+
         def run() -> DemoBaselineOut:
             atlas = load_baseline(cache, path)
             if cache.last is not None and cache.last[0] == key:
                 return cache.last[1]
             doc = build(task, length, seed, settings)
-            said = ask_all(atlas, read_document(atlas, doc.document), doc.facts)
+            said = ask_all(atlas, read_document(atlas, doc.document, still_wanted), doc.facts)
             out = DemoBaselineOut(model=baseline_name(atlas, path), fingerprint=atlas.fingerprint, answers=[
                 DemoAnswer(question=f.question, truth=f.truth, answer=a, right=is_right(f, a))
                 for f, a in zip(doc.facts, said, strict=True)])
             cache.last = (key, out)
             return out
 
-        return await run_in_threadpool(run)
+        return await while_connected(request.receive, run_in_threadpool(run), on_gone=gone.set)
