@@ -17,7 +17,8 @@ with its id, reaches the code that runs inside a streaming response):
   can read a 401 or a 429;
 - ``CatchAll``: an exception no handler took becomes the JSON 500 here, inside the two above (so it
   carries the id and the CORS headers), not in Starlette's outermost ``ServerErrorMiddleware``;
-- ``RequestGate``: 503 while draining, JSON body cap, request counts.
+- ``RequestGate``: 503 while draining, the key of a request with a body (401 before the body is
+  read or checked), JSON body cap, request counts.
 
 Run it with ``atlas serve`` or ``python -m uvicorn atlas.server.app:create_app --factory``.
 """
@@ -47,6 +48,7 @@ from atlas.engine.store import StateStore, StoreSettings, open_store
 from atlas.engine.threads import apply_thread_policy
 from atlas.kernels.settings import kernel_settings
 
+from .auth import resolve_tenant
 from .dependencies import DemoBaseline, Services, json_content
 from .errors import ApiError, error_response, install_handlers, unexpected_response
 from .logs import new_request_id, request_id, valid_request_id
@@ -262,6 +264,10 @@ class CatchAll:
             await unexpected_response(Request(scope), exc)(scope, receive, send)
 
 
+#: Methods whose requests carry a body; every route that takes one needs a key (auth.py).
+_WRITES = frozenset({"POST", "PUT", "PATCH"})
+
+
 class RequestGate:
     """Pure ASGI middleware (it must not buffer streams): counts in-flight requests for the drain,
     refuses new work while draining, caps JSON bodies and counts responses for /metrics."""
@@ -280,6 +286,14 @@ class RequestGate:
             await ApiError("shutting_down", "the server is shutting down",
                            {"Retry-After": "5", "Connection": "close"}).response()(scope, receive, send)
             return
+        if scope["method"] in _WRITES:  # the key before the body: no 415/422 to a stranger
+            client = scope.get("client")
+            host = client[0] if client else None
+            try:
+                resolve_tenant(settings, Headers(scope=scope).get("authorization"), host)
+            except ApiError as e:
+                await e.response()(scope, receive, send)
+                return
         status = 500
         # ingest and import count their own bodies (a document; a session file of the state size)
         limit = None if path.endswith(("/ingest", "/v1/sessions/import")) else settings.max_json_bytes

@@ -222,6 +222,12 @@ def test_auth_and_tenant_isolation(client):
             r = client.request(method, path, headers=headers)
             error(r, 401, "unauthorized")
             assert r.headers["www-authenticate"] == "Bearer"
+        # the key is checked before the body: a stranger learns nothing of what its body lacks
+        bodies = ((b"{bad", "application/json"), (b"x", "text/plain"), (b"[]", "application/json"))
+        for content, kind in bodies:
+            for path in ("/v1/sessions", "/v1/completions", f"/v1/sessions/{sid}/ingest", "/tokenize"):
+                r = client.post(path, content=content, headers={**headers, "Content-Type": kind})
+                error(r, 401, "unauthorized")
     assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
     # another tenant's session does not exist for this one
     for method, path, kw in (("GET", f"/v1/sessions/{sid}", {}), ("DELETE", f"/v1/sessions/{sid}", {}),
