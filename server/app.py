@@ -135,10 +135,10 @@ def create_app(settings: ServerSettings | None = None, atlas: Atlas | None = Non
                          f"{services.state_bytes:,}")
             except CheckpointError as e:  # its message names the file and the fix: no traceback
                 log.error("could not load the model: %s", e)
-                app.state.load_error = f"{type(e).__name__}: {e}"
+                app.state.load_error = ("checkpoint_invalid", f"the model cannot be loaded: {e}")
             except Exception as e:
                 log.exception("could not start the engine")
-                app.state.load_error = f"{type(e).__name__}: {e}"
+                app.state.load_error = ("not_ready", f"the engine failed to start: {type(e).__name__}: {e}")
 
         if not settings.auth_enabled:
             log.warning("no API keys configured (ATLAS_API_KEYS): every request is tenant 'default'%s",

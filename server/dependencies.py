@@ -67,8 +67,8 @@ def get_services(request: Request) -> Services:
         raise ApiError("shutting_down", "the server is shutting down", {"Retry-After": "5"})
     services: Services | None = state.services
     if services is None:
-        if state.load_error:
-            raise ApiError("not_ready", f"the engine failed to start: {state.load_error}")
+        if state.load_error:  # (code, message): checkpoint_invalid, or not_ready for anything else
+            raise ApiError(*state.load_error)
         raise ApiError("not_ready", "the model is loading", {"Retry-After": "1"})
     return services
 

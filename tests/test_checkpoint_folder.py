@@ -372,12 +372,12 @@ def test_atlas_serve_reports_damaged_weights_on_ready_and_in_the_log(tmp_path: P
             try:
                 r = httpx.get(srv.url + "/ready", timeout=2)
                 body = r.json()
-                if "failed to start" in body["error"]["message"]:
+                if "cannot be loaded" in body["error"]["message"]:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        assert r is not None and r.status_code == 503 and body["error"]["code"] == "not_ready", body
+        assert r is not None and r.status_code == 503 and body["error"]["code"] == "checkpoint_invalid", body
         assert "fingerprint" in body["error"]["message"] and "model.safetensors" in body["error"]["message"]
         assert srv.stop() is not None
     finally:

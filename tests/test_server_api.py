@@ -371,9 +371,10 @@ def test_not_ready_and_draining(fast_atlas, store, tmp_path):
             if c.app.state.load_error:
                 break
             time.sleep(0.05)
-        error(c.get("/ready"), 503, "not_ready")
-        error(c.get("/health"), 503, "not_ready")
-        error(c.get("/v1/sessions", headers=ACME), 503, "not_ready")
+        # the folder cannot load: every route says so, with the file and the fix
+        assert "no-such-checkpoint" in error(c.get("/ready"), 503, "checkpoint_invalid")["message"]
+        error(c.get("/health"), 503, "checkpoint_invalid")
+        error(c.get("/v1/sessions", headers=ACME), 503, "checkpoint_invalid")
     with serve(fast_atlas, store) as c:
         c.app.state.draining = True
         error(c.get("/v1/sessions", headers=ACME), 503, "shutting_down")

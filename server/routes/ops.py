@@ -23,7 +23,7 @@ AUTH = [Depends(get_tenant)]
 async def health(request: Request) -> Health:
     """Liveness: the process answers (open, no key). 503 only if the engine failed to start."""
     if request.app.state.load_error:
-        raise ApiError("not_ready", f"the engine failed to start: {request.app.state.load_error}")
+        raise ApiError(*request.app.state.load_error)
     return Health(status="ok")
 
 
