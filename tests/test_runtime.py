@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
@@ -393,3 +394,22 @@ def test_runtime_delete_stops_the_sessions_running_ingest(atlas, runtime, store)
     sid, took, last = asyncio.run(main())
     assert took < 2.0 and last.done and last.bytes_committed < 4000
     assert sid not in {m.id for m in store.list("t")}
+
+
+def test_runtime_sweeps_the_cached_states_of_expired_sessions(atlas, runtime, store):
+    """A session gone by its TTL is never deleted through the runtime: its cached state would stay
+    until the cache's budget pushed it out; the sweep (every CACHE_SWEEP_S) drops it."""
+    async def main():
+        kept = (await runtime.create_session("t")).id
+        expiring = (await runtime.create_session("t", ttl_s=1)).id
+        for sid in (kept, expiring):
+            await ingest_all(runtime, sid, docs(1)[0])
+        return kept, expiring
+
+    kept, expiring = asyncio.run(main())
+    assert set(runtime.states.cache.sids()) >= {kept, expiring}
+    deadline = time.monotonic() + 10
+    while expiring in {m.id for m in store.list("t")} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.sweep_cache() == 1
+    assert kept in runtime.states.cache.sids() and expiring not in runtime.states.cache.sids()

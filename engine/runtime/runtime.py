@@ -52,6 +52,10 @@ log = logging.getLogger("atlas.runtime")
 Work = Callable[[asyncio.Queue, Control], Awaitable[object]]
 
 
+#: Seconds between sweeps of the hot cache for sessions gone by their TTL (Runtime.sweep_cache).
+CACHE_SWEEP_S = 300.0
+
+
 class Runtime:
     def __init__(self, atlas: Atlas, store: StateStore, settings: RuntimeSettings | None = None,
                  cache_bytes: int = 1 << 30) -> None:
@@ -81,14 +85,31 @@ class Runtime:
         self.worker.close()
 
     def _beat(self) -> None:
-        """Keep this runtime's heartbeat key alive (a thread: it must beat while the loop is busy)."""
+        """Keep this runtime's heartbeat key alive (a thread: it must beat while the loop is busy),
+        and now and then drop cached states of sessions that are gone."""
         period_s = self.settings.heartbeat_ms / 1000
+        swept = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.store.heartbeat(self.owner, 3 * self.settings.heartbeat_ms)
+                if time.monotonic() - swept >= CACHE_SWEEP_S:
+                    swept = time.monotonic()
+                    self.sweep_cache()
             except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any one failure
                 log.debug("heartbeat of %s not written: %s", self.owner, e)
             self._stop.wait(period_s)
+
+    def sweep_cache(self) -> int:
+        """Drop the cached states of sessions the store no longer has: those expired by their TTL
+        (a delete drops its own). Returns how many were dropped. Blocking: one store read each."""
+        gone = 0
+        for sid in self.states.cache.sids():
+            try:
+                self.store.generation(sid)
+            except SessionNotFoundError:
+                self.states.forget(sid)
+                gone += 1
+        return gone
 
     # -- sessions -----------------------------------------------------------------------------------
 

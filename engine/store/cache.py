@@ -91,6 +91,11 @@ class HotCache(Generic[V]):
                 self._remove(next(iter(self._entries)))
                 self._evictions += 1
 
+    def sids(self) -> list[str]:
+        """The session ids held now (a snapshot)."""
+        with self._lock:
+            return list(self._entries)
+
     def discard(self, sid: str) -> None:
         """Drop the entry of ``sid`` if there is one (the session was deleted)."""
         with self._lock:
