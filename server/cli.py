@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from atlas_client.cli import register as register_client_commands
 from rich.console import Console
 
 from atlas.training.cli import register as register_training_commands
+
+if TYPE_CHECKING:
+    from .settings import ServerSettings
 
 app = typer.Typer(help="ATLAS: streaming long-context inference for recurrent ATLAS models.",
                   no_args_is_help=True, add_completion=False)
@@ -88,8 +91,7 @@ def _load(checkpoint: Path | None, device: str) -> Any:
     try:
         return Atlas.load(checkpoint, device=device)
     except (CheckpointError, ValueError) as e:
-        err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from e
+        _fail(str(e))
 
 
 def _demo_read(atlas: Any, doc: str, tokens: int | None, label: str) -> Any:
@@ -188,54 +190,22 @@ def serve(
     import math
 
     import uvicorn
-    from pydantic import ValidationError
 
     from .app import create_app
     from .logs import setup_logging
-    from .settings import ServerSettings, is_loopback
+    from .settings import is_loopback
 
     given = dict(host=host, port=port, device=device, dtype=dtype, log_level=log_level,
                  log_format=log_format, model=str(model) if model else None)
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # unset: ATLAS_*
     if allow_remote:
         overrides["allow_remote"] = True
-    from atlas.engine.runtime import RuntimeSettings
-    from atlas.engine.store import StoreSettings
-    from atlas.kernels.settings import KernelSettings
-
-    try:  # every ATLAS_* setting, the engine's and the store's too: a bad one stops here, named
-        settings = ServerSettings(**overrides)
-        RuntimeSettings()
-        StoreSettings()
-        KernelSettings()
-    except ValidationError as e:  # named as set, without the value (ATLAS_API_KEYS holds secrets)
-        for problem in e.errors(include_input=False, include_url=False):
-            name = "ATLAS_" + "_".join(str(p) for p in problem["loc"]).upper()
-            err.print(f"invalid setting {name}: {problem['msg']}", style="red", markup=False,
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from e
-    except ValueError as e:  # pydantic-settings' SettingsError: a value it cannot parse at all
-        err.print(f"invalid setting: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from e
+    settings = _settings(overrides)
     # One handler for ours and uvicorn's loggers (uvicorn gets log_config=None below), in the chosen
     # format, with the request id on every line of a request.
     setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("atlas.server")
-    from atlas.engine.api import resolve_device
-
-    try:
-        resolve_device(settings.device)
-    except ValueError as e:
-        err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from e
-    if settings.model:  # a folder that cannot load: its one-line reason and exit 2, before serving
-        from atlas.engine.checkpoint import CheckpointError, read_checkpoint
-
-        try:
-            read_checkpoint(settings.model)
-        except CheckpointError as e:
-            err.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from e
+    _check_device_and_model(settings)
     if not settings.auth_enabled and not settings.allow_remote and not is_loopback(settings.host):
         log.warning("no API keys configured: binding 127.0.0.1 instead of %s "
                     "(set ATLAS_API_KEYS, or pass --allow-remote)", settings.host)
@@ -253,6 +223,54 @@ def serve(
                             timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
                             proxy_headers=False, log_config=None)
     Server(config).run()
+
+
+def _fail(message: str) -> NoReturn:
+    """One red line on stderr and exit 2: what a command says of a mistake it can name."""
+    err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _settings(overrides: dict[str, Any]) -> ServerSettings:
+    """The server's settings, after checking every ATLAS_* setting (the engine's, the store's, the
+    kernels' too): a bad one stops here, named as set, without its value (ATLAS_API_KEYS holds
+    secrets)."""
+    from pydantic import ValidationError
+
+    from atlas.engine.runtime import RuntimeSettings
+    from atlas.engine.store import StoreSettings
+    from atlas.kernels.settings import KernelSettings
+
+    from .settings import ServerSettings
+
+    try:
+        settings = ServerSettings(**overrides)
+        RuntimeSettings()
+        StoreSettings()
+        KernelSettings()
+    except ValidationError as e:
+        for problem in e.errors(include_input=False, include_url=False):
+            name = "ATLAS_" + "_".join(str(p) for p in problem["loc"]).upper()
+            err.print(f"invalid setting {name}: {problem['msg']}", style="red", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from e
+    except ValueError as e:  # pydantic-settings' SettingsError: a value it cannot parse at all
+        _fail(f"invalid setting: {e}")
+    return settings
+
+
+def _check_device_and_model(settings: ServerSettings) -> None:
+    """A device this torch cannot use, or a model folder that cannot load: one line, exit 2,
+    before serving."""
+    from atlas.engine.api import resolve_device
+    from atlas.engine.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        resolve_device(settings.device)
+        if settings.model:
+            read_checkpoint(settings.model)
+    except (CheckpointError, ValueError) as e:
+        _fail(str(e))
 
 
 register_training_commands(app)  # train, eval (after serve, in `atlas --help` too)

@@ -93,38 +93,47 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, who: Te
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     ids = prompt_ids(atlas, render(atlas, req), settings)
     streams = await start(services, metrics, settings, who, req.session_id, [ids], params, req.commit)
-    cid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": services.model_id}
     if not req.stream:
-        async def answer() -> ChatCompletion:
-            texts = [""] * n
-            entries: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
-            done: Finished | None = None
-            try:
-                async for _, item in merged(streams):
-                    if isinstance(item, Token):
-                        texts[item.index] += item.text
-                        if item.logprob is not None:
-                            entries[item.index].append(_entry(atlas, item.logprob))
-                    elif isinstance(item, Finished):
-                        done = item
-            finally:
-                await streams[0].aclose()
-            assert done is not None  # a generation always ends with Finished
-            usage = Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                          total_tokens=done.prompt_tokens + done.completion_tokens)
-            return ChatCompletion(id=cid, created=created, model=services.model_id, usage=usage, choices=[
-                ChatChoice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=done.reason(i),
-                           logprobs=ChatLogprobs(content=entries[i]) if req.logprobs else None)
-                for i in range(n)])
-
-        return await while_connected(request.receive, answer())
-
+        return await while_connected(request.receive,
+                                     _whole(atlas, streams, head, params.n, bool(req.logprobs)))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return EventStream(_chunks(atlas, streams, head, params.n, include_usage))
+
+
+async def _whole(atlas: Atlas, streams: list[Any], head: dict[str, Any], n: int,
+                 logprobs: bool) -> ChatCompletion:
+    """The answer sent whole: every choice's text (and log-probabilities), then usage."""
+    texts = [""] * n
+    entries: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
+    done: Finished | None = None
+    try:
+        async for _, item in merged(streams):
+            if isinstance(item, Token):
+                texts[item.index] += item.text
+                if item.logprob is not None:
+                    entries[item.index].append(_entry(atlas, item.logprob))
+            elif isinstance(item, Finished):
+                done = item
+    finally:
+        await streams[0].aclose()
+    assert done is not None  # a generation always ends with Finished
+    usage = Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                  total_tokens=done.prompt_tokens + done.completion_tokens)
+    return ChatCompletion(**head, usage=usage, choices=[
+        ChatChoice(index=i, message=ChatMessageOut(content=texts[i]), finish_reason=done.reason(i),
+                   logprobs=ChatLogprobs(content=entries[i]) if logprobs else None)
+        for i in range(n)])
+
+
+async def _chunks(atlas: Atlas, streams: list[Any], head: dict[str, Any], n: int,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """The answer streamed: each choice's role first (as OpenAI sends it), then its content, then
+    each choice's finish_reason, then usage if asked for; an error as the last event."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-        body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                "model": services.model_id, "system_fingerprint": None, "choices": choices}
+        body: dict[str, Any] = {**head, "object": "chat.completion.chunk", "system_fingerprint": None,
+                                "choices": choices}
         if include_usage:
             body["usage"] = usage
         return sse(body)
@@ -134,28 +143,25 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, who: Te
         lp = None if logprobs is None else {"content": [e.model_dump() for e in logprobs], "refusal": None}
         return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
 
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            for i in range(n):  # the role first, as OpenAI sends it
-                yield chunk([choice(i, {"role": "assistant", "content": ""})])
-            async for _, item in merged(streams):
-                if isinstance(item, Token):
-                    logprobs = [_entry(atlas, item.logprob)] if item.logprob is not None else None
-                    if item.text or logprobs is not None:
-                        yield chunk([choice(item.index, {"content": item.text}, logprobs)])
-                elif isinstance(item, Finished):
-                    for i in range(n):
-                        yield chunk([choice(i, {}, None, item.reason(i))])
-                    if include_usage:
-                        yield chunk([], {"prompt_tokens": item.prompt_tokens,
-                                         "completion_tokens": item.completion_tokens,
-                                         "total_tokens": item.prompt_tokens + item.completion_tokens})
-                elif isinstance(item, Prompt):  # not asked for here
-                    continue
-        except Exception as e:
-            yield sse(error_event(e))
-        finally:
-            await streams[0].aclose()
-        yield sse("[DONE]")
-
-    return EventStream(events())
+    try:
+        for i in range(n):
+            yield chunk([choice(i, {"role": "assistant", "content": ""})])
+        async for _, item in merged(streams):
+            if isinstance(item, Token):
+                logprobs = [_entry(atlas, item.logprob)] if item.logprob is not None else None
+                if item.text or logprobs is not None:
+                    yield chunk([choice(item.index, {"content": item.text}, logprobs)])
+            elif isinstance(item, Finished):
+                for i in range(n):
+                    yield chunk([choice(i, {}, None, item.reason(i))])
+                if include_usage:
+                    yield chunk([], {"prompt_tokens": item.prompt_tokens,
+                                     "completion_tokens": item.completion_tokens,
+                                     "total_tokens": item.prompt_tokens + item.completion_tokens})
+            elif isinstance(item, Prompt):  # not asked for here
+                continue
+    except Exception as e:
+        yield sse(error_event(e))
+    finally:
+        await streams[0].aclose()
+    yield sse("[DONE]")
