@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from atlas_client.cli import register as register_client_commands
 from rich.console import Console
 
+from atlas.training.cli import fail
 from atlas.training.cli import register as register_training_commands
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def _load(checkpoint: Path | None, device: str) -> Any:
     try:
         return Atlas.load(checkpoint, device=device)
     except (CheckpointError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _demo_read(atlas: Any, doc: str, tokens: int | None, label: str) -> Any:
@@ -225,12 +226,6 @@ def serve(
     Server(config).run()
 
 
-def _fail(message: str) -> NoReturn:
-    """One red line on stderr and exit 2: what a command says of a mistake it can name."""
-    err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def _settings(overrides: dict[str, Any]) -> ServerSettings:
     """The server's settings, after checking every ATLAS_* setting (the engine's, the store's, the
     kernels' too): a bad one stops here, named as set, without its value (ATLAS_API_KEYS holds
@@ -255,7 +250,7 @@ def _settings(overrides: dict[str, Any]) -> ServerSettings:
                       highlight=False, soft_wrap=True)
         raise typer.Exit(2) from e
     except ValueError as e:  # pydantic-settings' SettingsError: a value it cannot parse at all
-        _fail(f"invalid setting: {e}")
+        fail(f"invalid setting: {e}")
     return settings
 
 
@@ -270,7 +265,7 @@ def _check_device_and_model(settings: ServerSettings) -> None:
         if settings.model:
             read_checkpoint(settings.model)
     except (CheckpointError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 register_training_commands(app)  # train, eval (after serve, in `atlas --help` too)

@@ -58,7 +58,7 @@ def build_corpus(
     try:
         manifest = build(out, seed, default_roots(texts))
     except OSError as e:
-        _fail(f"atlas corpus build: {e}")
+        fail(f"atlas corpus build: {e}")
     for line in summary(manifest):
         err.print(line, markup=False, highlight=False, soft_wrap=True)
     err.print(f"corpus {out} ({manifest['duplicates_dropped']} duplicates dropped, "
@@ -84,7 +84,7 @@ def train_tokenizer(
     try:
         path = learn(files, vocab, out, min_frequency=min_frequency, text_field=text_field)
     except (OSError, ValueError, ImportError) as e:
-        _fail(str(e))
+        fail(str(e))
     size = Tokenizer.from_file(str(path)).get_vocab_size()
     err.print(f"tokenizer {path}: {size} tokens ({time.perf_counter() - start:.0f}s); next: "
               f"atlas init --config MODEL.json --tokenizer {path} --out MODEL_DIR",
@@ -109,12 +109,12 @@ def init_model(
     from atlas.training.authoring import init_checkpoint
 
     if dtype not in DTYPES:
-        _fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     try:
         ckpt = init_checkpoint(config, out, tokenizer, tokenizer_config, seed=seed,
                                dtype=getattr(torch, dtype))
     except (CheckpointError, OSError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     params = count_parameters(ckpt.config)
     eos = ckpt.eos_token_ids
     err.print(f"checkpoint {out}: {params:,} parameters in {dtype}, vocabulary {ckpt.config.vocab_size}, "
@@ -139,17 +139,17 @@ def convert(
     from atlas.training.authoring import convert_checkpoint
 
     if dtype is not None and dtype not in DTYPES:
-        _fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     try:
         ckpt = convert_checkpoint(old, new, dtype=getattr(torch, dtype) if dtype else None,
                                   max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     except (CheckpointError, OSError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     err.print(f"checkpoint {new}: fingerprint {ckpt.fingerprint}", markup=False, highlight=False,
               soft_wrap=True)
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
     """One line on stderr (never wrapped, never read as markup) and exit status 2."""
     err.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -184,7 +184,7 @@ def train(
     try:
         path = run_training(cfg, resume=resume)
     except (OSError, ValueError, ImportError) as e:  # missing files, a corpus that does not fit, ...
-        _fail(f"atlas train {config}: {e}")
+        fail(f"atlas train {config}: {e}")
     if World.from_env().main:
         err.print(f"checkpoint {path} ({time.perf_counter() - start:.0f}s this run)")
 
@@ -223,11 +223,11 @@ def evaluate(
     try:
         dev = resolve_device(device)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     task_list = _task_list(tasks)
     length_list = _length_list(lengths, dev)
     if not any(n >= min_length(t) + gap for t in task_list for n in length_list):
-        _fail(f"no task fits in --lengths {lengths}" + (f" with --gap {gap}" if gap else "")
+        fail(f"no task fits in --lengths {lengths}" + (f" with --gap {gap}" if gap else "")
               + ": the shortest prompts are " + ", ".join(f"{t} {min_length(t) + gap}" for t in task_list))
     for t in task_list:
         if short := [n for n in length_list if n < min_length(t) + gap]:
@@ -251,7 +251,7 @@ def evaluate(
             plot.parent.mkdir(parents=True, exist_ok=True)
             draw(results, str(plot))
         except OSError as e:
-            _fail(f"--plot {plot}: {e} (the results are in {out})")
+            fail(f"--plot {plot}: {e} (the results are in {out})")
         err.print(f"plot {plot}")
 
 
@@ -269,7 +269,7 @@ def _prose(source: Path | None, task_list: list[str], results: dict) -> str | No
     try:
         text = held_out_prose(source)
     except (OSError, ValueError) as e:
-        _fail(f"--prose: {e}")
+        fail(f"--prose: {e}")
     name = "built-in FALLBACK_PROSE (training/prompt.py)" if source is None else (
         source.name if source.is_absolute() else source.as_posix())
     results["prose"] = {"source": name, "bytes": len(text),
@@ -287,7 +287,7 @@ def _task_list(tasks: str | None) -> list[str]:
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else list(TASKS)
     if not task_list:
-        _fail(f"--tasks names no task; choose from {list(EVAL_TASKS)}")
+        fail(f"--tasks names no task; choose from {list(EVAL_TASKS)}")
     if bad := [t for t in task_list if t not in EVAL_TASKS]:
         err.print(f"[red]unknown task(s) {bad}; choose from {list(EVAL_TASKS)}[/red]")
         raise typer.Exit(2)
@@ -304,9 +304,9 @@ def _length_list(lengths: str | None, dev: torch.device) -> list[int]:
         err.print(f"[red]bad --lengths: {e}[/red]")
         raise typer.Exit(2) from e
     if bad := [n for n in length_list if n < 1]:
-        _fail(f"bad --lengths: {bad} (a length is at least 1 token)")
+        fail(f"bad --lengths: {bad} (a length is at least 1 token)")
     if not length_list:
-        _fail("--lengths names no length")
+        fail("--lengths names no length")
     if lengths is None and dev.type == "cuda":
         length_list.append(10 * (1 << 20))
     return length_list
@@ -328,9 +328,9 @@ def _checkpoints(specs: list[str] | None) -> dict[str, Path]:
         try:
             read_checkpoint(path)
         except CheckpointError as e:
-            _fail(str(e))
+            fail(str(e))
         if (Path(path) / TOKENIZER_FILE).exists():
-            _fail(f"--model {spec}: atlas eval measures byte-level models (its prompts are built and "
+            fail(f"--model {spec}: atlas eval measures byte-level models (its prompts are built and "
                   f"counted in bytes); this one reads through its {TOKENIZER_FILE}")
         models[name] = Path(path)
     return models
@@ -392,7 +392,7 @@ def _evaluate_model(results: dict, name: str, path: Path, dev: torch.device, tas
         net = load_checkpoint(path, device=dev)
     except CheckpointError as e:  # the tensors' data (read_checkpoint checked the rest)
         bar.stop()
-        _fail(str(e))
+        fail(str(e))
     _, meta = read_config(path)
     entry = {"path": portable_path(path), "machine": results["machine"], "fingerprint": fingerprint(net),
              "config": net.cfg.model_dump(mode="json"),
